@@ -1,0 +1,43 @@
+"""Shared test setup: GPU tests skip cleanly on machines without CUDA; paths to ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TURBOTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+if not SHARED_DATA.is_dir() and (REPO / "shared" / "data").is_dir():
+    SHARED_DATA = REPO / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run `make test-gpu` on a GPU machine)")
+    skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")
+    for item in items:
+        if "gpu" in item.keywords and n_gpu < 1:
+            item.add_marker(skip_gpu)
+        if "multi_gpu" in item.keywords and n_gpu < 2:
+            item.add_marker(skip_multi)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of real small models and datasets; tests that need it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DATA} (set TURBOTUNE_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def stories260k(shared_data: Path) -> Path:
+    """The real pretrained TinyStories Llama (260K parameters) in Hugging Face format."""
+    path = shared_data / "stories260K" / "hf"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"{path} is missing")
+    return path
