@@ -1,0 +1,64 @@
+"""The adapter plugin: turns the ``adapter`` section (or a user's peft config) into adapters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from turbotune.config import AdapterConfig
+from turbotune.errors import ConfigError
+
+from .base import Plugin
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, TrainingArguments
+
+
+class AdapterPlugin(Plugin):
+    name = "adapter"
+    description = "LoRA / DoRA adapters through peft (or full fine-tuning), from the adapter section"
+    config_cls = AdapterConfig
+    section = "adapter"
+    order = 50
+
+    def peft_config(self) -> Any:
+        """The peft config of the section, or ``None`` for full fine-tuning."""
+        if self.config.method == "full":
+            return None
+        if self.config.implementation == "custom":
+            raise ConfigError(
+                "adapter.implementation 'custom' (turbotune's own LoRA layers) is not available in "
+                "this version; use adapter.implementation=peft"
+            )
+        from turbotune.adapters.peft_lora import lora_config
+
+        return lora_config(self.config)
+
+    def augment(
+        self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
+    ) -> tuple[PreTrainedModel, TrainingArguments | None]:
+        from peft import PeftModel
+
+        from turbotune.adapters.peft_lora import apply_lora, compute_dtype_of
+
+        if isinstance(model, PeftModel):
+            return model, training_args
+        if peft_config is None:
+            peft_config = self.peft_config()
+        if peft_config is None:  # full fine-tuning: everything trains
+            for param in model.parameters():
+                if param.is_floating_point():
+                    param.requires_grad_(True)
+            return model, training_args
+        checkpointing = bool(training_args is not None and training_args.gradient_checkpointing)
+        if checkpointing:
+            # Frozen embeddings give checkpointed blocks inputs without grad; the reentrant
+            # variant would then drop every adapter gradient.
+            model.enable_input_require_grads()
+        dtype = compute_dtype_of(model) if self.config.weights_dtype == "compute" else None
+        return apply_lora(model, peft_config, adapter_dtype=dtype), training_args
+
+    def describe(self) -> str:
+        c = self.config
+        if c.method == "full":
+            return "full fine-tuning"
+        return f"{c.method} r={c.r} alpha={c.alpha:g} dropout={c.dropout:g} targets={c.target_modules}"

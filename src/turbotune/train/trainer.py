@@ -1,0 +1,132 @@
+"""The Hugging Face Trainer, with turbotune's schedules, token accounting and atomic checkpoints.
+
+Everything else (the loop, accelerate, gradient accumulation whose loss is normalized by the
+number of target tokens of the whole optimizer step, mixed precision, checkpoint contents) is
+the stock ``transformers.Trainer``: users keep the engine they know.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from turbotune.errors import ConfigError
+from turbotune.train.checkpoint import STAGING, checkpoints, publish
+
+if TYPE_CHECKING:
+    from turbotune.config import Config, TrainConfig
+    from turbotune.precision import PrecisionPlan
+
+#: TrainingArguments fields that turbotune sets from its own keys; giving them directly in
+#: ``train:`` would silently fight the turbotune key, so it is an error that names the right key.
+OWNED_HF_ARGS = {
+    "bf16": "train.precision", "fp16": "train.precision", "lr_scheduler_type": "train.lr_scheduler",
+    "optim": "train.optimizer", "warmup_steps": "train.warmup_steps", "use_cpu": "backend",
+    "gradient_checkpointing_kwargs": "train.reentrant_checkpointing",
+}  # fmt: skip
+
+
+def training_arguments(cfg: Config, plan: PrecisionPlan, backend: str, *, has_eval: bool) -> TrainingArguments:
+    """Translate the ``train`` section (plus pass-through keys) into ``TrainingArguments``."""
+    t: TrainConfig = cfg.train
+    for key in t.hf_args:
+        if key in OWNED_HF_ARGS:
+            raise ConfigError(f"{cfg.source}: set '{OWNED_HF_ARGS[key]}' instead of 'train.{key}'")
+    report = [r for r in t.report_to if r != "stdout"] or ["none"]
+    kwargs: dict[str, Any] = {
+        "output_dir": t.output_dir,
+        "max_steps": t.max_steps,
+        "num_train_epochs": t.num_train_epochs,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_eval_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "optim": t.optimizer,
+        "lr_scheduler_type": "constant",  # replaced by TurbotuneTrainer.create_scheduler
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "logging_steps": t.logging_steps,
+        "save_strategy": "steps" if t.save_steps > 0 else "no",
+        "save_steps": t.save_steps if t.save_steps > 0 else 500,
+        "save_total_limit": t.save_total_limit,
+        "eval_strategy": "steps" if (t.eval_steps > 0 and has_eval) else "no",
+        "eval_steps": t.eval_steps if t.eval_steps > 0 else None,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": t.reentrant_checkpointing},
+        "report_to": report,
+        "use_cpu": backend == "cpu",
+        "remove_unused_columns": False,
+        "save_safetensors": True,
+        **plan.trainer_flags(),
+    }
+    kwargs.update(t.hf_args)
+    import inspect
+
+    accepted = inspect.signature(TrainingArguments.__init__).parameters
+    if "save_safetensors" not in accepted:  # removed in newer transformers: always safetensors
+        kwargs.pop("save_safetensors")
+    return TrainingArguments(**kwargs)
+
+
+class TurbotuneTrainer(Trainer):
+    """``Trainer`` + the schedules of :mod:`turbotune.train.schedules`, token counts for the
+    metrics callback, and atomic checkpoints."""
+
+    def __init__(self, *args: Any, train_config: TrainConfig, metrics: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.train_config = train_config
+        self.metrics = metrics
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            from turbotune.train.schedules import build_scheduler
+
+            steps_per_epoch = max(1, self._steps_per_epoch())
+            self.lr_scheduler = build_scheduler(
+                optimizer or self.optimizer, self.train_config, num_training_steps, steps_per_epoch
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _steps_per_epoch(self) -> int:
+        try:
+            batches = len(self.get_train_dataloader())
+        except TypeError:
+            return 1
+        return max(1, batches // self.args.gradient_accumulation_steps)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.metrics is not None:
+            self.metrics.observe_batch(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    # --- atomic checkpoints -------------------------------------------------------------------
+
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if getattr(self, "_staging", False) else run_dir
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = True
+        try:
+            shutil.rmtree(run_dir / STAGING / name, ignore_errors=True)
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        if self.args.should_save:
+            publish(run_dir / STAGING / name, run_dir / name)
+            limit = self.args.save_total_limit
+            if limit:
+                for old in checkpoints(run_dir)[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        if self.args.world_size > 1:
+            torch.distributed.barrier()
