@@ -1,0 +1,154 @@
+"""4-bit dequantization (ops/nf4.py) against bitsandbytes itself, and the weight-source protocol.
+
+bitsandbytes' CPU backend is the oracle: ``bitsandbytes.functional.dequantize_4bit`` must agree
+with both our eager reference and our Triton kernel (run through the interpreter on CPU). Values
+are compared with ``torch.equal`` (so ``-0.0 == 0.0``: bitsandbytes' odd-shape CPU fallback
+writes +0 where its own FP4 table holds -0).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from turbotune.ops._triton import HAS_TRITON, interpreting, use_triton
+from turbotune.ops.nf4 import dequantize_4bit_launch, dequantize_nf4
+from turbotune.ops.reference import code_table_4bit, dequantize_4bit_reference
+from turbotune.quant.weights import Packed4bitWeight, dense_weight
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# (77, 123): odd element count, last byte half padding, partial last block; (3, 5): one
+# partial block; (64, 128): the even path of bitsandbytes' C kernel; (130, 96): > 1 kernel block.
+SHAPES = ((77, 123), (3, 5), (64, 128), (130, 96))
+STORAGES = (torch.uint8, torch.bfloat16, torch.float32)
+
+
+def _quantize(shape, dtype, quant_type, nested, blocksize, storage, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen).to(dtype)
+    return bnbf.quantize_4bit(
+        w,
+        blocksize=blocksize,
+        compress_statistics=nested,
+        quant_type=quant_type,
+        quant_storage=storage,
+    )
+
+
+def _diff(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    d = (actual.float() - expected.float()).abs()
+    where = divmod(int(d.argmax()), actual.shape[-1]) if actual.dim() == 2 else int(d.argmax())
+    return f"max abs diff {d.max().item():.3g} at {where}, mean {d.mean().item():.3g}"
+
+
+def _assert_within_bf16_ulp(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal, or one bf16 ulp apart (same sign: adjacent bit patterns)."""
+    a, e = actual.view(torch.int16).int(), expected.view(torch.int16).int()
+    ok = (actual == expected) | (((a - e).abs() <= 1) & ((a < 0) == (e < 0)))
+    assert bool(ok.all()), f"{int((~ok).sum())} values beyond 1 ulp; {_diff(actual, expected)}"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_code_tables_match_bitsandbytes(quant_type):
+    ours = code_table_4bit(quant_type)
+    theirs = bnbf.get_4bit_type(quant_type, device="cpu")
+    assert torch.equal(ours, theirs), _diff(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "quant_type,nested,blocksize,dtype",
+    list(itertools.product(["nf4", "fp4"], [False, True], [64, 128], DTYPES)),
+)
+def test_reference_and_kernel_match_bitsandbytes(quant_type, nested, blocksize, dtype):
+    for i, shape in enumerate(SHAPES):
+        storage = STORAGES[i % len(STORAGES)]
+        packed, state = _quantize(shape, dtype, quant_type, nested, blocksize, storage, seed=i)
+        expected = bnbf.dequantize_4bit(packed, state)
+        assert expected.shape == shape and expected.dtype == dtype
+
+        ref = dequantize_4bit_reference(packed, state)
+        assert ref.dtype == dtype and torch.equal(ref, expected), f"{shape}: {_diff(ref, expected)}"
+
+        if not HAS_TRITON:
+            continue
+        assert use_triton(packed), "tests/ops/conftest.py must set TRITON_INTERPRET=1"
+        got = dequantize_nf4(packed, state)
+        assert got.shape == shape and got.dtype == dtype
+        # fp32 output is the kernel's arithmetic before any rounding: it must be exact.
+        got32 = dequantize_nf4(packed, state, torch.float32)
+        assert torch.equal(got32.to(dtype), expected), f"{shape}: {_diff(got32, expected)}"
+        if dtype == torch.bfloat16 and interpreting():
+            # The Triton interpreter truncates fp32 -> bf16 where the GPU rounds to nearest
+            # even, so here the kernel may sit 1 ulp off; the GPU test demands exact equality.
+            _assert_within_bf16_ulp(got, expected)
+        else:
+            assert torch.equal(got, expected), f"{shape}: {_diff(got, expected)}"
+
+
+def test_dequantize_params4bit_and_linear4bit():
+    torch.manual_seed(0)
+    lin = bnb.nn.Linear4bit(123, 77, bias=True, quant_type="nf4", quant_storage=torch.bfloat16)
+    dense = lin.weight.data.clone()
+    lin = lin.to("cpu")  # moving to a device is what quantizes a Linear4bit
+    assert lin.weight.bnb_quantized
+    expected = bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
+    # Quantization actually happened: close to, but not equal to, the dense weight.
+    assert not torch.equal(expected, dense)
+    assert (expected - dense).abs().max() < 0.5 * dense.abs().max()
+
+    for source in (lin, lin.weight, Packed4bitWeight(lin.weight.data, lin.weight.quant_state)):
+        got = dense_weight(source, torch.float32)
+        assert got.shape == (77, 123) and got.dtype == torch.float32
+        assert torch.equal(got, expected), f"{type(source).__name__}: {_diff(got, expected)}"
+    assert torch.equal(dequantize_nf4(lin.weight, dtype=torch.float32), expected)
+
+
+def test_dense_weight_of_plain_sources():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(7, 5)
+    got = dense_weight(lin, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, lin.weight.detach().bfloat16())
+    assert torch.equal(dense_weight(lin.weight, torch.float32), lin.weight.detach())
+
+    class Scaled:  # any object with .dequantize(dtype) is a weight source (GPTQ, HQQ...)
+        def __init__(self, w):
+            self.w = w
+
+        def dequantize(self, dtype):
+            return (2 * self.w).to(dtype)
+
+    assert torch.equal(dense_weight(Scaled(lin.weight.detach()), torch.float32), 2 * lin.weight)
+    with pytest.raises(TypeError, match="weight source"):
+        dense_weight("not a weight", torch.float32)
+
+
+def test_missing_quant_state_is_an_error():
+    with pytest.raises(ValueError, match="quant_state"):
+        dequantize_nf4(torch.zeros(8, dtype=torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "quant_type,nested", list(itertools.product(["nf4", "fp4"], [False, True]))
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_matches_bitsandbytes_cuda(quant_type, nested, dtype):
+    """Llama-8B MLP shape on GPU: exact, except the nested scale may be one fused FMA (1 ulp)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for shape, blocksize in (((14336, 4096), 64), ((77, 123), 128)):
+        w = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+        packed, state = bnbf.quantize_4bit(
+            w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type
+        )
+        expected = bnbf.dequantize_4bit(packed, state)
+        got = dequantize_4bit_launch(packed.view(torch.uint8).reshape(-1), state, dtype)
+        if not nested:
+            assert torch.equal(got, expected), f"{shape}: {_diff(got, expected)}"
+            continue
+        ulp = torch.finfo(dtype).eps * expected.abs().clamp_min(torch.finfo(dtype).tiny)
+        bad = (got - expected).abs() > ulp
+        assert not bad.any(), f"{shape}: {int(bad.sum())} beyond 1 ulp; {_diff(got, expected)}"
