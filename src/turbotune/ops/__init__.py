@@ -1,0 +1,1 @@
+"""Compute ops: Triton kernels with an eager fallback (``reference``) for every one of them."""

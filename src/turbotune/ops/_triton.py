@@ -1,0 +1,99 @@
+"""Guarded Triton import and the Triton-or-eager dispatch rule shared by every op.
+
+``import turbotune.ops`` must work on machines without Triton (macOS, CPU-only CI). When Triton
+is missing, ``triton`` and ``tl`` below are small stand-ins that only make the kernel modules
+importable: ``@triton.jit`` returns the plain function and ``tl.constexpr`` exists for the
+annotations. Such kernels are never launched, because :func:`use_triton` is then ``False`` and
+every functional entry takes its eager path from ``ops/reference.py``.
+
+Triton decides between compiling and interpreting when a kernel is *decorated*, i.e. when the
+op module is imported; ``TRITON_INTERPRET=1`` must therefore be set before ``turbotune.ops`` is
+first imported for kernels to run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # Triton is optional: CPU training uses the eager references.
+    HAS_TRITON = False
+
+    def _next_power_of_2(n: int) -> int:
+        return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+    triton = SimpleNamespace(
+        jit=lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f),
+        cdiv=lambda a, b: -(-a // b),
+        next_power_of_2=_next_power_of_2,
+    )
+    tl = SimpleNamespace(constexpr=object)
+
+__all__ = [
+    "HAS_TRITON",
+    "MAX_FUSED_SIZE",
+    "interpreting",
+    "num_programs_hint",
+    "row_block_settings",
+    "tl",
+    "triton",
+    "use_triton",
+]
+
+# Largest row a single program keeps in registers (elements); wider rows need a looped kernel.
+MAX_FUSED_SIZE = 65536
+
+
+def interpreting() -> bool:
+    """Whether the Triton interpreter is requested (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether an op on ``tensors`` should run its Triton kernel rather than the eager reference.
+
+    True when Triton is importable and either every tensor lives on a CUDA device or the
+    interpreter is requested (``TRITON_INTERPRET=1``, which runs kernels on CPU tensors).
+    """
+    if not HAS_TRITON:
+        return False
+    if interpreting():
+        return True
+    return all(t.is_cuda for t in tensors)
+
+
+def num_programs_hint(device: torch.device) -> int:
+    """Number of persistent programs for two-stage reductions: the SM count on CUDA.
+
+    The interpreter runs programs one after another, so a handful keeps it fast while still
+    exercising the cross-program partial sums.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def row_block_settings(n_cols: int) -> tuple[int, int]:
+    """Block size (next power of two of ``n_cols``) and warp count for a one-row-per-program kernel.
+
+    Raises:
+        ValueError: if the row does not fit in one block.
+    """
+    block = triton.next_power_of_2(n_cols)
+    if block > MAX_FUSED_SIZE:
+        raise ValueError(f"rows of {n_cols} elements exceed the fused block limit {MAX_FUSED_SIZE}")
+    num_warps = 4
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    return block, num_warps
