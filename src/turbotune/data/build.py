@@ -234,6 +234,8 @@ def _tokenize_stream(rows: Dataset, tokenizer: Any, cfg: DataConfig) -> Dataset:
     from datasets import Dataset
 
     pieces = [as_text(t) for t in rows["text"]]
+    if not any(piece.strip() for piece in pieces):
+        return Dataset.from_dict(_text_columns([]))
     bodies = tokenizer(pieces, add_special_tokens=False)["input_ids"]
     stream = list(special_prefix(tokenizer))
     for body in bodies:
