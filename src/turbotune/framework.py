@@ -78,7 +78,9 @@ class AccelerationFramework:
     def print_banner(self) -> None:
         from rich.console import Console
 
-        Console(stderr=True, highlight=False).print("\n".join(self.banner_lines()), style="bold cyan")
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            "\n".join(self.banner_lines()), style="bold cyan", markup=False
+        )
 
     # --- hooks ------------------------------------------------------------------------------
 

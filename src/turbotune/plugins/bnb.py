@@ -1,0 +1,77 @@
+"""The 4-bit loader plugin: NF4/FP4 QLoRA through bitsandbytes (``quantization.method: nf4``)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from turbotune.config import QuantizationConfig
+from turbotune.errors import ConfigError
+
+from .base import Plugin, Requirement
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, TrainingArguments
+
+    from turbotune.config import Config
+
+
+class BnbQuantPlugin(Plugin):
+    name = "bnb"
+    description = "4-bit NF4/FP4 base weights through bitsandbytes (QLoRA), no fp32 upcasting"
+    config_cls = QuantizationConfig
+    section = "quantization"
+    requires = (Requirement("bitsandbytes", "bitsandbytes", extra="bnb"),)
+    order = 10
+    loads_model = True
+
+    @classmethod
+    def section_of(cls, cfg: Config) -> QuantizationConfig | None:
+        q = cfg.quantization
+        if q.method not in ("nf4", "fp4"):
+            return None
+        if cfg.adapter.method == "full":
+            raise ConfigError(
+                f"{cfg.source}: 4-bit weights cannot be trained in full; use adapter.method lora "
+                "(QLoRA) or quantization.method none"
+            )
+        return q
+
+    def load_model(self, path: str, **kwargs: Any) -> PreTrainedModel:
+        from dataclasses import replace
+
+        from turbotune.config import ModelConfig
+        from turbotune.modeling import load_causal_lm
+        from turbotune.quant.bnb import DTYPES, bnb_config, prepare_for_training
+
+        compute = DTYPES[self.config.compute_dtype]
+        kwargs.pop("dtype", None)  # non-quantized modules stay in the compute dtype
+        model_cfg = kwargs.pop("model_config", None) or ModelConfig()
+        if "device_map" not in kwargs:
+            kwargs["device_map"] = _device_map()
+        model = load_causal_lm(
+            replace(model_cfg, path=path), compute, quantization_config=bnb_config(self.config), **kwargs
+        )
+        return prepare_for_training(model, upcast_fp32=self.config.upcast_fp32)
+
+    def augment(
+        self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
+    ) -> tuple[PreTrainedModel, TrainingArguments | None]:
+        if training_args is not None and getattr(training_args, "gradient_checkpointing", False):
+            model.enable_input_require_grads()
+        return model, training_args
+
+    def describe(self) -> str:
+        c = self.config
+        return (
+            f"{c.method} double_quant={c.double_quant} compute={c.compute_dtype} "
+            f"storage={c.quant_storage} upcast_fp32={c.upcast_fp32} skip={c.skip_modules}"
+        )
+
+
+def _device_map() -> dict[str, Any] | str:
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
