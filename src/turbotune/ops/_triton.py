@@ -34,7 +34,8 @@ except ImportError:  # Triton is optional: CPU training uses the eager reference
         cdiv=lambda a, b: -(-a // b),
         next_power_of_2=_next_power_of_2,
     )
-    tl = SimpleNamespace(constexpr=object)
+    # ``tl.constexpr`` serves both as an annotation and to wrap module-level kernel constants.
+    tl = SimpleNamespace(constexpr=lambda value=None: value)
 
 __all__ = [
     "HAS_TRITON",

@@ -1,0 +1,277 @@
+"""Gated MLP activations ``h = act(g) * u`` (SwiGLU, GeGLU) with Triton forward and backward.
+
+The elementwise product is memory-bound; fusing it saves the ``act(g)`` intermediate that eager
+PyTorch writes and reads back. The backward recomputes ``act(g)`` and ``act'(g)`` from the
+saved ``g`` and ``u`` (only the two inputs are stored, as in Liger-Kernel's ``swiglu.py``).
+Everything is computed in fp32 and rounded once at the store, where HF's ``LlamaMLP`` rounds
+``silu(g)`` to the input dtype before the multiply.
+
+``swiglu_forward`` / ``swiglu_backward`` (and the GeGLU pair) are plain tensor functions
+without autograd, for fused blocks that write their own backward (the LoRA MLP).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from turbotune.ops import reference
+from turbotune.ops._triton import tl, triton, use_triton
+
+__all__ = [
+    "GLUFunction",
+    "geglu",
+    "geglu_backward",
+    "geglu_forward",
+    "swiglu",
+    "swiglu_backward",
+    "swiglu_forward",
+]
+
+Activation = Literal["silu", "gelu_tanh", "gelu"]
+_ACTIVATION_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+_MAX_BLOCK = 1024
+# Kernel constants must be constexpr for Triton to read them as globals.
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _act_and_grad(g, ACTIVATION: tl.constexpr):
+    """``(act(g), act'(g))`` in fp32 for silu (0), tanh-approximated gelu (1), erf gelu (2).
+
+    silu: ``a = g s``, ``a' = s (1 + g (1 - s))`` with ``s = sigmoid(g)``.
+    gelu_tanh: ``a = g (1 + t) / 2`` with ``t = tanh(k (g + 0.044715 g^3))``, ``k = sqrt(2/pi)``;
+    ``a' = (1 + t) / 2 + g (1 - t^2) k (1 + 3 * 0.044715 g^2) / 2``.
+    gelu: ``a = g Phi(g)``, ``a' = Phi(g) + g exp(-g^2 / 2) / sqrt(2 pi)``.
+    """
+    if ACTIVATION == 0:
+        s = tl.sigmoid(g)
+        act = g * s
+        dact = s * (1.0 + g * (1.0 - s))
+    elif ACTIVATION == 1:
+        inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+        # tanh is +-1 to fp32 precision beyond |20|; clamping keeps exp() below overflow.
+        inner = tl.minimum(tl.maximum(inner, -20.0), 20.0)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh, which tl lacks on older releases
+        act = 0.5 * g * (1.0 + t)
+        dact = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (
+            1.0 + 3.0 * 0.044715 * g * g
+        )
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * _INV_SQRT_2))
+        act = g * cdf
+        dact = cdf + g * tl.exp(-0.5 * g * g) * _INV_SQRT_2PI
+    return act, dact
+
+
+@triton.jit
+def _fwd_kernel(
+    h_ptr,
+    stride_hm,
+    g_ptr,
+    stride_gm,
+    u_ptr,
+    stride_um,
+    n_cols,
+    ACTIVATION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """``h = act(g) * u`` on one block of one row."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    g = tl.load(g_ptr + row * stride_gm + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_um + cols, mask=mask, other=0.0).to(tl.float32)
+    act, _ = _act_and_grad(g, ACTIVATION)
+    tl.store(h_ptr + row * stride_hm + cols, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(
+    dg_ptr,
+    stride_dgm,
+    du_ptr,
+    stride_dum,
+    dh_ptr,
+    stride_dhm,
+    g_ptr,
+    stride_gm,
+    u_ptr,
+    stride_um,
+    n_cols,
+    ACTIVATION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """``dg = dh * u * act'(g)``, ``du = dh * act(g)`` on one block of one row.
+
+    ``dg``/``du`` may alias ``g``/``u`` (in-place backward): each element is read before written.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    dh = tl.load(dh_ptr + row * stride_dhm + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_gm + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_um + cols, mask=mask, other=0.0).to(tl.float32)
+    act, dact = _act_and_grad(g, ACTIVATION)
+    tl.store(
+        dg_ptr + row * stride_dgm + cols, (dh * u * dact).to(dg_ptr.dtype.element_ty), mask=mask
+    )
+    tl.store(du_ptr + row * stride_dum + cols, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., I] -> [N, I]`` without a copy when possible; the kernels need unit column stride."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int]:
+    block = min(_MAX_BLOCK, triton.next_power_of_2(n_cols))
+    return (n_rows, triton.cdiv(n_cols, block)), block
+
+
+def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+
+
+def _glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: Activation) -> torch.Tensor:
+    _check(gate, up)
+    g, u = _as_rows(gate), _as_rows(up)
+    h = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
+    if h.numel():
+        grid, block = _grid(*g.shape)
+        _fwd_kernel[grid](
+            h, h.stride(0), g, g.stride(0), u, u.stride(0), g.shape[1],
+            ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_SIZE=block,
+        )  # fmt: skip
+    return h.view(gate.shape)
+
+
+def _glu_backward(
+    grad_h: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    activation: Activation,
+    inplace: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(gate, up)
+    g, u, dh = _as_rows(gate), _as_rows(up), _as_rows(grad_h)
+    # In place only when the row views really are the caller's storage (no copy was made).
+    inplace = inplace and g.data_ptr() == gate.data_ptr() and u.data_ptr() == up.data_ptr()
+    dg = g if inplace else torch.empty(g.shape, dtype=gate.dtype, device=g.device)
+    du = u if inplace else torch.empty(u.shape, dtype=up.dtype, device=u.device)
+    if g.numel():
+        grid, block = _grid(*g.shape)
+        _bwd_kernel[grid](
+            dg, dg.stride(0), du, du.stride(0), dh, dh.stride(0), g, g.stride(0), u, u.stride(0),
+            g.shape[1], ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_SIZE=block,
+        )  # fmt: skip
+    if inplace:
+        return gate, up
+    return dg.view(gate.shape), du.view(up.shape)
+
+
+def _gelu_activation(approximate: str) -> Activation:
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    return "gelu_tanh" if approximate == "tanh" else "gelu"
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` without autograd (Triton, or eager where Triton does not run).
+
+    Args:
+        gate: ``[..., I]``, unit last-dim stride preferred (else copied).
+        up: ``[..., I]``.
+
+    Returns:
+        ``[..., I]`` in ``promote(gate.dtype, up.dtype)``.
+    """
+    if use_triton(gate, up):
+        return _glu_forward(gate, up, "silu")
+    return reference.swiglu(gate, up)
+
+
+def swiglu_backward(
+    grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, inplace: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``h = silu(gate) * up`` without autograd.
+
+    Args:
+        grad_h: ``[..., I]`` gradient of ``h``.
+        gate: ``[..., I]`` the forward's gate input.
+        up: ``[..., I]`` the forward's up input.
+        inplace: write ``grad_gate``/``grad_up`` into ``gate``/``up`` (saves two activations of
+            memory when the caller no longer needs them).
+
+    Returns:
+        ``(grad_gate, grad_up)`` in the dtypes of ``gate`` and ``up``.
+    """
+    if use_triton(grad_h, gate, up):
+        return _glu_backward(grad_h, gate, up, "silu", inplace)
+    return reference.glu_backward(grad_h, gate, up, "silu")
+
+
+def geglu_forward(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """``gelu(gate, approximate) * up`` without autograd; see :func:`swiglu_forward`."""
+    if use_triton(gate, up):
+        return _glu_forward(gate, up, _gelu_activation(approximate))
+    return reference.geglu(gate, up, approximate)
+
+
+def geglu_backward(
+    grad_h: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    approximate: str = "tanh",
+    *,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``h = gelu(gate, approximate) * up``; see :func:`swiglu_backward`."""
+    activation = _gelu_activation(approximate)
+    if use_triton(grad_h, gate, up):
+        return _glu_backward(grad_h, gate, up, activation, inplace)
+    return reference.glu_backward(grad_h, gate, up, activation)
+
+
+class GLUFunction(torch.autograd.Function):
+    """Autograd glue for the gated activations; saves only ``gate`` and ``up``."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: Activation) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.activation = activation
+        return _glu_forward(gate, up, activation)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate, grad_up = _glu_backward(grad_h, gate, up, ctx.activation, inplace=False)
+        return grad_gate, grad_up, None
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU ``silu(gate) * up``, differentiable; Triton when it runs, else eager.
+
+    Args:
+        gate: ``[..., I]`` output of the gate projection.
+        up: ``[..., I]`` output of the up projection.
+
+    Returns:
+        ``[..., I]``.
+    """
+    if use_triton(gate, up):
+        return GLUFunction.apply(gate, up, "silu")
+    return reference.swiglu(gate, up)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """GeGLU ``gelu(gate) * up`` (``approximate`` ``"tanh"`` or ``"none"``), differentiable."""
+    activation = _gelu_activation(approximate)
+    if use_triton(gate, up):
+        return GLUFunction.apply(gate, up, activation)
+    return reference.geglu(gate, up, approximate)
