@@ -59,6 +59,10 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[Dataset, Dataset | 
         ``(train, eval)``: ``datasets.Dataset`` objects with the columns ``input_ids``,
         ``labels`` (unshifted; -100 where not trained on) and ``length`` (tokens per row, for
         length-grouped samplers); ``eval`` is ``None`` without ``eval_ratio`` or ``eval_path``.
+        ``max_samples`` limits the training rows (the ``eval_ratio`` rows come out of them); an
+        ``eval_path`` file is used whole, read like ``path`` (its own columns and format).
+        ``add_eos`` applies to every format but ``messages``, whose template writes its own
+        end-of-turn marker (part of each assistant target).
 
     Raises:
         DataError: missing file or columns, empty data, a row with an empty target, ...
@@ -236,7 +240,7 @@ def _tokenize_stream(rows: Dataset, tokenizer: Any, cfg: DataConfig) -> Dataset:
     pieces = [as_text(t) for t in rows["text"]]
     if not any(piece.strip() for piece in pieces):
         return Dataset.from_dict(_text_columns([]))
-    bodies = tokenizer(pieces, add_special_tokens=False)["input_ids"]
+    bodies = tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]
     stream = list(special_prefix(tokenizer))
     for body in bodies:
         stream.extend(body)

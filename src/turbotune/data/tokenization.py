@@ -88,7 +88,8 @@ def _encode_by_offsets(
     tokenizer: Any, rows: Sequence[Sequence[Segment]]
 ) -> list[tuple[list[int], list[bool]]]:
     texts = ["".join(s.text for s in segments) for segments in rows]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: no "longer than model_max_length" warning; truncation is ours, later.
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     out = []
     for segments, text, ids, offsets in zip(rows, texts, enc["input_ids"], enc["offset_mapping"]):
         # covered[c] = number of target characters before character c.
@@ -99,11 +100,11 @@ def _encode_by_offsets(
                 char_target[cursor + 1 : cursor + len(seg.text) + 1] = 1
             cursor += len(seg.text)
         covered = np.cumsum(char_target)
-        flags = []
-        for start, end in offsets:
-            end = max(end, start + 1)  # a zero-width token takes the mark of the next character
-            end = min(end, len(text))
-            flags.append(bool(covered[end] - covered[min(start, end)] > 0))
+        spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        # A zero-width token takes the mark of the character it sits on.
+        ends = np.minimum(np.maximum(spans[:, 1], spans[:, 0] + 1), len(text))
+        starts = np.minimum(spans[:, 0], ends)
+        flags = ((covered[ends] - covered[starts]) > 0).tolist()
         out.append((list(ids), flags))
     return out
 
@@ -112,7 +113,9 @@ def _encode_piecewise(tokenizer: Any, segments: Sequence[Segment]) -> tuple[list
     ids: list[int] = []
     flags: list[bool] = []
     for seg in segments:
-        piece = tokenizer(seg.text, add_special_tokens=False)["input_ids"] if seg.text else []
+        if not seg.text:
+            continue
+        piece = tokenizer(seg.text, add_special_tokens=False, verbose=False)["input_ids"]
         ids += piece
         flags += [seg.is_target] * len(piece)
     return ids, flags
@@ -165,7 +168,7 @@ def encode_documents(
     eos_id: int | None = None,
 ) -> list[list[int]]:
     """Tokenize plain-text documents: ``prefix + tokens + [eos]`` each; empty texts give ``[]``."""
-    bodies = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    bodies = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     out = []
     for text, body in zip(texts, bodies):
         if not text.strip():
