@@ -284,3 +284,66 @@ def dequantize_4bit_reference(
     block = torch.arange(n, device=data.device) // quant_state.blocksize
     out = code[nibbles] * blockwise_absmax_reference(quant_state)[block]
     return out.to(dtype or quant_state.dtype).reshape(shape)
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora=None,
+    bias: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LoRA linear ``y = x W^T + b + s * (D(x) A^T) B^T`` by plain autograd (as peft computes it).
+
+    Args:
+        x: ``[..., in]``; its dtype is the compute dtype (``W``, ``A``, ``B``, ``b`` are cast).
+        weight: dense ``W [out, in]``.
+        lora: ``ops.lora.LoRAWeights`` (``A [r, in]``, ``B [out, r]``, ``scaling``, ``dropout``)
+            or None.
+        bias: optional ``[out]``.
+        keep: dropout keep mask (0/1, shape of ``x``): ``D(x) = x * keep / (1 - dropout)``;
+            None means no dropout.
+
+    Returns:
+        ``[..., out]``.
+    """
+    y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if lora is None:
+        return y
+    x_in = x if keep is None else x * keep * (1.0 / (1.0 - lora.dropout))
+    lora_out = F.linear(F.linear(x_in, lora.A.to(x.dtype)), lora.B.to(x.dtype))
+    return y + lora.scaling * lora_out
+
+
+def lora_qkv_reference(x: torch.Tensor, q, k, v, keeps=(None, None, None)):
+    """Three LoRA projections of one input; ``q``, ``k``, ``v`` are ``(weight, lora[, bias])``."""
+    return tuple(lora_linear_reference(x, *p, keep=m) for p, m in zip((q, k, v), keeps))
+
+
+def lora_mlp_reference(
+    x: torch.Tensor,
+    gate,
+    up,
+    down,
+    activation: Literal["silu", "gelu_tanh", "gelu"] = "silu",
+    keeps=(None, None, None),
+) -> torch.Tensor:
+    """Gated MLP with LoRA on each projection: ``(act(x Wg'^T) * x Wu'^T) Wd'^T``.
+
+    Args:
+        x: ``[..., hidden]``.
+        gate: ``(weight [inter, hidden], lora[, bias])``; ``up`` likewise, ``down`` with
+            ``weight [hidden, inter]``.
+        activation: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` / ``"gelu"`` (GeGLU).
+        keeps: dropout keep masks of the gate, up and down LoRA inputs (None: no dropout).
+
+    Returns:
+        ``[..., hidden]``.
+    """
+    e = lora_linear_reference(x, *gate, keep=keeps[0])
+    u = lora_linear_reference(x, *up, keep=keeps[1])
+    if activation == "silu":
+        h = swiglu(e, u)
+    else:
+        h = geglu(e, u, "tanh" if activation == "gelu_tanh" else "none")
+    return lora_linear_reference(h, *down, keep=keeps[2])
