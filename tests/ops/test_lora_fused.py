@@ -27,7 +27,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 STEP_SEED = 1234  # torch.manual_seed before each call: the fused op draws its dropout seed
 
 
-def _base(kind: str, out_f: int, in_f: int, seed: int):
+def _base(kind: str, out_f: int, in_f: int, seed: int, device: str = "cpu"):
     """A frozen base weight source and its dense fp32 value.
 
     ``dense``: an fp32 tensor rounded to bf16 (so bf16 runs see the same W); ``nf4``: a bnb
@@ -36,17 +36,18 @@ def _base(kind: str, out_f: int, in_f: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(out_f, in_f, generator=gen) / in_f**0.5).bfloat16().float()
     if kind == "dense":
+        w = w.to(device)
         return w, w
     if kind == "nf4":
         # bnb can store an even number of bytes only as bf16.
         storage = torch.bfloat16 if (out_f * in_f + 1) // 2 % 2 == 0 else torch.uint8
         source = bnb.nn.Params4bit(
             w, quant_type="nf4", compress_statistics=True, quant_storage=storage
-        ).to("cpu")  # moving to a device is what quantizes
+        ).to(device)  # moving to a device is what quantizes
     else:
         source = bnb.nn.Linear4bit(in_f, out_f, bias=False, quant_type="fp4")
         source.weight = bnb.nn.Params4bit(w, quant_type="fp4", module=source)
-        source = source.to("cpu")
+        source = source.to(device)
     return source, dense_weight(source, torch.float32)
 
 
@@ -57,12 +58,12 @@ def _adapter(out_f: int, in_f: int, r: int, seed: int) -> dict[str, torch.Tensor
     return {"A": a, "B": b}
 
 
-def _ref_keeps(n: int, shapes, ps) -> list[torch.Tensor | None]:
+def _ref_keeps(n: int, shapes, ps, device: str = "cpu") -> list[torch.Tensor | None]:
     """The masks the fused op draws: same step seed, projection ``j`` uses ``seed + j``."""
     torch.manual_seed(STEP_SEED)
     seed = dropout_seed()
     return [
-        dropout_keep(shape, p, seed + j, torch.device("cpu")) if p > 0 else None
+        dropout_keep(shape, p, seed + j, torch.device(device)) if p > 0 else None
         for j, (shape, p) in enumerate(zip(shapes, ps))
     ][:n]
 
@@ -170,3 +171,323 @@ def test_lora_mlp_parity(parity, dtype, activation, kind, dropout):
         )
 
     parity(ours, ref, master, dtype, torch.device("cpu"))
+
+
+def _assert_close(name, got, want, eager, slack=2.0, floor=1e-5):
+    """Flash-attention rule: error vs the fp32 reference <= slack x the eager low-precision error
+    + a floor + one ulp of the largest value (a lucky eager run on tiny tensors)."""
+    want = want.float()
+    eager_err = (eager.float() - want).abs().max().item()
+    scale = want.abs().max().item()
+    ulp = 0.0 if got.dtype == torch.float32 else torch.finfo(got.dtype).eps
+    bound = slack * eager_err + floor * max(1.0, scale) + ulp * scale
+    diff = (got.float() - want).abs()
+    assert diff.max().item() <= bound, (
+        f"{name}: max abs diff {diff.max().item():.3e} (bound {bound:.3e}, eager {eager_err:.3e}), "
+        f"mean {diff.mean().item():.3e}"
+    )
+
+
+def _run(fn, leaves: dict[str, torch.Tensor], grad_out: torch.Tensor):
+    out = fn(**leaves)
+    out.backward(grad_out.to(out.dtype))
+    return {"out": out.detach(), **{k: v.grad for k, v in leaves.items() if v.requires_grad}}
+
+
+def test_fp32_adapters_with_bf16_compute():
+    """A, B stay fp32 (peft's usual setup under bf16): their grads come back in fp32."""
+    tokens, in_f, out_f, r = 13, 123, 77, 5
+    base, w = _base("nf4", out_f, in_f, seed=3)
+    ad = _adapter(out_f, in_f, r, seed=4)
+    x32 = torch.randn(tokens, in_f).bfloat16().float()
+    grad_out = torch.randn(tokens, out_f)
+
+    def leaves(x_dtype):
+        return {
+            "x": x32.detach().to(x_dtype, copy=True).requires_grad_(),
+            "A": ad["A"].detach().clone().requires_grad_(),
+            "B": ad["B"].detach().clone().requires_grad_(),
+        }
+
+    def ref(x, A, B):
+        return lora_linear_reference(x, w, LoRAWeights(A, B, 2.0))
+
+    def ours(x, A, B):
+        return lora_linear(x, base, LoRAWeights(A, B, 2.0))
+
+    want = _run(ref, leaves(torch.float32), grad_out)
+    eager = _run(ref, leaves(torch.bfloat16), grad_out)
+    got = _run(ours, leaves(torch.bfloat16), grad_out)
+    assert got["out"].dtype == got["x"].dtype == torch.bfloat16
+    assert got["A"].dtype == got["B"].dtype == torch.float32
+    for name in want:
+        _assert_close(name, got[name], want[name], eager[name])
+
+
+def test_autocast_casts_input_and_runs_in_autocast_dtype():
+    tokens, in_f, out_f, r = 9, 40, 24, 4
+    w = torch.randn(out_f, in_f) / in_f**0.5
+    ad = _adapter(out_f, in_f, r, seed=5)
+    grad_out = torch.randn(tokens, out_f)
+    x0 = torch.randn(tokens, in_f)
+
+    def leaves():
+        return {
+            "x": x0.clone().requires_grad_(),
+            "A": ad["A"].detach().clone().requires_grad_(),
+            "B": ad["B"].detach().clone().requires_grad_(),
+        }
+
+    def ref(x, A, B):
+        return lora_linear_reference(x, w, LoRAWeights(A, B, 1.5))
+
+    def under_autocast(fn):
+        def run(**t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(**t)
+
+        return run
+
+    want = _run(ref, leaves(), grad_out)
+    eager = _run(under_autocast(ref), leaves(), grad_out)
+    got = _run(
+        under_autocast(lambda x, A, B: lora_linear(x, w, LoRAWeights(A, B, 1.5))),
+        leaves(),
+        grad_out,
+    )
+    assert got["out"].dtype == torch.bfloat16
+    assert got["x"].dtype == got["A"].dtype == torch.float32
+    for name in want:
+        _assert_close(name, got[name], want[name], eager[name])
+
+
+def test_dropout_masks_follow_the_seed():
+    """Masks: Bernoulli(1 - p), fixed by the seed, distinct per projection index and per step."""
+    shape, p = (64, 96), 0.3
+    cpu = torch.device("cpu")
+    keep = dropout_keep(shape, p, 42, cpu)
+    assert keep.dtype == torch.bool and keep.shape == shape
+    assert torch.equal(keep, dropout_keep(shape, p, 42, cpu))
+    assert not torch.equal(keep, dropout_keep(shape, p, 43, cpu))
+    kept = keep.float().mean().item()
+    assert abs(kept - (1 - p)) < 0.03, f"kept fraction {kept:.3f}, expected {1 - p}"
+    torch.manual_seed(0)
+    first = dropout_seed()
+    assert dropout_seed() != first  # each step draws afresh
+    torch.manual_seed(0)
+    assert dropout_seed() == first  # ... reproducibly
+
+
+def test_dropout_applies_one_mask_in_forward_and_backward():
+    """With a hand-checked mask: dropped input columns contribute nothing to y's LoRA part or to
+    dA, and dx's LoRA part is masked the same way; the base path ignores the mask."""
+    tokens, in_f, out_f, r, p, s = 6, 10, 4, 3, 0.5, 1.0
+    w = torch.zeros(out_f, in_f)  # base path off: y and dx are the LoRA branch alone
+    ad = _adapter(out_f, in_f, r, seed=6)
+    x = torch.randn(tokens, in_f, requires_grad=True)
+    torch.manual_seed(STEP_SEED)
+    y = lora_linear(x, w, LoRAWeights(ad["A"], ad["B"], s, p))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    (keep,) = _ref_keeps(1, [(tokens, in_f)], [p])
+    assert 0 < keep.sum() < keep.numel(), "mask should drop some and keep some elements"
+    # Manual mask arithmetic (no reference function involved).
+    xd = torch.where(keep, x.detach() * 2.0, 0.0)  # 1 / (1 - p) = 2
+    a, b = ad["A"].detach(), ad["B"].detach()
+    torch.testing.assert_close(y.detach(), xd @ a.t() @ b.t())
+    g = dy @ b
+    torch.testing.assert_close(ad["A"].grad, g.t() @ xd)
+    torch.testing.assert_close(ad["B"].grad, dy.t() @ (xd @ a.t()))
+    torch.testing.assert_close(x.grad, torch.where(keep, (g @ a) * 2.0, 0.0))
+    assert torch.all(x.grad[~keep] == 0)
+
+
+def _backward_node(y: torch.Tensor, name: str):
+    """The custom Function's node behind ``y`` (``y`` is a view of the Function's output)."""
+    todo, seen = [y.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == name:
+            return node
+        todo += [n for n, _ in node.next_functions]
+    raise AssertionError(f"{name} not found in the graph")
+
+
+def test_no_dense_base_weight_is_saved():
+    """Saved for backward: x (once for q/k/v), the [M, r] products, A, B and bias — never W."""
+    tokens, hidden, inter, r = 13, 123, 77, 5
+    gate, up, down = (
+        _base("nf4", o, i, seed=k)[0]
+        for k, (o, i) in enumerate([(inter, hidden), (inter, hidden), (hidden, inter)])
+    )
+    x = torch.randn(tokens, hidden, requires_grad=True)
+    lg, ld = _adapter(inter, hidden, r, 7), _adapter(hidden, inter, r, 8)
+    y = lora_mlp(
+        x,
+        (gate, LoRAWeights(lg["A"], lg["B"], 2.0)),
+        (up, None),
+        (down, LoRAWeights(ld["A"], ld["B"], 2.0)),
+    )
+    saved = _backward_node(y, "LoRAMLPFunctionBackward").saved_tensors
+    shapes = sorted(tuple(t.shape) for t in saved if t is not None)
+    big = [s for s in shapes if s[0] * s[-1] >= inter * hidden]
+    assert big == [], f"weight-sized tensors saved: {big}"
+    assert shapes.count((tokens, inter)) == 2  # e and u
+    assert shapes.count((tokens, hidden)) == 1  # x
+
+    q, *_ = lora_qkv(x, (gate, LoRAWeights(lg["A"], lg["B"], 2.0)), (up, None), (up, None))
+    saved = _backward_node(q, "LoRAProjectionsFunctionBackward").saved_tensors
+    assert [tuple(t.shape) for t in saved if t is not None].count((tokens, hidden)) == 1
+
+
+def test_frozen_adapters_and_no_input_grad():
+    """Only requested gradients are produced; a layer without any adapter still gives dx."""
+    tokens, in_f, out_f, r = 5, 12, 7, 2
+    w = torch.randn(out_f, in_f)
+    ad = _adapter(out_f, in_f, r, seed=9)
+    a_frozen = ad["A"].detach()
+    x = torch.randn(tokens, in_f, requires_grad=True)
+    lora_linear(x, w, LoRAWeights(a_frozen, ad["B"], 1.0)).sum().backward()
+    assert ad["B"].grad is not None and a_frozen.grad is None
+    torch.testing.assert_close(x.grad, torch.ones(tokens, out_f) @ (w + ad["B"] @ a_frozen))
+
+    x2 = torch.randn(tokens, in_f)  # no grad to x: only the adapter's
+    lora_linear(x2, w, LoRAWeights(ad["A"], ad["B"], 1.0)).sum().backward()
+    assert ad["A"].grad is not None
+
+    x3 = torch.randn(tokens, in_f, requires_grad=True)
+    lora_linear(x3, w).sum().backward()
+    torch.testing.assert_close(x3.grad, torch.ones(tokens, out_f) @ w)
+
+
+def test_strided_3d_input_and_module_bases():
+    """x as a non-contiguous [B, S, H] view; bases given as nn.Linear and bnb Linear4bit."""
+    hidden, out_f, r = 33, 21, 3
+    dense_mod = torch.nn.Linear(hidden, out_f, bias=False)
+    nf4_mod = _base("fp4", out_f, hidden, seed=11)[0]
+    ad = _adapter(out_f, hidden, r, seed=12)
+    x_full = torch.randn(2, 5, 2 * hidden)
+    for mod in (dense_mod, nf4_mod):
+        x = x_full[..., ::2].detach().requires_grad_()
+        assert not x.is_contiguous()
+        y = lora_linear(x, mod, LoRAWeights(ad["A"], ad["B"], 1.0))
+        assert y.shape == (2, 5, out_f)
+        x_ref = x.detach().clone().requires_grad_()
+        w = dense_weight(mod, torch.float32)
+        y_ref = lora_linear_reference(x_ref, w, LoRAWeights(ad["A"], ad["B"], 1.0))
+        torch.testing.assert_close(y, y_ref)
+        y.sum().backward()
+        y_ref.sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_mlp_backward_twice_is_refused():
+    w1, w2 = torch.randn(8, 6), torch.randn(6, 8)
+    x = torch.randn(3, 6, requires_grad=True)
+    y = lora_mlp(x, (w1, None), (w1, None), (w2, None))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        y.sum().backward()
+
+
+def test_invalid_dropout_is_an_error():
+    w = torch.randn(4, 3)
+    ad = _adapter(4, 3, 1, seed=0)
+    with pytest.raises(ValueError, match="dropout"):
+        lora_linear(torch.randn(2, 3), w, LoRAWeights(ad["A"], ad["B"], 1.0, 1.0))
+
+
+# ---- GPU: Llama-3-8B shapes (hidden 4096, intermediate 14336, 8 KV heads), r = 16 ----
+
+LLAMA = {"tokens": 4096, "hidden": 4096, "inter": 14336, "kv": 1024, "r": 16}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_mlp_llama8b_nf4_gpu(parity, dropout):
+    m, h, i, r = LLAMA["tokens"], LLAMA["hidden"], LLAMA["inter"], LLAMA["r"]
+    shapes = [(i, h), (i, h), (h, i)]
+    bases = [_base("nf4", o, n, seed=k, device="cuda") for k, (o, n) in enumerate(shapes)]
+    ads = [_adapter(o, n, r, seed=30 + k) for k, (o, n) in enumerate(shapes)]
+    master = {"x": torch.randn(m, h).requires_grad_()}
+    for k, ad in enumerate(ads):
+        master[f"A{k}"], master[f"B{k}"] = ad["A"], ad["B"]
+
+    def projections(t, pick):
+        return [
+            (bases[k][pick], LoRAWeights(t[f"A{k}"], t[f"B{k}"], 2.0, dropout)) for k in range(3)
+        ]
+
+    def ours(x, **t):
+        torch.manual_seed(STEP_SEED)
+        return lora_mlp(x, *projections(t, 0))
+
+    def ref(x, **t):
+        keeps = _ref_keeps(3, [(m, h), (m, h), (m, i)], [dropout] * 3, device="cuda")
+        return lora_mlp_reference(x, *projections(t, 1), keeps=keeps)
+
+    parity(ours, ref, master, torch.bfloat16, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_lora_qkv_llama8b_nf4_gpu(parity):
+    m, h, kv, r = LLAMA["tokens"], LLAMA["hidden"], LLAMA["kv"], LLAMA["r"]
+    outs = (h, kv, kv)
+    bases = [_base("nf4", o, h, seed=40 + k, device="cuda") for k, o in enumerate(outs)]
+    ads = [_adapter(o, h, r, seed=50 + k) for k, o in enumerate(outs)]
+    master = {"x": torch.randn(m, h).requires_grad_()}
+    for k, ad in enumerate(ads):
+        master[f"A{k}"], master[f"B{k}"] = ad["A"], ad["B"]
+
+    def projections(t, pick):
+        return [(bases[k][pick], LoRAWeights(t[f"A{k}"], t[f"B{k}"], 2.0)) for k in range(3)]
+
+    def ours(x, **t):
+        return torch.cat(lora_qkv(x, *projections(t, 0)), dim=-1)
+
+    def ref(x, **t):
+        return torch.cat(lora_qkv_reference(x, *projections(t, 1)), dim=-1)
+
+    parity(ours, ref, master, torch.bfloat16, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_lora_mlp_llama8b_memory_gpu():
+    """After forward the fused MLP holds only e and u (+ [M, r] products); the eager
+    composition over dequantized weights also holds the three dense weights, silu(e) and h."""
+    m, h, i, r = LLAMA["tokens"], LLAMA["hidden"], LLAMA["inter"], LLAMA["r"]
+    shapes = [(i, h), (i, h), (h, i)]
+    bases = [_base("nf4", o, n, seed=k, device="cuda") for k, (o, n) in enumerate(shapes)]
+    loras = []
+    for k, (o, n) in enumerate(shapes):
+        ad = _adapter(o, n, r, seed=60 + k)
+        loras.append(
+            LoRAWeights(
+                ad["A"].cuda().detach().requires_grad_(),
+                ad["B"].cuda().detach().requires_grad_(),
+                2.0,
+            )
+        )
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def retained(fn):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        y = fn()
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+        y.backward(torch.ones_like(y))
+        return held
+
+    fused = retained(lambda: lora_mlp(x, *[(b[0], lo) for b, lo in zip(bases, loras)]))
+    eager = retained(
+        lambda: lora_mlp_reference(
+            x, *[(dense_weight(b[0], torch.bfloat16), lo) for b, lo in zip(bases, loras)]
+        )
+    )
+    activation = m * i * 2  # one bf16 [M, inter] tensor
+    assert fused <= 2 * activation + (8 << 20), f"fused holds {fused / 2**20:.0f} MiB"
+    assert fused < 0.4 * eager, f"fused {fused / 2**20:.0f} MiB vs eager {eager / 2**20:.0f} MiB"
