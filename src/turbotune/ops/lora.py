@@ -34,6 +34,19 @@ import torch
 from turbotune.ops.swiglu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 from turbotune.quant.weights import dense_weight
 
+__all__ = [
+    "LoRAMLPFunction",
+    "LoRAProjectionsFunction",
+    "LoRAWeights",
+    "Projection",
+    "dropout_keep",
+    "dropout_seed",
+    "lora_linear",
+    "lora_mlp",
+    "lora_projections",
+    "lora_qkv",
+]
+
 Activation = Literal["silu", "gelu_tanh", "gelu"]
 
 
