@@ -6,7 +6,9 @@ every row's loss with an online logsumexp over the vocabulary in fp32 and overwr
 and add its share of ``grad_weight``. The gradients are therefore computed in the forward and
 only scaled by ``grad_output`` in the backward (the scheme of Liger-Kernel's
 ``fused_linear_cross_entropy``). Peak extra memory is one chunk of logits instead of ``N x V``
-logits plus their fp32 copy and softmax.
+logits plus their fp32 copy and softmax. When the LM head itself is trained, its gradient is
+summed over chunks in fp32 (an fp32 ``[V, H]`` buffer plus one 16-bit chunk product): summing in
+bf16, as Liger does, doubles the rounding error by 4 chunks.
 
 Per row with ``z = softcap * tanh(s * l / softcap)`` (or ``z = s * l`` without soft-capping),
 ``p = softmax(z)`` and label ``y``: ``loss = logsumexp(z) - z_y`` and
@@ -203,7 +205,13 @@ def linear_cross_entropy_forward(
         if needs_grad[0]
         else None
     )
-    grad_weight = torch.zeros_like(weight) if needs_grad[1] else None
+    # Summing chunk products in a 16-bit grad_weight would round every partial sum (error
+    # growing with the chunk count); several chunks accumulate in fp32 instead.
+    multi_chunk = n_rows > chunk
+    acc_dtype = torch.float32 if multi_chunk else weight.dtype
+    grad_weight = (
+        torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_grad[1] else None
+    )
     grad_bias = (
         torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if needs_grad[2] else None
     )
@@ -220,13 +228,15 @@ def linear_cross_entropy_forward(
         if grad_weight is not None:
             if grad_weight.dtype == cdtype:
                 grad_weight.addmm_(grad_logits.t(), h)
-            else:  # e.g. fp32 master weights under bf16 autocast: accumulate in the weight dtype
+            else:  # fp32 accumulator, 16-bit matmul
                 grad_weight.add_(torch.mm(grad_logits.t(), h))
         if grad_bias is not None:
             grad_bias += grad_logits.sum(0, dtype=torch.float32)
     loss = loss_rows.sum() * inv_denominator[0]
     if grad_hidden is not None:
         grad_hidden = grad_hidden.to(hidden.dtype)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
     return loss, grad_hidden, grad_weight, grad_bias
