@@ -12,12 +12,23 @@ SCRIPT = textwrap.dedent(
     import sys
     sys.modules["triton"] = None  # `import triton` now raises ImportError, as if not installed
     sys.modules["triton.language"] = None
-    import torch
-    import turbotune.ops as ops
-    from turbotune.ops import reference as ref
+    import types
 
-    assert not ops.HAS_TRITON
-    assert not ops.use_triton(torch.zeros(1))  # even with TRITON_INTERPRET=1 in the env
+    import torch
+    import turbotune.ops
+    from turbotune.ops import reference as ref
+    from turbotune.ops.cross_entropy import linear_cross_entropy
+    from turbotune.ops.rms_norm import rms_norm
+    from turbotune.ops.rope import apply_rotary
+    from turbotune.ops.swiglu import geglu, swiglu, swiglu_backward
+
+    assert not turbotune.ops.HAS_TRITON
+    assert not turbotune.ops.use_triton(torch.zeros(1))  # even with TRITON_INTERPRET=1 in the env
+    ops = types.SimpleNamespace(
+        rms_norm=rms_norm, apply_rotary=apply_rotary, rotary_cos_sin=ref.rotary_cos_sin,
+        swiglu=swiglu, geglu=geglu, swiglu_backward=swiglu_backward,
+        linear_cross_entropy=linear_cross_entropy,
+    )
     torch.manual_seed(0)
 
     x, w = torch.randn(3, 8, requires_grad=True), torch.rand(8, requires_grad=True)

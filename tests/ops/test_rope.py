@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from turbotune.ops import reference
-from turbotune.ops import rope as rope_mod
 from turbotune.ops.rope import apply_rotary
+
+# The op module itself, for monkeypatching (robust to a same-named function re-export).
+rope_mod = importlib.import_module("turbotune.ops.rope")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, Hq, Hk, S, D): typical GQA, prime heads/half-dim (23), tiny, half-dim one above 32.

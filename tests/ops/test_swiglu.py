@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from turbotune.ops import reference
-from turbotune.ops import swiglu as swiglu_mod
 from turbotune.ops.swiglu import (
     geglu,
     geglu_backward,
@@ -15,6 +16,9 @@ from turbotune.ops.swiglu import (
     swiglu_backward,
     swiglu_forward,
 )
+
+# The op module itself, for monkeypatching (robust to a same-named function re-export).
+swiglu_mod = importlib.import_module("turbotune.ops.swiglu")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Typical, prime (5, 3, 123), tiny, one above the 1024-column block; few rows keep the
