@@ -149,6 +149,17 @@ def test_autocast_uses_the_autocast_dtype(device):
         torch.testing.assert_close(got, eager, atol=2e-3, rtol=0.05)  # both round to bf16
 
 
+def test_second_backward_with_retained_graph(device):
+    """Gradients saved by the forward are scaled out of place, so a retained graph reruns."""
+    master = _master(8, 16, 300)
+    hidden = master["hidden"].detach().to(device).requires_grad_()
+    weight, labels = master["weight"].detach().to(device), master["labels"].to(device)
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_size=3)
+    (first,) = torch.autograd.grad(3.0 * loss, hidden, retain_graph=True)
+    (second,) = torch.autograd.grad(3.0 * loss, hidden)
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
 def test_auto_chunk_size():
     assert auto_chunk_size(4096, 4096, 128256) == 1024  # floor: 2^27 logits per chunk
     assert auto_chunk_size(65536, 4096, 128256) == 2048  # ratio rule: N / ceil(V / H)

@@ -163,6 +163,49 @@ def _inverse_denominator(
     return count.to(torch.float32).reciprocal().reshape(1)
 
 
+class _GradBuffers(NamedTuple):
+    """Gradient accumulators of one call; None where no gradient is wanted."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def _allocate_grads(
+    n_rows: int,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    cdtype: torch.dtype,
+    multi_chunk: bool,
+    needs_grad: tuple[bool, bool, bool],
+) -> _GradBuffers:
+    dev = hidden.device
+    grad_hidden = torch.empty((n_rows, hidden.shape[1]), dtype=cdtype, device=dev)
+    # Summing chunk products in a 16-bit grad_weight would round every partial sum (error
+    # growing with the chunk count); several chunks accumulate in fp32 instead.
+    acc_dtype = torch.float32 if multi_chunk else weight.dtype
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=dev)
+    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev)
+    return _GradBuffers(
+        *(g if need else None for g, need in zip((grad_hidden, grad_weight, grad_bias), needs_grad))
+    )
+
+
+def _accumulate_chunk(
+    grads: _GradBuffers, grad_logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor, rows: slice
+) -> None:
+    """Add one chunk's ``dlogits`` (``[C, V]``) into the hidden/weight/bias gradients."""
+    if grads.hidden is not None:
+        torch.mm(grad_logits, w, out=grads.hidden[rows])
+    if grads.weight is not None:
+        if grads.weight.dtype == h.dtype:
+            grads.weight.addmm_(grad_logits.t(), h)
+        else:  # fp32 accumulator, 16-bit matmul
+            grads.weight.add_(torch.mm(grad_logits.t(), h))
+    if grads.bias is not None:
+        grads.bias.add_(grad_logits.sum(0, dtype=torch.float32))
+
+
 def linear_cross_entropy_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -191,55 +234,23 @@ def linear_cross_entropy_forward(
         gradient None when not requested.
     """
     n_rows, n_hidden = hidden.shape
-    vocab = weight.shape[0]
     cdtype = compute_dtype or weight.dtype
     w = weight.to(cdtype)
     b = bias.to(cdtype) if bias is not None else None
     labels = labels.contiguous()
     inv_denominator = _inverse_denominator(labels, options.ignore_index, num_items_in_batch)
-    chunk = options.chunk_size or auto_chunk_size(n_rows, n_hidden, vocab)
-
+    chunk = options.chunk_size or auto_chunk_size(n_rows, n_hidden, weight.shape[0])
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-    grad_hidden = (
-        torch.empty((n_rows, n_hidden), dtype=cdtype, device=hidden.device)
-        if needs_grad[0]
-        else None
-    )
-    # Summing chunk products in a 16-bit grad_weight would round every partial sum (error
-    # growing with the chunk count); several chunks accumulate in fp32 instead.
-    multi_chunk = n_rows > chunk
-    acc_dtype = torch.float32 if multi_chunk else weight.dtype
-    grad_weight = (
-        torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_grad[1] else None
-    )
-    grad_bias = (
-        torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if needs_grad[2] else None
-    )
+    grads = _allocate_grads(n_rows, hidden, weight, cdtype, n_rows > chunk, needs_grad)
     for start in range(0, n_rows, chunk):
-        end = min(start + chunk, n_rows)
-        h = hidden[start:end].to(cdtype)
+        rows = slice(start, min(start + chunk, n_rows))
+        h = hidden[rows].to(cdtype)
         logits = torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
-        _loss_and_grad_inplace(
-            logits, labels[start:end], inv_denominator, loss_rows[start:end], options
-        )
-        grad_logits = logits  # overwritten in place by the kernel
-        if grad_hidden is not None:
-            torch.mm(grad_logits, w, out=grad_hidden[start:end])
-        if grad_weight is not None:
-            if grad_weight.dtype == cdtype:
-                grad_weight.addmm_(grad_logits.t(), h)
-            else:  # fp32 accumulator, 16-bit matmul
-                grad_weight.add_(torch.mm(grad_logits.t(), h))
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        _loss_and_grad_inplace(logits, labels[rows], inv_denominator, loss_rows[rows], options)
+        _accumulate_chunk(grads, logits, h, w, rows)  # the logits now hold their gradient
     loss = loss_rows.sum() * inv_denominator[0]
-    if grad_hidden is not None:
-        grad_hidden = grad_hidden.to(hidden.dtype)
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(weight.dtype)
-    if grad_bias is not None:
-        grad_bias = grad_bias.to(bias.dtype)
-    return loss, grad_hidden, grad_weight, grad_bias
+    dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    return loss, *(g.to(dt) if g is not None else None for g, dt in zip(grads, dtypes))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -268,8 +279,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
+        # Out of place: with retain_graph a second backward must see the unscaled gradients.
         grads = [
-            g.mul_(grad_output.to(g.dtype)) if has else None
+            g * grad_output.to(g.dtype) if has else None
             for g, has in zip(ctx.saved_tensors, ctx.has_grad)
         ]
         return grads[0], grads[1], None, grads[2], None, None, None
@@ -318,6 +330,7 @@ def linear_cross_entropy(
     Returns:
         Scalar fp32 loss, differentiable in ``hidden``, ``weight`` and ``bias``.
     """
+    labels = labels.to(hidden.device)  # as HF's loss does; a no-op when already there
     if not use_triton(hidden, weight, labels):
         return reference.linear_cross_entropy(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index,
