@@ -84,7 +84,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = collect_env()
+    env = collect_env(getattr(args, "argv", None))
     env["scenario_file"] = str(args.scenarios)
     previous = None
     if args.resume and (out / "results.csv").is_file():
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="turbotune")
     sub = parser.add_subparsers(dest="verb", required=True)
     add_bench_parser(sub)
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    words = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(["bench", *words])
+    args.argv = ["turbotune", "bench", *words]  # the command line recorded in env.json
     try:
         return args.fn(args)
     except TurbotuneError as err:

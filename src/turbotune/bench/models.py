@@ -153,13 +153,24 @@ def parse_model_spec(spec: str) -> ModelSpec:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"model spec '{spec}': expected key=value after '@', got '{item}'")
-        overrides[_ALIASES.get(key.strip(), key.strip())] = yaml.safe_load(value)
+        overrides[_ALIASES.get(key.strip(), key.strip())] = _value(value)
     if source not in MODEL_TABLE and not Path(source).expanduser().exists():
         raise ConfigError(
             f"model '{source}' is neither a known name nor an existing path; known: "
             f"{', '.join(MODEL_TABLE)} (or a checkpoint directory / config.json path)"
         )
     return ModelSpec(source, overrides)
+
+
+def _value(text: str) -> Any:
+    """A YAML scalar; numbers YAML leaves as text (``1e4``) become floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _source_dict(source: str) -> dict[str, Any]:

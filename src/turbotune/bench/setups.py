@@ -125,6 +125,7 @@ def prepare_baseline(
             r=s.lora["r"], lora_alpha=s.lora["alpha"], lora_dropout=s.lora["dropout"],
             target_modules=s.lora["target_modules"], bias="none", task_type="CAUSAL_LM",
         )  # fmt: skip
+        torch.manual_seed(s.seed)  # adapters start from the same draw in every scenario
         model = get_peft_model(model, lora)
         trainable = "lora"
     if s.gradient_checkpointing:
@@ -193,6 +194,7 @@ def prepare_turbotune(
         plugin.check_model(model)
     apply_precision(model, plan)  # the order of turbotune.train.run
     args = training_arguments(cfg, plan, backend, has_eval=False)
+    torch.manual_seed(s.seed)  # adapters start from the same draw in every scenario
     model, args = fw.augment(model, args, fw.peft_config())
     if args.gradient_checkpointing:
         _enable_checkpointing(model, args.gradient_checkpointing_kwargs)
