@@ -64,7 +64,9 @@ def test_checkpoint_dir_or_config_json(tmp_path):
     assert model_config_dict(f"{tmp_path}@layers=1")["num_hidden_layers"] == 1
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "mixtral-tiny", "qwen3-moe-tiny"])
+@pytest.mark.parametrize(
+    "name", ["llama-tiny", "llama-tiny@attention_bias=true", "mixtral-tiny", "qwen3-moe-tiny"]
+)
 def test_quantized_build_packs_every_linear_but_the_head(name):
     import bitsandbytes as bnb
 

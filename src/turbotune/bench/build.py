@@ -177,6 +177,7 @@ def _random_linear4bit(
         f"{name}.weight", (dense.out_features, dense.in_features), quant.compute_dtype,
         device, seed, std,
     )  # fmt: skip
+    # Params4bit.to packs the weight on the device; the dense copy is freed with it.
     layer.weight = bnb.nn.Params4bit(
         weight,
         requires_grad=False,
@@ -184,11 +185,11 @@ def _random_linear4bit(
         compress_statistics=quant.double_quant,
         quant_storage=quant.quant_storage,
         module=layer,
-    )
+    ).to(device)
+    del weight
     if dense.bias is not None:
         bias = torch.zeros(dense.out_features, dtype=quant.compute_dtype, device=device)
         layer.bias = nn.Parameter(bias, requires_grad=False)
-    layer = layer.to(device)  # Params4bit.to packs the weight (and frees the dense copy)
     layer.requires_grad_(False)
     return layer
 
