@@ -107,3 +107,26 @@ def test_a_result_file_wins_and_rank_files_are_read(tmp_path):
     assert outcome(1, False, result, log, 60)["status"] == "oom"
     result.write_text('{"status": "ok", "tokens_per_s": 5.0}')
     assert outcome(0, False, result, log, 60) == {"status": "ok", "tokens_per_s": 5.0}
+
+
+def test_resume_reuses_finished_points_and_reruns_timeouts(tmp_path, monkeypatch):
+    import yaml
+
+    from turbotune.bench import runner
+    from turbotune.bench.scenarios import expand, load_scenarios
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"models": ["llama-tiny"], "shapes": ["2x32", "4x32"]},
+                                    "scenarios": ["hf-lora"]}))  # fmt: skip
+    points = expand(load_scenarios(path))
+    done = {**runner.base_row(points[0]), "status": "ok", "tokens_per_s": 123.0}
+    stale = {**runner.base_row(points[1]), "status": "timeout", "error": "stopped"}
+    ran = []
+    monkeypatch.setattr(
+        runner,
+        "run_point",
+        lambda i, p, out, n: ran.append(p) or {**runner.base_row(p), "status": "ok"},
+    )
+    rows = runner.run_all(points, tmp_path / "out", show_progress=False, previous=[done, stale])
+    assert rows[0] is done and ran == [points[1]] and rows[1]["status"] == "ok"
+    assert [r["status"] for r in read_csv(tmp_path / "out" / "results.csv")] == ["ok", "ok"]

@@ -13,5 +13,5 @@ parent then writes ``results.csv``, ``results.md`` with ratios to the baseline, 
 ``env.json`` (:mod:`.report`, :mod:`.plots`, :mod:`.env`), and compares with a reference CSV.
 
 The parent imports torch but not transformers' models, and never creates a CUDA context.
-The verb: :func:`turbotune.bench.cli.add_bench_parser`, :func:`turbotune.bench.cli.run_bench_command`.
+The verb: ``add_bench_parser`` and ``run_bench_command`` in :mod:`turbotune.bench.cli`.
 """

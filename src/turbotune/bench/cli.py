@@ -41,11 +41,15 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--compare", metavar="REF.csv", help="flag points that moved >10%% from this results.csv"
     )
-    p.add_argument("--resume", action="store_true",
-                   help="keep the points already in OUT/results.csv (all but timeouts); run the rest")  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep the points already in OUT/results.csv (all but timeouts); run the rest",
+    )  # fmt: skip
     p.add_argument("--list", action="store_true", help="print the points in run order and exit")
-    p.add_argument("--report", metavar="DIR",
-                   help="rebuild results.md, plots (and --compare) from DIR/results.csv; run nothing")  # fmt: skip
+    p.add_argument(
+        "--report", metavar="DIR",
+        help="rebuild results.md and the plots (and --compare) from DIR/results.csv; run nothing",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.set_defaults(fn=run_bench_command)
     return p

@@ -218,7 +218,7 @@ def summary_line(row: dict[str, Any]) -> str:
     head += "+gc" if row["gradient_checkpointing"] else ""
     if row["status"] != "ok":
         return f"{head}: {row['status'].upper()} {row.get('error', '')}"
-    return (
-        f"{head}: {row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_allocated_gib']:.2f} GiB, "
-        f"load {row['load_time_s']:.1f} s"
+    tps, mem, load = (
+        row.get(k) or 0.0 for k in ("tokens_per_s", "peak_allocated_gib", "load_time_s")
     )
+    return f"{head}: {tps:,.0f} tokens/s, peak {mem:.2f} GiB, load {load:.1f} s"
