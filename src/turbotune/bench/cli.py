@@ -118,11 +118,14 @@ def _finish(
     (out / "env.json").write_text(json.dumps(env, indent=2, default=str))
     write_csv(rows, out / "results.csv")
     write_markdown(rows, env, out / "results.md")
-    write_plots(rows, out)
+    try:
+        write_plots(rows, out)
+        plots = "throughput.png, memory.png, loss.png, "
+    except ImportError:  # matplotlib is an optional dependency
+        plots = ""
+        print("no plots: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     print(markdown_table(rows))
-    print(
-        f"\nwritten to {out}/: results.csv, results.md, throughput.png, memory.png, loss.png, env.json"
-    )
+    print(f"\nwritten to {out}/: results.csv, results.md, {plots}env.json")
     code = 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
     if compare_to:
         ref = Path(compare_to)
