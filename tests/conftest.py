@@ -6,6 +6,28 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton decides compile-or-interpret when a kernel is decorated (at the first import of
+# turbotune.ops), so on a machine without CUDA the interpreter is switched on here, before any
+# test module can import the ops. Tests that want the eager path set TRITON_INTERPRET=0.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _import_kernels() -> None:
+    """Decorate every kernel now, under the interpreter setting above: a test that later sets
+    TRITON_INTERPRET=0 (to take the eager path) must not make kernels compile for a CPU."""
+    import importlib
+    import pkgutil
+
+    import turbotune.ops
+
+    for info in pkgutil.iter_modules(turbotune.ops.__path__):
+        importlib.import_module(f"turbotune.ops.{info.name}")
+
+
+_import_kernels()
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TURBOTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -14,8 +36,6 @@ if not SHARED_DATA.is_dir() and (REPO / "shared" / "data").is_dir():
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run `make test-gpu` on a GPU machine)")
     skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")

@@ -1,6 +1,6 @@
 """The ``turbotune`` command line: argument parsing only; the work happens in the layers below.
 
-Verbs: ``train``, ``merge``, ``generate``, ``configs``, ``plugins``, ``arguments``, ``env``.
+Verbs: ``train``, ``bench``, ``merge``, ``generate``, ``configs``, ``plugins``, ``arguments``, ``env``.
 Errors caused by the user's input (:class:`turbotune.errors.TurbotuneError`) print one clean
 message and exit with status 2; anything else is a bug and keeps its traceback.
 """
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("train", cmd_train, "train a model (no config: the built-in demo)")
     p.add_argument("words", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a config file or sample name, then dotted overrides (train.max_steps=10)")  # fmt: skip
+    from turbotune.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     p = verb("merge", cmd_merge, "merge a LoRA adapter into its base model and save it")
     p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="output directory for the merged model")

@@ -18,7 +18,7 @@ def test_version_and_help():
     out = turbotune("--version")
     assert out.returncode == 0 and "turbotune 0.1.0" in out.stdout
     out = turbotune("--help")
-    for verb in ("train", "merge", "generate", "configs", "plugins", "arguments", "env"):
+    for verb in ("train", "bench", "merge", "generate", "configs", "plugins", "arguments", "env"):
         assert verb in out.stdout
 
 
@@ -69,7 +69,7 @@ def test_train_override_without_equals_is_error():
     assert out.returncode == 2 and "key=value" in out.stderr
 
 
-@pytest.mark.parametrize("verb", ["bench", "quantize"])
+@pytest.mark.parametrize("verb", ["quantize", "expand"])
 def test_verbs_of_later_issues_do_not_exist_yet(verb):
     out = turbotune(verb)
     assert out.returncode != 0 and "invalid choice" in out.stderr

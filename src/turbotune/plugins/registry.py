@@ -29,6 +29,7 @@ ENTRY_POINT_GROUP = "turbotune.plugins"
 BUILTIN: dict[str, str] = {
     "adapter": "turbotune.plugins.adapter:AdapterPlugin",
     "bnb": "turbotune.plugins.bnb:BnbQuantPlugin",
+    "fused_ops": "turbotune.plugins.fused_ops:FusedOpsPlugin",
 }
 
 

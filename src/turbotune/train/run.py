@@ -93,7 +93,8 @@ def run_training(
         dtype = plan.weight_dtype if cfg.model.dtype == "auto" else _dtype(cfg.model.dtype)
         model, peft_config = fw.load_model(dtype=dtype)
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer)
-    apply_precision(model, plan)
+    if fw.loader is None:  # a loader plugin (4-bit) owns the dtypes of what it loads
+        apply_precision(model, plan)
 
     from turbotune.train.trainer import TurbotuneTrainer, training_arguments
 

@@ -1,0 +1,151 @@
+"""The one patch engine: swap forwards on a model's modules, record everything, undo it all.
+
+Design note. Liger-Kernel ships a monkey-patch function per model family plus a ``revert_*``
+helper for each; here a patch is *data*. A model family is one :class:`~turbotune.patches.families.Family`
+row naming its classes; the engine walks a model, matches modules by class name, and binds the
+replacement forwards from :mod:`turbotune.patches.forwards` on those *instances* (other models
+in the process are untouched). The one thing that cannot be patched per instance — the
+module-level ``apply_rotary_pos_emb`` that attention calls — is swapped in its module with a
+reference count, so two patched models and one undo leave the other model patched.
+
+Nothing happens at import time; :func:`apply_patches` returns a :class:`PatchSet` whose
+``undo()`` restores every attribute it changed, in reverse order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from turbotune.errors import UnsupportedModelError
+from turbotune.patches.families import FAMILIES, Family
+
+KINDS = ("rms_norm", "rope", "swiglu", "cross_entropy", "lora")
+"""The kernel families a patch set can switch on."""
+
+_MISSING = object()
+_GLOBAL_REFS: dict[tuple[str, str], tuple[Any, int]] = {}  # (module, name) -> (original, count)
+
+
+@dataclass
+class PatchSet:
+    """What one :func:`apply_patches` call changed, and how to undo it."""
+
+    family: str
+    counts: dict[str, int] = field(default_factory=dict)
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def bind(self, module: torch.nn.Module, kind: str, forward: Callable[..., Any]) -> None:
+        """Replace ``module.forward`` (on the instance) by ``forward`` bound to it."""
+        previous = module.__dict__.get("forward", _MISSING)
+        original = module.forward
+        module._turbotune_original_forward = original
+        module.forward = types.MethodType(forward, module)
+
+        def undo() -> None:
+            if previous is _MISSING:
+                del module.forward
+            else:
+                module.forward = previous
+            module.__dict__.pop("_turbotune_original_forward", None)
+
+        self._undo.append(undo)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def swap_global(
+        self, module_path: str, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+    ) -> None:
+        """Install ``make(original)`` as a module-level function (reference-counted: the first
+        patch installs it, the last undo restores the original)."""
+        module = importlib.import_module(module_path)
+        key = (module_path, name)
+        if key in _GLOBAL_REFS:
+            original, count = _GLOBAL_REFS[key]
+            _GLOBAL_REFS[key] = (original, count + 1)
+        else:
+            original = getattr(module, name)
+            _GLOBAL_REFS[key] = (original, 1)
+            setattr(module, name, make(original))
+
+        def undo() -> None:
+            orig, count = _GLOBAL_REFS[key]
+            if count == 1:
+                setattr(module, name, orig)
+                del _GLOBAL_REFS[key]
+            else:
+                _GLOBAL_REFS[key] = (orig, count - 1)
+
+        self._undo.append(undo)
+
+    def undo(self) -> None:
+        """Restore everything this set changed (idempotent)."""
+        while self._undo:
+            self._undo.pop()()
+        self.counts.clear()
+
+
+def family_of(model: torch.nn.Module) -> tuple[str, Family]:
+    """The patch-table row of ``model`` (a transformers model, possibly wrapped by peft)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"no fused-kernel patches for model type '{model_type}'; supported: "
+            f"{', '.join(sorted(FAMILIES))}. Add a row to turbotune/patches/families.py "
+            "or disable the plugin (plugins.fused_ops.enabled=false)."
+        )
+    return model_type, FAMILIES[model_type]
+
+
+def apply_patches(model: torch.nn.Module, kinds: Iterable[str] = KINDS) -> PatchSet:
+    """Patch ``model``'s modules with the fused forwards of ``kinds``; returns the undo handle.
+
+    Args:
+        model: a transformers causal LM of a family in the table (peft wrappers are fine).
+        kinds: subset of :data:`KINDS`.
+    """
+    from turbotune.patches import forwards
+
+    kinds = set(kinds)
+    unknown = kinds - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown patch kinds {sorted(unknown)}; choose from {KINDS}")
+    name, fam = family_of(model)
+    patches = PatchSet(name)
+    for module in model.modules():
+        cls = type(module).__name__
+        if "rms_norm" in kinds and cls in fam.norms:
+            patches.bind(module, "rms_norm", forwards.rms_norm_forward(fam))
+        elif "swiglu" in kinds and cls in fam.mlps:
+            patches.bind(module, "swiglu", forwards.gated_mlp_forward(fam, fuse_lora="lora" in kinds))
+        elif "cross_entropy" in kinds and cls == fam.causal_lm:
+            patches.bind(module, "cross_entropy", forwards.causal_lm_forward(fam))
+        elif "rope" in kinds and fam.rope_fn and cls in fam.attentions:
+            patches.bind(module, "rope", forwards.attention_forward)
+        elif "lora" in kinds and forwards.is_lora_linear(module) and not _inside_fused_mlp(model, module, fam, kinds):
+            patches.bind(module, "lora", forwards.lora_linear_forward)
+    if patches.counts.get("rope"):
+        patches.swap_global(fam.module, fam.rope_fn, forwards.rotary_dispatcher)
+    model.__dict__.pop("_turbotune_mlp_children", None)
+    return patches
+
+
+def _inside_fused_mlp(model: torch.nn.Module, target: torch.nn.Module, fam: Family, kinds: set[str]) -> bool:
+    """Whether ``target`` is a projection of an MLP whose whole forward is fused already."""
+    if "swiglu" not in kinds:
+        return False
+    cache = model.__dict__.setdefault("_turbotune_mlp_children", None)
+    if cache is None:
+        cache = {
+            id(child)
+            for module in model.modules()
+            if type(module).__name__ in fam.mlps
+            for child in module.modules()
+        }
+        model.__dict__["_turbotune_mlp_children"] = cache
+    return id(target) in cache

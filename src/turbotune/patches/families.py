@@ -1,0 +1,62 @@
+"""The patch table: one row per model family. A new family is one row here.
+
+Each row names, inside the family's transformers module, the RMSNorm classes, the gated MLP
+classes (``gate_proj``/``up_proj``/``down_proj`` + activation), the causal-LM head class, the
+module-level rotary function that attention calls, and how the family scales its logits.
+Classes are matched by name on the model's modules, so a family whose module lacks a class in
+an older transformers simply gets fewer patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    module: str
+    """The transformers module that defines the family (for the module-level rotary function)."""
+    causal_lm: str
+    """The ``*ForCausalLM`` class (fused linear cross-entropy replaces its forward)."""
+    norms: tuple[str, ...] = ()
+    """RMSNorm classes (hidden, and per-head q/k norms where the family has them)."""
+    mlps: tuple[str, ...] = ()
+    """Gated MLP classes: ``down(act(gate(x)) * up(x))``."""
+    attentions: tuple[str, ...] = ()
+    """Attention classes that call ``rope_fn`` (their instances take the fused rotary)."""
+    activation: str = "silu"
+    """The gate activation: ``silu`` (SwiGLU) or ``gelu_tanh`` (GeGLU)."""
+    rope_fn: str | None = "apply_rotary_pos_emb"
+    """Module-level rotary function called by attention (``None``: not patched)."""
+    norm_offset: float = 0.0
+    """``1.0`` for Gemma-style norms that scale by ``1 + w``."""
+    norm_eps_attr: str = "variance_epsilon"
+    """Attribute of the norm module holding epsilon."""
+    logits_divisor_attr: str | None = None
+    """Config attribute the logits are divided by (Granite's ``logits_scaling``)."""
+    softcap_attr: str | None = None
+    """Config attribute of the final logit soft-cap (Gemma 2's ``final_logit_softcapping``)."""
+
+
+_T = "transformers.models"
+
+def _row(name: str, prefix: str, *, mlp: bool = True, **extra) -> Family:
+    """The row of a family whose classes follow transformers' ``<Prefix><Part>`` naming."""
+    return Family(
+        module=f"{_T}.{name}.modeling_{name}",
+        causal_lm=f"{prefix}ForCausalLM",
+        norms=(f"{prefix}RMSNorm",),
+        mlps=(f"{prefix}MLP",) if mlp else (),
+        attentions=(f"{prefix}Attention",),
+        **extra,
+    )
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": _row("llama", "Llama"),
+    "mistral": _row("mistral", "Mistral"),
+    "mixtral": _row("mixtral", "Mixtral", mlp=False),  # experts: the MoE kernels' business
+    "qwen2": _row("qwen2", "Qwen2"),
+    "qwen3": _row("qwen3", "Qwen3"),
+    "granite": _row("granite", "Granite", logits_divisor_attr="logits_scaling"),
+}

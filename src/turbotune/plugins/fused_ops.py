@@ -1,0 +1,58 @@
+"""The fused-ops plugin: Triton kernels and LoRA-fused projections patched into the model.
+
+Every kernel family can be switched off on its own. The patches go on after the adapters (the
+LoRA-fused ops read peft's LoRA layers), adapters keep peft's format, and gradient
+checkpointing works unchanged because only module forwards are replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from turbotune.patches.families import FAMILIES
+
+from .base import Plugin
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, TrainingArguments
+
+
+@dataclass
+class FusedOpsConfig:
+    rms_norm: bool = True
+    """Triton RMSNorm (forward and backward, weight gradient included)."""
+    rope: bool = True
+    """Triton rotary embedding that honours per-sequence positions."""
+    swiglu: bool = True
+    """Fused gated-MLP activation (SwiGLU / GeGLU)."""
+    cross_entropy: bool = True
+    """LM head fused with a chunked cross-entropy: the full logits never exist."""
+    lora: bool = True
+    """LoRA-fused projections with hand-written backward (dequantizing 4-bit bases on the fly);
+    with ``swiglu`` the whole gate/up/down MLP is one op."""
+
+
+class FusedOpsPlugin(Plugin):
+    name = "fused_ops"
+    description = "Triton RMSNorm, RoPE, SwiGLU, fused linear cross-entropy, LoRA-fused projections"
+    config_cls = FusedOpsConfig
+    model_types = tuple(FAMILIES)
+    order = 100
+
+    def kinds(self) -> list[str]:
+        c = self.config
+        return [k for k in ("rms_norm", "rope", "swiglu", "cross_entropy", "lora") if getattr(c, k)]
+
+    def augment(
+        self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
+    ) -> tuple[PreTrainedModel, TrainingArguments | None]:
+        from turbotune.patches import apply_patches
+
+        patches = apply_patches(model, self.kinds())
+        model.__dict__["_turbotune_patches"] = patches
+        self.patches = patches
+        return model, training_args
+
+    def describe(self) -> str:
+        return "kernels: " + ", ".join(self.kinds())

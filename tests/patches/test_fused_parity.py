@@ -1,0 +1,225 @@
+"""Patched vs unpatched training runs give the same losses, for every family in the table.
+
+On CPU the families run the fused forwards with the eager op references (fast), and one
+family runs every Triton kernel through the interpreter; on a GPU the same tests run the
+compiled kernels (``-m gpu``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from turbotune.errors import UnsupportedModelError
+from turbotune.patches import FAMILIES, KINDS, apply_patches
+
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def tiny_model(family: str, dtype=torch.float32, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(TINY, **extra)
+    if family == "mixtral":
+        kw.update(num_local_experts=4, num_experts_per_tok=2)
+    if family == "granite":
+        kw.update(logits_scaling=2.0, residual_multiplier=0.5, embedding_multiplier=3.0, attention_multiplier=0.2)
+    config = AutoConfig.for_model(family, **kw)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def with_lora(model, targets="all-linear", seed=1):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
+    # peft starts B at zero; give it values so that the LoRA terms matter from step one.
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return peft_model
+
+
+def data(steps, batch=2, seq=24, vocab=96, device="cpu"):
+    # Learnable rows (each continues a random start by a random stride) so that losses fall.
+    g = torch.Generator().manual_seed(7)
+    start = torch.randint(0, vocab, (steps, batch, 1), generator=g)
+    stride = torch.randint(1, 4, (steps, batch, 1), generator=g)
+    ids = (start + stride * torch.arange(seq)) % vocab
+    labels = ids.clone()
+    labels[:, :, :5] = -100  # a prompt part without loss
+    return [(i.to(device), l.to(device)) for i, l in zip(ids, labels)]
+
+
+def train(model, batches, lr=3e-3, checkpointing=False):
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    model.train()
+    for ids, labels in batches:
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def assert_close_losses(ours, ref, rtol, what):
+    diffs = [abs(a - b) / max(abs(b), 1e-8) for a, b in zip(ours, ref)]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    assert diffs[worst] <= rtol, (
+        f"{what}: step {worst} loss {ours[worst]:.6f} vs {ref[worst]:.6f} (rel {diffs[worst]:.2e} > {rtol:.0e}); "
+        f"mean rel {sum(diffs) / len(diffs):.2e}"
+    )
+
+
+@pytest.fixture
+def eager_ops(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_patched_training_matches_unpatched(family, eager_ops):
+    base = tiny_model(family)
+    ref_model = with_lora(copy.deepcopy(base))
+    ours_model = with_lora(copy.deepcopy(base))
+    patches = apply_patches(ours_model, KINDS)
+    fam = FAMILIES[family]
+    assert patches.counts.get("cross_entropy") == 1 and patches.counts.get("rms_norm", 0) >= 5
+    assert patches.counts.get("rope") == 2  # one per attention module
+    if fam.mlps:
+        assert patches.counts.get("swiglu") == 2
+    batches = data(20)
+    ref = train(ref_model, batches)
+    ours = train(ours_model, batches)
+    patches.undo()
+    # fp32 throughout: only summation order differs (chunked cross-entropy, fused matmuls).
+    assert_close_losses(ours, ref, 2e-5, family)
+    assert ours[-1] < ours[0]
+
+
+def test_kernels_through_triton_interpreter_llama():
+    from turbotune.ops._triton import HAS_TRITON, interpreting
+
+    if not (HAS_TRITON and (interpreting() or torch.cuda.is_available())):
+        pytest.skip("needs Triton (interpreter on CPU)")
+    base = tiny_model("llama")
+    ref_model, ours_model = with_lora(copy.deepcopy(base)), with_lora(copy.deepcopy(base))
+    apply_patches(ours_model, KINDS)
+    batches = data(4, seq=16)
+    assert_close_losses(train(ours_model, batches), train(ref_model, batches), 2e-5, "llama via Triton")
+
+
+def test_gradient_checkpointing_composes(eager_ops):
+    base = tiny_model("llama")
+    ref_model, ours_model = with_lora(copy.deepcopy(base)), with_lora(copy.deepcopy(base))
+    apply_patches(ours_model, KINDS)
+    batches = data(6)
+    assert_close_losses(train(ours_model, batches, checkpointing=True), train(ref_model, batches), 2e-5, "checkpointing")
+
+
+def test_full_finetuning_patched_matches(eager_ops):
+    """No adapters: norms (with weight gradients), RoPE, SwiGLU and the fused head train the whole model."""
+    base = tiny_model("qwen3")
+    ref_model, ours_model = copy.deepcopy(base), copy.deepcopy(base)
+    patches = apply_patches(ours_model, KINDS)
+    batches = data(8)
+    ours, ref = train(ours_model, batches, lr=1e-3), train(ref_model, batches, lr=1e-3)
+    patches.undo()
+    assert_close_losses(ours, ref, 2e-5, "full")
+    assert all(p.grad is None for p in ours_model.parameters())  # zero_grad(set_to_none) ran
+    ids, labels = batches[0]
+    for model in (ours_model, ref_model):
+        model(input_ids=ids, labels=labels).loss.backward()
+    missing = [n for n, p in ours_model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for trainable weights: {missing}"
+
+
+def test_undo_restores_everything(eager_ops):
+    import transformers.models.llama.modeling_llama as ml
+
+    start = ml.apply_rotary_pos_emb  # the original, unless a patch set of another test is alive
+    model = with_lora(tiny_model("llama"))
+    ids = data(1)[0][0]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    first = apply_patches(model, KINDS)
+    second = apply_patches(with_lora(tiny_model("llama")), ["rope"])
+    assert hasattr(ml.apply_rotary_pos_emb, "__wrapped__")
+    first.undo()
+    assert hasattr(ml.apply_rotary_pos_emb, "__wrapped__")  # the second model still uses it
+    second.undo()
+    assert ml.apply_rotary_pos_emb is start
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_saved_adapter_is_peft_format_and_equal(tmp_path, eager_ops):
+    from peft import PeftModel
+
+    base = tiny_model("llama")
+    model = with_lora(copy.deepcopy(base))
+    apply_patches(model, KINDS)
+    train(model, data(3))
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    ids = data(1)[0][0]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits  # no labels: the original head path, logits returned
+        reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")(input_ids=ids).logits
+    torch.testing.assert_close(ours, reloaded, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_model_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2'.*supported: granite, llama"):
+        apply_patches(model)
+
+
+def test_nf4_base_patched_matches_unpatched(eager_ops, stories260k):
+    pytest.importorskip("bitsandbytes")
+    from turbotune.framework import AccelerationFramework
+
+    def build(fused: bool):
+        plugins = {"fused_ops": {}} if fused else {}
+        fw = AccelerationFramework(
+            {"quantization": {"method": "nf4"}, "adapter": {"r": 8, "alpha": 16}, "plugins": plugins}, banner=False
+        )
+        model, peft_config = fw.load_model(str(stories260k))
+        torch.manual_seed(0)
+        model, _ = fw.augment(model, None, peft_config)
+        return model
+
+    batches = data(10, seq=32, vocab=512)
+    ref = train(build(False), batches)
+    ours = train(build(True), batches)
+    # bf16 compute on both sides; the fused path keeps LoRA products in bf16 where peft runs
+    # them in fp32 and casts back, and sums the logits in chunks: differences of a few bf16 ulps
+    # in the loss (bf16 eps = 7.8e-3 relative on the activations) are expected, not more.
+    assert_close_losses(ours, ref, 1e-2, "nf4 fused vs peft")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_patched_training_matches_unpatched_gpu_bf16(family):
+    base = tiny_model(family, hidden_size=256, intermediate_size=512, num_attention_heads=8, vocab_size=4096).cuda()
+    ref_model = with_lora(copy.deepcopy(base)).to(torch.bfloat16)
+    ours_model = with_lora(copy.deepcopy(base)).to(torch.bfloat16)
+    apply_patches(ours_model, KINDS)
+    batches = data(20, batch=4, seq=256, vocab=4096, device="cuda")
+    # bf16 end to end: both runs round differently (fused kernels round once, eager after each
+    # op); 1% is the "within 1%" bar of the project's loss-parity requirement.
+    assert_close_losses(train(ours_model, batches), train(ref_model, batches), 1e-2, f"{family} bf16 GPU")
