@@ -88,6 +88,31 @@ def test_window_accounting_with_tensors_and_ints(tmp_path) -> None:
     assert "tokens_per_s" not in logs and "mfu" not in logs and "step_time_s" in logs
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_for_model_counts_lora_and_recompute(tmp_path, recompute: bool) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules="all-linear"))
+    args = _args(tmp_path, gradient_checkpointing=True)
+    cb = MetricsCallback.for_model(
+        model, args, seq_len=8, count_recompute=recompute, peak_flops=1e6
+    )
+    state = TrainerState()
+    cb.on_train_begin(args, state, TrainerControl())
+    cb.observe_batch({"input_ids": torch.ones(1, 10, dtype=torch.long)})  # one row of 10
+    logs = _log_at(cb, args, state, step=1)
+    flops = logs["mfu"] * 1e6 * logs["step_time_s"]
+    lora = 2 * 4 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
+    want = 10 * train_flops_per_token(
+        config, 10, trainable="lora", lora_params=lora, checkpointing=recompute
+    )
+    assert flops == pytest.approx(want, rel=1e-9), f"FLOPs {flops} vs {want}"
+
+
 def test_unknown_flops_or_peak_omit_mfu(tmp_path) -> None:
     args = _args(tmp_path)
     for cb in (MetricsCallback(None, peak_flops=1e12), MetricsCallback(1e3, peak_flops=None)):

@@ -199,7 +199,7 @@ class MetricsCallback(TrainerCallback):
             **kwargs: passed to the constructor.
         """
         lora = flops_mod.count_lora_params(model)
-        ckpt = count_recompute and bool(args.gradient_checkpointing)
+        ckpt = count_recompute and bool(getattr(args, "gradient_checkpointing", False))
         try:
             per_token = flops_mod.train_flops_per_token(
                 model.config, 0, trainable="lora" if lora else "full", lora_params=lora,
