@@ -191,8 +191,9 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     reentrant_checkpointing: bool = False
     """Use the reentrant checkpoint variant (needed by some quantized backends)."""
-    optimizer: str = "adamw_torch"
-    """Any ``TrainingArguments.optim`` value, e.g. ``paged_adamw_8bit`` (bitsandbytes)."""
+    optimizer: str | None = None
+    """Any ``TrainingArguments.optim`` value, e.g. ``paged_adamw_8bit`` (bitsandbytes);
+    empty: the Trainer's default (fused AdamW on CUDA)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0

@@ -48,7 +48,7 @@ def training_arguments(cfg: Config, plan: PrecisionPlan, backend: str, *, has_ev
         "learning_rate": t.learning_rate,
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
-        "optim": t.optimizer,
+        **({"optim": t.optimizer} if t.optimizer else {}),
         "lr_scheduler_type": "constant",  # replaced by TurbotuneTrainer.create_scheduler
         "seed": t.seed,
         "data_seed": t.seed,
@@ -83,6 +83,21 @@ class TurbotuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.train_config = train_config
         self.metrics = metrics
+        if metrics is not None:
+            # The metrics line replaces the progress bar's dict printout of every log.
+            from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+            from turbotune.train.metrics import QuietProgressCallback
+
+            if self.pop_callback(ProgressCallback) is not None:
+                self.add_callback(QuietProgressCallback)
+            self.remove_callback(PrinterCallback)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Add tokens/s, MFU and memory before the reporters (TensorBoard, W&B) see the logs.
+        if self.metrics is not None:
+            self.metrics.add_metrics(logs, self.state)
+        super().log(logs, *args, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
