@@ -103,7 +103,7 @@ def prepare_baseline(
 
     if name not in BASELINES:
         raise TurbotuneError(f"unknown baseline '{name}'; built-in: {', '.join(BASELINES)}")
-    plan = resolve_precision(s.precision, _backend(device))
+    plan = resolve_precision(s.precision, _backend(device), adapters=name != "hf-full")
     quant = QuantSpec() if name.startswith("hf-qlora") else None
     dtype = torch.bfloat16 if quant is not None else plan.weight_dtype
     model = build_random_model(
@@ -173,7 +173,7 @@ def prepare_turbotune(
 
     cfg = load_config(raw)
     backend = _backend(device)
-    plan = resolve_precision(cfg.train.precision, backend)
+    plan = resolve_precision(cfg.train.precision, backend, adapters=cfg.adapter.method != "full")
     fw = AccelerationFramework(cfg)
     q = cfg.quantization
     if q.method in ("gptq", "hqq"):

@@ -69,7 +69,7 @@ def run_training(
     backend, why = choose_backend(cfg.backend)
     if backend == "mlx":
         raise TurbotuneError("backend 'mlx' is not available in this version; use cuda, mps or cpu")
-    plan = resolve_precision(cfg.train.precision, backend)
+    plan = resolve_precision(cfg.train.precision, backend, adapters=cfg.adapter.method != "full")
     _say(f"[bold]backend[/] {backend} ({why}); [bold]precision[/] {plan.mode}")
     fw = AccelerationFramework(cfg)
     demo = cfg.model.path is None
