@@ -108,10 +108,11 @@ def test_shipped_scenario_files_load():
     ref = load_scenarios(REPO / "benchmarks" / "reference-workload.yaml")
     points = expand(ref)
     assert [s.name for s in ref] == [
-        "hf-qlora", "hf-qlora-kbit", "turbotune-qlora", "turbotune-qlora-fused"]  # fmt: skip
+        "hf-qlora-amp", "hf-qlora", "hf-qlora-kbit", "turbotune-qlora", "turbotune-qlora-fused"]  # fmt: skip
+    assert ref[0].is_baseline and ref[0].settings.precision == "bf16_buffers_autocast"
     assert {(p.model, p.batch_size, p.seq_len, p.gradient_checkpointing) for p in points} == {
         ("llama-3.1-8b", 4, 1024, False), ("llama-3.1-8b", 8, 1024, True)}  # fmt: skip
     fused = next(s for s in ref if s.name == "turbotune-qlora-fused")
     assert fused.config["plugins"] == {"fused_ops": {}}
-    for name in ("scenarios.yaml", "large-models.yaml", "multi-gpu.yaml"):
+    for name in ("scenarios.yaml", "large-models.yaml", "multi-gpu.yaml", "lora-bf16-4096.yaml"):
         assert expand(load_scenarios(REPO / "benchmarks" / name))
