@@ -212,3 +212,19 @@ def test_gpu_memory_stays_below_full_logits(monkeypatch):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < n * v * 2, f"peak {peak / 2**30:.2f} GiB vs logits {n * v * 2 / 2**30:.2f} GiB"
+
+
+def test_frozen_head_allocates_no_weight_sized_buffer(device):
+    """A frozen LM head (LoRA) must not cost a [V, H] gradient buffer (2 GiB at Llama-3 scale),
+    nor the full [N, V] logits: no single allocation may reach the weight's size in fp32."""
+    if device.type != "cpu":
+        pytest.skip("measured with the CPU profiler; the GPU test measures CUDA memory")
+    n, h, v = 64, 32, 4096
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h) / h**0.5
+    labels = torch.randint(0, v, (n,))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        linear_cross_entropy(hidden, weight, labels, chunk_size=16).backward()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest < v * h * 4, f"an allocation of {largest} bytes (weight in fp32: {v * h * 4})"
+    assert hidden.grad is not None and weight.grad is None

@@ -180,15 +180,18 @@ def _allocate_grads(
     needs_grad: tuple[bool, bool, bool],
 ) -> _GradBuffers:
     dev = hidden.device
-    grad_hidden = torch.empty((n_rows, hidden.shape[1]), dtype=cdtype, device=dev)
+    need_hidden, need_weight, need_bias = needs_grad
+    # Only what is needed: a frozen LM head (LoRA) must not cost a [V, H] fp32 buffer (2 GiB for
+    # Llama-3's vocabulary), allocated at the very moment activation memory peaks.
+    grad_hidden = (
+        torch.empty((n_rows, hidden.shape[1]), dtype=cdtype, device=dev) if need_hidden else None
+    )
     # Summing chunk products in a 16-bit grad_weight would round every partial sum (error
     # growing with the chunk count); several chunks accumulate in fp32 instead.
     acc_dtype = torch.float32 if multi_chunk else weight.dtype
-    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=dev)
-    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev)
-    return _GradBuffers(
-        *(g if need else None for g, need in zip((grad_hidden, grad_weight, grad_bias), needs_grad))
-    )
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=dev) if need_weight else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_bias else None
+    return _GradBuffers(grad_hidden, grad_weight, grad_bias)
 
 
 def _accumulate_chunk(
