@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from turbotune.config import AdapterConfig
-from turbotune.errors import ConfigError
 
 from .base import Plugin
 
@@ -15,7 +14,9 @@ if TYPE_CHECKING:
 
 class AdapterPlugin(Plugin):
     name = "adapter"
-    description = "LoRA / DoRA adapters through peft (or full fine-tuning), from the adapter section"
+    description = (
+        "LoRA / DoRA adapters through peft or turbotune's own LoRA layers (or full fine-tuning)"
+    )
     config_cls = AdapterConfig
     section = "adapter"
     order = 50
@@ -25,10 +26,9 @@ class AdapterPlugin(Plugin):
         if self.config.method == "full":
             return None
         if self.config.implementation == "custom":
-            raise ConfigError(
-                "adapter.implementation 'custom' (turbotune's own LoRA layers) is not available in "
-                "this version; use adapter.implementation=peft"
-            )
+            from turbotune.adapters.lora import check_supported
+
+            check_supported(self.config)  # fail before the model is loaded
         from turbotune.adapters.peft_lora import lora_config
 
         return lora_config(self.config)
@@ -54,6 +54,13 @@ class AdapterPlugin(Plugin):
             # Frozen embeddings give checkpointed blocks inputs without grad; the reentrant
             # variant would then drop every adapter gradient.
             model.enable_input_require_grads()
+        if self.config.implementation == "custom":
+            from turbotune.adapters.lora import apply_custom_lora, is_custom_lora_model
+
+            if is_custom_lora_model(model):
+                return model, training_args
+            # Built from the section; peft_config (its LoraConfig equivalent) is what gets saved.
+            return apply_custom_lora(model, self.config), training_args
         dtype = compute_dtype_of(model) if self.config.weights_dtype == "compute" else None
         return apply_lora(model, peft_config, adapter_dtype=dtype), training_args
 
@@ -61,4 +68,7 @@ class AdapterPlugin(Plugin):
         c = self.config
         if c.method == "full":
             return "full fine-tuning"
-        return f"{c.method} r={c.r} alpha={c.alpha:g} dropout={c.dropout:g} targets={c.target_modules}"
+        return (
+            f"{c.method} ({c.implementation}) r={c.r} alpha={c.alpha:g} dropout={c.dropout:g} "
+            f"targets={c.target_modules}"
+        )
