@@ -31,8 +31,10 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_staging(final.parent)
         raise
     publish(tmp, final)
+    remove_staging(final.parent)
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -47,13 +49,23 @@ def publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def remove_staging(parent: str | os.PathLike) -> None:
+    """Remove ``parent/.staging`` when nothing is left in it (another writer may still be)."""
+    with contextlib.suppress(OSError):
+        (Path(parent) / STAGING).rmdir()
+
+
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | None:

@@ -24,10 +24,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _adapter_base(adapter_dir: Path, base: str | None) -> str:
     config = adapter_dir / "adapter_config.json"
     if not config.is_file():
-        raise TurbotuneError(f"'{adapter_dir}' is not an adapter directory (no adapter_config.json)")
+        raise TurbotuneError(
+            f"'{adapter_dir}' is not an adapter directory (no adapter_config.json)"
+        )
     base = base or json.loads(config.read_text()).get("base_model_name_or_path")
     if not base:
-        raise TurbotuneError(f"the adapter in '{adapter_dir}' does not name its base model: pass --base")
+        raise TurbotuneError(
+            f"the adapter in '{adapter_dir}' does not name its base model: pass --base"
+        )
     return base
 
 
@@ -49,12 +53,16 @@ def load_base_for_merge(base: str, dtype: torch.dtype, quantization: dict[str, A
     if method in ("nf4", "fp4"):
         from turbotune.quant.bnb import bnb_config
 
-        model = load_causal_lm(ModelConfig(path=base), dtype, quantization_config=bnb_config(quantization))
+        model = load_causal_lm(
+            ModelConfig(path=base), dtype, quantization_config=bnb_config(quantization)
+        )
         return model.dequantize().to(dtype)
     raise TurbotuneError(f"merging adapters trained on a '{method}' base is not supported yet")
 
 
-def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "bfloat16") -> Path:
+def merge_adapter(
+    adapter: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "bfloat16"
+) -> Path:
     """Merge a PEFT LoRA adapter into its base and save the result (weights as safetensors)."""
     from peft import PeftModel
 
@@ -65,7 +73,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     out = Path(out)
     with atomic_directory(out) as tmp:
         merged.save_pretrained(str(tmp))
-        tokenizer_files = list(adapter_dir.glob("tokenizer*")) + list(adapter_dir.glob("special_tokens_map.json"))
+        tokenizer_files = list(adapter_dir.glob("tokenizer*")) + list(
+            adapter_dir.glob("special_tokens_map.json")
+        )
         if tokenizer_files:
             from transformers import AutoTokenizer
 
@@ -74,7 +84,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
 
 
 @torch.no_grad()
-def generate(model_path: str, prompt: str, *, adapter: str | None = None, max_new_tokens: int = 64) -> str:
+def generate(
+    model_path: str, prompt: str, *, adapter: str | None = None, max_new_tokens: int = 64
+) -> str:
     """Greedy completion of ``prompt`` by a model, with an optional adapter on top."""
     from transformers import AutoTokenizer
 
@@ -82,7 +94,9 @@ def generate(model_path: str, prompt: str, *, adapter: str | None = None, max_ne
     from turbotune.modeling import load_causal_lm
 
     model = load_causal_lm(ModelConfig(path=model_path), torch.float32)
-    tok_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
+    tok_source = (
+        adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
+    )
     tokenizer = AutoTokenizer.from_pretrained(tok_source)
     if adapter:
         from peft import PeftModel
@@ -91,6 +105,9 @@ def generate(model_path: str, prompt: str, *, adapter: str | None = None, max_ne
     model.eval()
     inputs = tokenizer(prompt, return_tensors="pt")
     output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
     )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -1,9 +1,11 @@
 """``turbotune train``: one run from a config to a saved adapter or model.
 
-The steps, in order: read the config, pick the backend and precision, activate the plugins,
-load (or, for the demo, build) the model and tokenizer, build the data, apply the plugins'
-augmentations (adapters, then patches), train with the Hugging Face Trainer, evaluate, and
-write the result atomically to ``<output_dir>/final``.
+The steps, in order: read the config and check everything that needs no download (the
+``train`` keys turbotune owns, the checkpoint to resume from), pick the backend and precision,
+activate the plugins, load the tokenizer and build the data (bad rows fail here, before a
+multi-gigabyte model load), load the model (or, for the demo, build it), apply the plugins'
+augmentations (adapters, then patches), train with the Hugging Face Trainer, evaluate, and write
+the result atomically to ``<output_dir>/final``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from turbotune.backends import choose_backend
 from turbotune.config import Config, load_config
 from turbotune.errors import TurbotuneError
 from turbotune.framework import AccelerationFramework
-from turbotune.precision import apply_precision, resolve_precision
+from turbotune.precision import PrecisionPlan, apply_precision, resolve_precision
 from turbotune.train.checkpoint import atomic_directory, resolve_resume
 
 logger = logging.getLogger("turbotune")
 
 FINAL = "final"
+"""Sub-directory of ``output_dir`` that receives the trained adapter or model."""
 
 
 @dataclass
@@ -35,10 +38,24 @@ class TrainResult:
     output_dir: Path
     """Where the adapter (LoRA) or the model (full) was saved."""
     train_metrics: dict[str, float]
+    """The Trainer's summary of the run (``train_loss``, ``train_runtime``, ...)."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    """``eval_loss`` and friends, when the run had evaluation data."""
     demo_accuracy: tuple[float, float] | None = None
     """Held-out accuracy of the demo task before and after training."""
     trainer: Any = None
+    """The ``TurbotuneTrainer``; ``trainer.model`` is the trained model, ``trainer.state`` the logs."""
+
+
+@dataclass
+class _Loaded:
+    """What a run trains on: the model (before augmentation) and its data."""
+
+    tokenizer: Any
+    model: Any
+    peft_config: Any
+    train_ds: Any
+    eval_ds: Any = None
 
 
 def _say(text: str) -> None:
@@ -63,95 +80,135 @@ def resolve_run_config(
 def run_training(
     source: str | os.PathLike | dict[str, Any] | Config | None = None,
     overrides: list[str] | None = None,
+    *,
+    callbacks: list[Any] | None = None,
 ) -> TrainResult:
-    """Run one training job; see the module docstring for the steps."""
+    """Run one training job; see the module docstring for the steps.
+
+    Args:
+        source: a YAML path, a dict of sections, a :class:`Config`, or ``None`` for the demo.
+        overrides: dotted ``section.key=value`` strings applied on top of ``source``.
+        callbacks: extra ``transformers.TrainerCallback`` objects for the Trainer.
+    """
+    from turbotune.train.trainer import check_owned_args, training_arguments
+
     cfg = resolve_run_config(source, overrides)
-    backend, why = choose_backend(cfg.backend)
-    if backend == "mlx":
-        raise TurbotuneError("backend 'mlx' is not available in this version; use cuda, mps or cpu")
-    plan = resolve_precision(cfg.train.precision, backend, adapters=cfg.adapter.method != "full")
-    _say(f"[bold]backend[/] {backend} ({why}); [bold]precision[/] {plan.mode}")
+    check_owned_args(cfg)
+    resume = resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
+    backend, plan = _backend_and_precision(cfg)
     fw = AccelerationFramework(cfg)
     demo = cfg.model.path is None
-
-    if demo:
-        from turbotune.train.demo import build_demo_model
-        from turbotune.train.demo_task import build_demo_tokenizer, demo_dataset
-
-        if cfg.data.path is not None:
-            raise TurbotuneError("data.path is set but model.path is empty: name the model to train")
-        tokenizer = build_demo_tokenizer()
-        model = build_demo_model(tokenizer)
-        peft_config = fw.peft_config()
-        train_ds = demo_dataset(tokenizer, n=20_000, seed=cfg.data.seed, split="train")
-        eval_ds = None
-    else:
-        from turbotune.data import build_datasets
-        from turbotune.modeling import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model)
-        dtype = plan.weight_dtype if cfg.model.dtype == "auto" else _dtype(cfg.model.dtype)
-        model, peft_config = fw.load_model(dtype=dtype)
-        train_ds, eval_ds = build_datasets(cfg.data, tokenizer)
+    run = _build_demo(cfg, fw) if demo else _load(cfg, fw, plan)
     if fw.loader is None:  # a loader plugin (4-bit) owns the dtypes of what it loads
-        apply_precision(model, plan)
+        apply_precision(run.model, plan)
 
-    from turbotune.train.trainer import TurbotuneTrainer, training_arguments
-
-    args = training_arguments(cfg, plan, backend, has_eval=eval_ds is not None)
-    model, args = fw.augment(model, args, peft_config)
+    args = training_arguments(cfg, plan, backend, has_eval=run.eval_ds is not None)
+    model, args = fw.augment(run.model, args, run.peft_config)
     _report_parameters(model)
+    trainer = _build_trainer(cfg, fw, model, args, run, callbacks or [])
 
-    from turbotune.data import PaddedCollator
-    from turbotune.train.metrics import MetricsCallback
-
-    metrics = MetricsCallback.for_model(model, args, seq_len=cfg.data.max_length)
-    trainer = TurbotuneTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=PaddedCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=[metrics, *fw.callbacks(model)],
-        train_config=cfg.train,
-        metrics=metrics,
-    )
-
-    accuracy_before = None
-    if demo:
-        from turbotune.train.demo_task import demo_accuracy, demo_examples
-
-        held_out = demo_examples(500, seed=cfg.data.seed + 1, split="eval")
-        accuracy_before = demo_accuracy(model, tokenizer, held_out)
-        _say(f"[bold]demo[/] held-out accuracy before training: {accuracy_before:.1%}")
-
-    resume = resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
+    held_out, before = _demo_accuracy_before(cfg, model, run.tokenizer) if demo else (None, None)
     if resume:
         _say(f"[bold]resuming[/] from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
-    train_metrics = dict(result.metrics)
+    train_metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
 
     eval_metrics: dict[str, float] = {}
-    if eval_ds is not None:
+    if run.eval_ds is not None:
         eval_metrics = trainer.evaluate()
         _say(f"[bold]eval[/] loss {eval_metrics.get('eval_loss', float('nan')):.4f}")
 
     demo_acc = None
     if demo:
-        after = demo_accuracy(model, tokenizer, held_out)
-        demo_acc = (accuracy_before, after)
-        _say(f"[bold]demo[/] held-out accuracy: {accuracy_before:.1%} -> [bold green]{after:.1%}[/]")
+        from turbotune.train.demo_task import demo_accuracy
+
+        after = demo_accuracy(model, run.tokenizer, held_out)
+        demo_acc = (before, after)
+        _say(f"[bold]demo[/] held-out accuracy: {before:.1%} -> [bold green]{after:.1%}[/]")
 
     out = Path(cfg.train.output_dir) / FINAL
     if args.should_save:
-        with atomic_directory(out) as tmp:
-            trainer.save_model(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            (tmp / "turbotune.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        kind = "adapter (PEFT format)" if peft_config is not None else "model"
-        _say(f"[bold]saved[/] {kind} to {out}")
+        _save_final(trainer, run.tokenizer, cfg, out, adapter=run.peft_config is not None)
     return TrainResult(out, train_metrics, eval_metrics, demo_acc, trainer)
+
+
+def _backend_and_precision(cfg: Config) -> tuple[str, PrecisionPlan]:
+    backend, why = choose_backend(cfg.backend)
+    if backend == "mlx":
+        raise TurbotuneError("backend 'mlx' is not available in this version; use cuda, mps or cpu")
+    plan = resolve_precision(cfg.train.precision, backend, adapters=cfg.adapter.method != "full")
+    _say(f"[bold]backend[/] {backend} ({why}); [bold]precision[/] {plan.mode}")
+    return backend, plan
+
+
+def _load(cfg: Config, fw: AccelerationFramework, plan: PrecisionPlan) -> _Loaded:
+    """Tokenizer and data first (cheap, and where user errors are), then the model."""
+    from turbotune.data import build_datasets
+    from turbotune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_ds, eval_ds = build_datasets(cfg.data, tokenizer)
+    dtype = plan.weight_dtype if cfg.model.dtype == "auto" else _dtype(cfg.model.dtype)
+    model, peft_config = fw.load_model(dtype=dtype)
+    return _Loaded(tokenizer, model, peft_config, train_ds, eval_ds)
+
+
+def _build_demo(cfg: Config, fw: AccelerationFramework) -> _Loaded:
+    """The demo's tokenizer, random-weight model and synthetic data (no eval split)."""
+    from turbotune.train.demo import DEMO_TRAIN_EXAMPLES, build_demo_model
+    from turbotune.train.demo_task import build_demo_tokenizer, demo_dataset
+
+    if cfg.data.path is not None:
+        raise TurbotuneError("data.path is set but model.path is empty: name the model to train")
+    t = cfg.train
+    rows = DEMO_TRAIN_EXAMPLES
+    if t.max_steps > 0:  # a short run needs only the rows it will see
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+        rows = min(rows, t.max_steps * per_step)
+    tokenizer = build_demo_tokenizer()
+    model = build_demo_model(tokenizer)
+    train_ds = demo_dataset(tokenizer, n=rows, seed=cfg.data.seed, split="train")
+    return _Loaded(tokenizer, model, fw.peft_config(), train_ds)
+
+
+def _demo_accuracy_before(cfg: Config, model: Any, tokenizer: Any) -> tuple[list[Any], float]:
+    from turbotune.train.demo import DEMO_EVAL_EXAMPLES
+    from turbotune.train.demo_task import demo_accuracy, demo_examples
+
+    held_out = demo_examples(DEMO_EVAL_EXAMPLES, seed=cfg.data.seed + 1, split="eval")
+    before = demo_accuracy(model, tokenizer, held_out)
+    _say(f"[bold]demo[/] held-out accuracy before training: {before:.1%}")
+    return held_out, before
+
+
+def _build_trainer(
+    cfg: Config, fw: AccelerationFramework, model: Any, args: Any, run: _Loaded, extra: list[Any]
+) -> Any:
+    from turbotune.data import PaddedCollator
+    from turbotune.train.metrics import MetricsCallback
+    from turbotune.train.trainer import TurbotuneTrainer
+
+    metrics = MetricsCallback.for_model(model, args, seq_len=cfg.data.max_length)
+    return TurbotuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=run.train_ds,
+        eval_dataset=run.eval_ds,
+        data_collator=PaddedCollator(run.tokenizer.pad_token_id),
+        processing_class=run.tokenizer,
+        callbacks=[metrics, *fw.callbacks(model), *extra],
+        train_config=cfg.train,
+        metrics=metrics,
+    )
+
+
+def _save_final(trainer: Any, tokenizer: Any, cfg: Config, out: Path, *, adapter: bool) -> None:
+    """The adapter (PEFT format) or model, its tokenizer and the run's config, in one rename."""
+    with atomic_directory(out) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "turbotune.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _say(f"[bold]saved[/] {'adapter (PEFT format)' if adapter else 'model'} to {out}")
 
 
 def _dtype(name: str):
@@ -163,4 +220,6 @@ def _dtype(name: str):
 def _report_parameters(model) -> None:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _say(f"[bold]parameters[/] {trainable:,} trainable of {total:,} ({trainable / max(total, 1):.2%})")
+    _say(
+        f"[bold]parameters[/] {trainable:,} trainable of {total:,} ({trainable / max(total, 1):.2%})"
+    )

@@ -7,6 +7,9 @@ the stock ``transformers.Trainer``: users keep the engine they know.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +19,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from turbotune.errors import ConfigError
-from turbotune.train.checkpoint import STAGING, checkpoints, publish
+from turbotune.train.checkpoint import STAGING, checkpoints, publish, remove_staging
 
 if TYPE_CHECKING:
     from turbotune.config import Config, TrainConfig
@@ -25,18 +28,34 @@ if TYPE_CHECKING:
 #: TrainingArguments fields that turbotune sets from its own keys; giving them directly in
 #: ``train:`` would silently fight the turbotune key, so it is an error that names the right key.
 OWNED_HF_ARGS = {
-    "bf16": "train.precision", "fp16": "train.precision", "lr_scheduler_type": "train.lr_scheduler",
-    "optim": "train.optimizer", "warmup_steps": "train.warmup_steps", "use_cpu": "backend",
+    "bf16": "train.precision", "fp16": "train.precision", "bf16_full_eval": "train.precision",
+    "fp16_full_eval": "train.precision", "half_precision_backend": "train.precision",
+    "lr_scheduler_type": "train.lr_scheduler", "lr_scheduler_kwargs": "train.lr_scheduler",
+    "optim": "train.optimizer", "use_cpu": "backend", "no_cuda": "backend",
+    "activation_checkpointing": "train.gradient_checkpointing",
+    "activation_checkpointing_kwargs": "train.reentrant_checkpointing",
     "gradient_checkpointing_kwargs": "train.reentrant_checkpointing",
+    "resume_from_checkpoint": "train.resume_from_checkpoint",
 }  # fmt: skip
 
 
-def training_arguments(cfg: Config, plan: PrecisionPlan, backend: str, *, has_eval: bool) -> TrainingArguments:
-    """Translate the ``train`` section (plus pass-through keys) into ``TrainingArguments``."""
-    t: TrainConfig = cfg.train
-    for key in t.hf_args:
+def check_owned_args(cfg: Config) -> None:
+    """Refuse ``TrainingArguments`` keys in ``train:`` that a turbotune key sets.
+
+    Raises:
+        ConfigError: naming the turbotune key to use instead.
+    """
+    for key in cfg.train.hf_args:
         if key in OWNED_HF_ARGS:
             raise ConfigError(f"{cfg.source}: set '{OWNED_HF_ARGS[key]}' instead of 'train.{key}'")
+
+
+def training_arguments(
+    cfg: Config, plan: PrecisionPlan, backend: str, *, has_eval: bool
+) -> TrainingArguments:
+    """Translate the ``train`` section (plus pass-through keys) into ``TrainingArguments``."""
+    t: TrainConfig = cfg.train
+    check_owned_args(cfg)
     report = [r for r in t.report_to if r != "stdout"] or ["none"]
     kwargs: dict[str, Any] = {
         "output_dir": t.output_dir,
@@ -58,8 +77,7 @@ def training_arguments(cfg: Config, plan: PrecisionPlan, backend: str, *, has_ev
         "save_total_limit": t.save_total_limit,
         "eval_strategy": "steps" if (t.eval_steps > 0 and has_eval) else "no",
         "eval_steps": t.eval_steps if t.eval_steps > 0 else None,
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": t.reentrant_checkpointing},
+        **_checkpointing_args(t),
         "report_to": report,
         "use_cpu": backend == "cpu",
         "remove_unused_columns": False,
@@ -67,12 +85,28 @@ def training_arguments(cfg: Config, plan: PrecisionPlan, backend: str, *, has_ev
         **plan.trainer_flags(),
     }
     kwargs.update(t.hf_args)
-    import inspect
-
-    accepted = inspect.signature(TrainingArguments.__init__).parameters
-    if "save_safetensors" not in accepted:  # removed in newer transformers: always safetensors
-        kwargs.pop("save_safetensors")
+    if "save_safetensors" not in _accepted_args():
+        kwargs.pop("save_safetensors")  # removed in newer transformers: always safetensors
     return TrainingArguments(**kwargs)
+
+
+@functools.cache
+def _accepted_args() -> frozenset[str]:
+    return frozenset(inspect.signature(TrainingArguments.__init__).parameters)
+
+
+def _checkpointing_args(t: TrainConfig) -> dict[str, Any]:
+    """Activation checkpointing under the name this transformers accepts: 5.2x renamed
+    ``gradient_checkpointing*`` to ``activation_checkpointing*`` (the old names still read back)."""
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in _accepted_args()
+        else "gradient_checkpointing"
+    )
+    return {
+        name: t.gradient_checkpointing,
+        f"{name}_kwargs": {"use_reentrant": t.reentrant_checkpointing},
+    }
 
 
 class TurbotuneTrainer(Trainer):
@@ -99,7 +133,9 @@ class TurbotuneTrainer(Trainer):
             self.metrics.add_metrics(logs, self.state)
         super().log(logs, *args, **kwargs)
 
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ):
         if self.lr_scheduler is None:
             from turbotune.train.schedules import build_scheduler
 
@@ -131,17 +167,38 @@ class TurbotuneTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         run_dir = Path(self._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
+        staged = run_dir / STAGING / name
         self._staging = True
         try:
-            shutil.rmtree(run_dir / STAGING / name, ignore_errors=True)
+            shutil.rmtree(staged, ignore_errors=True)
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
         if self.args.should_save:
-            publish(run_dir / STAGING / name, run_dir / name)
-            limit = self.args.save_total_limit
-            if limit:
-                for old in checkpoints(run_dir)[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self._unstage_best_checkpoint(staged, run_dir / name)
+            publish(staged, run_dir / name)
+            remove_staging(run_dir)
+            self._rotate(run_dir)
         if self.args.world_size > 1:
             torch.distributed.barrier()
+
+    def _unstage_best_checkpoint(self, staged: Path, final: Path) -> None:
+        """The Trainer recorded the best checkpoint under its staging path: point at the final one."""
+        best = self.state.best_model_checkpoint
+        if best is None or Path(best).resolve() != staged.resolve():
+            return
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        self.state.best_model_checkpoint = str(final)
+        self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+
+    def _rotate(self, run_dir: Path) -> None:
+        """Keep the newest ``save_total_limit`` checkpoints (and the best one)."""
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        best = self.state.best_model_checkpoint
+        for old in checkpoints(run_dir)[:-limit]:
+            if best is None or Path(best).resolve() != old.resolve():
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(old)
