@@ -90,6 +90,8 @@ def run_training(
         overrides: dotted ``section.key=value`` strings applied on top of ``source``.
         callbacks: extra ``transformers.TrainerCallback`` objects for the Trainer.
     """
+    from transformers import set_seed
+
     from turbotune.train.trainer import check_owned_args, training_arguments
 
     cfg = resolve_run_config(source, overrides)
@@ -103,6 +105,9 @@ def run_training(
         apply_precision(run.model, plan)
 
     args = training_arguments(cfg, plan, backend, has_eval=run.eval_ds is not None)
+    # The Trainer seeds only when it starts; adapters are initialized before that, and without
+    # this their init would depend on whatever ran earlier in the process (or on the loader).
+    set_seed(cfg.train.seed)
     model, args = fw.augment(run.model, args, run.peft_config)
     _report_parameters(model)
     trainer = _build_trainer(cfg, fw, model, args, run, callbacks or [])
