@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from turbotune.errors import ConfigError, TurbotuneError
 from turbotune.train.run import run_training
 from turbotune.train.schedules import lr_multiplier, resolve_warmup_steps
 
-from .conftest import check_ok, read_metrics, run_cli, step_losses, stories_config
+from .conftest import REPO, check_ok, read_metrics, run_cli, step_losses, stories_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -53,7 +54,9 @@ def test_sample_config_through_cli(tmp_path):
         f"train.output_dir={out}",
     )
     check_ok(proc)
-    assert (out / "final" / "adapter_config.json").is_file()
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    base = Path(adapter["base_model_name_or_path"])  # usable from any directory (merge, generate)
+    assert base.is_absolute() and base == (REPO / "../shared/data/stories260K/hf").resolve()
     saved = load_config(out / "final" / "turbotune.yaml")
     assert (
         saved.data.path == "../shared/data/alpaca/alpaca_tiny.json"

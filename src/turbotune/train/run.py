@@ -153,7 +153,11 @@ def _load(cfg: Config, fw: AccelerationFramework, plan: PrecisionPlan) -> _Loade
     tokenizer = load_tokenizer(cfg.model)
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer)
     dtype = plan.weight_dtype if cfg.model.dtype == "auto" else _dtype(cfg.model.dtype)
-    model, peft_config = fw.load_model(dtype=dtype)
+    # A local directory is loaded by its absolute path: the saved adapter names its base by the
+    # path the model was loaded from, and `turbotune merge` may run from another directory.
+    local = Path(cfg.model.path).expanduser()
+    path = str(local.resolve()) if local.is_dir() else cfg.model.path
+    model, peft_config = fw.load_model(path, dtype=dtype)
     return _Loaded(tokenizer, model, peft_config, train_ds, eval_ds)
 
 
