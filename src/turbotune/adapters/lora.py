@@ -98,8 +98,10 @@ class LoRALinear(nn.Module):
         self.scaling = {ADAPTER: alpha / math.sqrt(r) if use_rslora else alpha / r}
         self.use_dora = {ADAPTER: False}
         self.lora_variant: dict[str, Any] = {}
-        self.merged = False
-        self.disable_adapters = False
+        # State under peft's names, so code that reads peft's instance dicts reads ours alike.
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapter = ADAPTER
         self._quantized_base = _is_4bit(base)
         self.reset_lora_parameters()
         self._move_to_base(dtype)
@@ -108,7 +110,21 @@ class LoRALinear(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [ADAPTER]
+        return [self._active_adapter]
+
+    @property
+    def merged(self) -> bool:
+        """Always ``False``: these layers are never merged in place."""
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        """``True`` makes the layer compute the base alone."""
+        return self._disable_adapters
+
+    @disable_adapters.setter
+    def disable_adapters(self, value: bool) -> None:
+        self._disable_adapters = bool(value)
 
     @property
     def weight(self) -> torch.Tensor:
