@@ -82,18 +82,38 @@ def single_thread() -> Iterator[None]:
         yield
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m turbotune ARGS`` in a fresh process (what a user runs), output captured."""
+def _cli(args: tuple[str, ...], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "turbotune", *args],
         cwd=cwd,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
-    return proc
+
+
+def run_clis(*commands: tuple[str, ...], cwd: Path = REPO, timeout: float = 300) -> list[Any]:
+    """``python -m turbotune ARGS`` for each command, started together (each process spends
+    most of its time importing torch and transformers on one core), in fresh processes as a
+    user runs them. Returns ``subprocess.CompletedProcess`` objects in order."""
+    procs = [_cli(args, cwd) for args in commands]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return done
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m turbotune ARGS`` in a fresh process, output captured."""
+    return run_clis(args, cwd=cwd, timeout=timeout)[0]
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from turbotune.errors import TurbotuneError
 from turbotune.train.merge import generate, merge_adapter
 
-from .conftest import check_ok, run_cli
+from .conftest import check_ok, run_clis
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -78,24 +78,21 @@ def test_merge_refuses_a_directory_without_adapter(tmp_path):
 
 def test_merge_and_generate_through_cli(trained_lora, adapted_logits, stories260k, tmp_path):
     ids, want, _ = adapted_logits
-    out = tmp_path / "merged"
-    proc = run_cli("merge", str(trained_lora.output_dir), "--out", str(out), "--dtype", "float32")
-    check_ok(proc)
+    out, adapter = tmp_path / "merged", str(trained_lora.output_dir)
+    base_said = generate(str(stories260k), PROMPT, max_new_tokens=12)
+    adapted_said = generate(str(stories260k), PROMPT, adapter=adapter, max_new_tokens=12)
+    assert base_said.strip() and adapted_said.strip(), "greedy generation produced nothing"
+    merge, with_adapter, without = run_clis(
+        ("merge", adapter, "--out", str(out), "--dtype", "float32"),
+        ("generate", str(stories260k), PROMPT, "--adapter", adapter, "--max-new-tokens", "12"),
+        ("generate", str(stories260k), PROMPT, "--max-new-tokens", "12"),
+    )
+    for proc in (merge, with_adapter, without):
+        check_ok(proc)
     _assert_close(
         _logits(AutoModelForCausalLM.from_pretrained(out), ids), want, MERGE_ATOL, "CLI merge"
     )
-
-    expected = generate(
-        str(stories260k), PROMPT, adapter=str(trained_lora.output_dir), max_new_tokens=12
-    )
-    assert expected.strip(), "greedy generation produced nothing"
-    with_adapter = run_cli(
-        "generate", str(stories260k), PROMPT, "--adapter", str(trained_lora.output_dir),
-        "--max-new-tokens", "12",
-    )  # fmt: skip
-    check_ok(with_adapter)
-    assert with_adapter.stdout.strip() == expected.strip()
+    assert with_adapter.stdout.strip() == adapted_said.strip()
+    assert without.stdout.strip() == base_said.strip()
     # The merged model alone generates what the base + adapter generate.
-    merged = run_cli("generate", str(out), PROMPT, "--max-new-tokens", "12")
-    check_ok(merged)
-    assert merged.stdout.strip() == expected.strip()
+    assert generate(str(out), PROMPT, max_new_tokens=12) == adapted_said

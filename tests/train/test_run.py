@@ -22,7 +22,7 @@ from turbotune.errors import ConfigError, TurbotuneError
 from turbotune.train.run import run_training
 from turbotune.train.schedules import lr_multiplier, resolve_warmup_steps
 
-from .conftest import REPO, check_ok, read_metrics, run_cli, step_losses, stories_config
+from .conftest import REPO, check_ok, read_metrics, run_clis, step_losses, stories_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,25 +44,26 @@ def test_lora_lowers_eval_loss(trained_lora):
     assert not (trained_lora.output_dir.parent / ".staging").exists()
 
 
-def test_sample_config_through_cli(tmp_path):
-    out = tmp_path / "run"
-    proc = run_cli(
-        "train",
-        "stories260k-lora",
-        "train.max_steps=2",
-        "train.logging_steps=1",
-        f"train.output_dir={out}",
-    )
-    check_ok(proc)
-    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+def test_train_through_cli(tmp_path):
+    """The sample config from the repo root (its paths are relative to it), and the demo."""
+    lora, demo = tmp_path / "lora", tmp_path / "demo"
+    lora_run, demo_run = run_clis(
+        ("train", "stories260k-lora", "train.max_steps=2", "train.logging_steps=1",
+         f"train.output_dir={lora}"),
+        ("train", "train.max_steps=3", f"train.output_dir={demo}"),
+    )  # fmt: skip
+    check_ok(lora_run)
+    adapter = json.loads((lora / "final" / "adapter_config.json").read_text())
     base = Path(adapter["base_model_name_or_path"])  # usable from any directory (merge, generate)
     assert base.is_absolute() and base == (REPO / "../shared/data/stories260K/hf").resolve()
-    saved = load_config(out / "final" / "turbotune.yaml")
-    assert (
-        saved.data.path == "../shared/data/alpaca/alpaca_tiny.json"
-    )  # resolved from the repo root
-    assert re.search(r"eval loss \d+\.\d{4}", proc.stderr), proc.stderr[-2000:]
-    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2]
+    saved = load_config(lora / "final" / "turbotune.yaml")
+    assert saved.data.path == "../shared/data/alpaca/alpaca_tiny.json"
+    assert re.search(r"eval loss \d+\.\d{4}", lora_run.stderr), lora_run.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(lora) if "loss" in m] == [1, 2]
+
+    check_ok(demo_run)
+    assert re.search(r"demo held-out accuracy: \d+\.\d% -> \d+\.\d%", demo_run.stderr)
+    assert (demo / "final" / "model.safetensors").is_file()
 
 
 # --- precision modes ---------------------------------------------------------------------------
@@ -256,12 +257,3 @@ def test_demo_smoke(tmp_path, capsys):
     assert re.search(r"demo held-out accuracy: \d+\.\d% -> \d+\.\d%", err), err[-2000:]
     assert result.trainer.state.global_step == 5
     assert (result.output_dir / "model.safetensors").is_file()
-
-
-def test_demo_through_cli(tmp_path):
-    proc = run_cli(
-        "train", "train.max_steps=3", f"train.output_dir={tmp_path / 'demo'}", cwd=tmp_path
-    )
-    check_ok(proc)
-    assert "held-out accuracy" in proc.stderr
-    assert (tmp_path / "demo" / "final" / "model.safetensors").is_file()
