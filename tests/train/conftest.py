@@ -83,7 +83,13 @@ def single_thread() -> Iterator[None]:
 
 
 def _cli(args: tuple[str, ...], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # CPU only (same numbers as the in-process references on a GPU machine), one thread.
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "turbotune", *args],
         cwd=cwd,

@@ -79,8 +79,10 @@ def test_merge_refuses_a_directory_without_adapter(tmp_path):
 def test_merge_and_generate_through_cli(trained_lora, adapted_logits, stories260k, tmp_path):
     ids, want, _ = adapted_logits
     out, adapter = tmp_path / "merged", str(trained_lora.output_dir)
-    base_said = generate(str(stories260k), PROMPT, max_new_tokens=12)
-    adapted_said = generate(str(stories260k), PROMPT, adapter=adapter, max_new_tokens=12)
+    base_said = generate(str(stories260k), PROMPT, max_new_tokens=12, device="cpu")
+    adapted_said = generate(
+        str(stories260k), PROMPT, adapter=adapter, max_new_tokens=12, device="cpu"
+    )
     assert base_said.strip() and adapted_said.strip(), "greedy generation produced nothing"
     merge, with_adapter, without = run_clis(
         ("merge", adapter, "--out", str(out), "--dtype", "float32"),
@@ -95,4 +97,4 @@ def test_merge_and_generate_through_cli(trained_lora, adapted_logits, stories260
     assert with_adapter.stdout.strip() == adapted_said.strip()
     assert without.stdout.strip() == base_said.strip()
     # The merged model alone generates what the base + adapter generate.
-    assert generate(str(out), PROMPT, max_new_tokens=12) == adapted_said
+    assert generate(str(out), PROMPT, max_new_tokens=12, device="cpu") == adapted_said

@@ -43,7 +43,13 @@ def _run_quantization(adapter_dir: Path) -> dict[str, Any]:
 
 
 def load_base_for_merge(base: str, dtype: torch.dtype, quantization: dict[str, Any]):
-    """The base model as training saw it: quantized then dequantized when it was quantized."""
+    """The base model as training saw it: quantized then dequantized when it was quantized.
+
+    Args:
+        base: model id or directory.
+        dtype: dtype of the returned weights.
+        quantization: the ``quantization`` section the adapter was trained with (empty: none).
+    """
     from turbotune.config import ModelConfig
     from turbotune.modeling import load_causal_lm
 
@@ -85,29 +91,49 @@ def merge_adapter(
 
 @torch.no_grad()
 def generate(
-    model_path: str, prompt: str, *, adapter: str | None = None, max_new_tokens: int = 64
+    model_path: str,
+    prompt: str,
+    *,
+    adapter: str | None = None,
+    max_new_tokens: int = 64,
+    device: str | None = None,
 ) -> str:
-    """Greedy completion of ``prompt`` by a model, with an optional adapter on top."""
+    """Greedy completion of ``prompt`` by a model, with an optional adapter on top.
+
+    Args:
+        model_path: model id or directory (the adapter's base when ``adapter`` is given).
+        prompt: the text to complete.
+        adapter: a PEFT adapter directory; its base is loaded as its training run saw it
+            (quantized then dequantized when the run quantized it).
+        max_new_tokens: tokens to generate at most.
+        device: ``cuda``, ``mps`` or ``cpu``; default: the best available (bf16 weights on an
+            accelerator that supports them, else fp32).
+    """
     from transformers import AutoTokenizer
 
-    from turbotune.config import ModelConfig
-    from turbotune.modeling import load_causal_lm
-
-    model = load_causal_lm(ModelConfig(path=model_path), torch.float32)
-    tok_source = (
-        adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
-    )
-    tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    device, dtype = _generation_device(device)
+    quantization = _run_quantization(Path(adapter)) if adapter else {}
+    model = load_base_for_merge(model_path, dtype, quantization)
+    has_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model_path)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    inputs = tokenizer(prompt, return_tensors="pt")
+    model.to(device).eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
     )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _generation_device(device: str | None) -> tuple[str, torch.dtype]:
+    from turbotune.backends import choose_backend
+    from turbotune.precision import bf16_supported
+
+    if device is None:
+        backend, _ = choose_backend("auto")
+        device = backend if backend in ("cuda", "mps") else "cpu"
+    return device, torch.bfloat16 if bf16_supported(device) else torch.float32
