@@ -164,3 +164,50 @@ def test_kernel_matches_bitsandbytes_cuda(quant_type, nested, dtype):
         ulp = torch.finfo(dtype).eps * expected.abs().clamp_min(torch.finfo(dtype).tiny)
         bad = (got - expected).abs() > ulp
         assert not bad.any(), f"{shape}: {int(bad.sum())} beyond 1 ulp; {_diff(got, expected)}"
+
+
+def test_launch_facts_cache_follows_a_replaced_state(device):
+    """The per-weight launch facts are cached on the QuantState; replacing a piece of the state
+    (as ``QuantState.to`` or a reload does) must be seen by the next dequantization."""
+    packed, state = _quantize((64, 96), torch.float32, "nf4", True, 64, torch.uint8)
+    state.to(device)
+    packed = packed.to(device)
+    before = dequantize_nf4(packed, state, torch.float32)
+    assert torch.equal(before.cpu(), dequantize_4bit_reference(packed.cpu(), _cpu(state)))
+    state.offset = state.offset + 0.5  # a new tensor object: every block scale grows by 0.5
+    after = dequantize_nf4(packed, state, torch.float32)
+    code = code_table_4bit("nf4", device)
+    nibbles = torch.stack((packed.view(-1) >> 4, packed.view(-1) & 0xF), 1).reshape(64, 96)
+    expected_shift = code[nibbles.long()] * 0.5
+    diff = (after - before - expected_shift).abs().max().item()
+    assert diff < 1e-5, f"max abs diff {diff:.3g} after replacing the nested offset"
+
+
+def _cpu(state):
+    import copy
+
+    cpu = copy.deepcopy(state)
+    cpu.to("cpu")
+    return cpu
+
+
+@pytest.mark.parametrize("source_kind", ["params4bit", "packed", "dense"])
+def test_dequantize_into_a_row_block_of_a_stacked_buffer(source_kind):
+    """``out=`` writes one weight into rows of a larger buffer (q, k, v stacked) and leaves the
+    other rows alone."""
+    torch.manual_seed(0)
+    lin = bnb.nn.Linear4bit(48, 40, bias=False, quant_type="nf4").to("cpu")
+    source = {
+        "params4bit": lin.weight,
+        "packed": Packed4bitWeight(lin.weight.data, lin.weight.quant_state),
+        "dense": torch.randn(40, 48),
+    }[source_kind]
+    expected = dense_weight(source, torch.bfloat16)
+    stacked = torch.full((100, 48), 7.0, dtype=torch.bfloat16)
+    got = dense_weight(source, torch.bfloat16, out=stacked[30:70])
+    assert got.data_ptr() == stacked[30:70].data_ptr()
+    assert torch.equal(stacked[30:70], expected), _diff(stacked[30:70], expected)
+    outside = torch.cat([stacked[:30], stacked[70:]])
+    assert bool((outside == 7).all()), "rows outside out changed"
+    with pytest.raises(ValueError, match="contiguous"):
+        dense_weight(lin.weight, torch.bfloat16, out=torch.empty(40, 96)[:, :48])

@@ -28,7 +28,12 @@ def tiny_model(family: str, dtype=torch.float32, **extra):
     if family == "mixtral":
         kw.update(num_local_experts=4, num_experts_per_tok=2)
     if family == "granite":
-        kw.update(logits_scaling=2.0, residual_multiplier=0.5, embedding_multiplier=3.0, attention_multiplier=0.2)
+        kw.update(
+            logits_scaling=2.0,
+            residual_multiplier=0.5,
+            embedding_multiplier=3.0,
+            attention_multiplier=0.2,
+        )
     config = AutoConfig.for_model(family, **kw)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -38,7 +43,9 @@ def with_lora(model, targets="all-linear", seed=1):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
+    )
     # peft starts B at zero; give it values so that the LoRA terms matter from step one.
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -55,7 +62,7 @@ def data(steps, batch=2, seq=24, vocab=96, device="cpu"):
     ids = (start + stride * torch.arange(seq)) % vocab
     labels = ids.clone()
     labels[:, :, :5] = -100  # a prompt part without loss
-    return [(i.to(device), l.to(device)) for i, l in zip(ids, labels)]
+    return [(i.to(device), lab.to(device)) for i, lab in zip(ids, labels)]
 
 
 def train(model, batches, lr=3e-3, checkpointing=False):
@@ -117,7 +124,9 @@ def test_kernels_through_triton_interpreter_llama():
     ref_model, ours_model = with_lora(copy.deepcopy(base)), with_lora(copy.deepcopy(base))
     apply_patches(ours_model, KINDS)
     batches = data(4, seq=16)
-    assert_close_losses(train(ours_model, batches), train(ref_model, batches), 2e-5, "llama via Triton")
+    assert_close_losses(
+        train(ours_model, batches), train(ref_model, batches), 2e-5, "llama via Triton"
+    )
 
 
 def test_gradient_checkpointing_composes(eager_ops):
@@ -125,7 +134,12 @@ def test_gradient_checkpointing_composes(eager_ops):
     ref_model, ours_model = with_lora(copy.deepcopy(base)), with_lora(copy.deepcopy(base))
     apply_patches(ours_model, KINDS)
     batches = data(6)
-    assert_close_losses(train(ours_model, batches, checkpointing=True), train(ref_model, batches), 2e-5, "checkpointing")
+    assert_close_losses(
+        train(ours_model, batches, checkpointing=True),
+        train(ref_model, batches),
+        2e-5,
+        "checkpointing",
+    )
 
 
 def test_full_finetuning_patched_matches(eager_ops):
@@ -177,7 +191,9 @@ def test_saved_adapter_is_peft_format_and_equal(tmp_path, eager_ops):
     ids = data(1)[0][0]
     with torch.no_grad():
         ours = model(input_ids=ids).logits  # no labels: the original head path, logits returned
-        reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")(
+            input_ids=ids
+        ).logits
     torch.testing.assert_close(ours, reloaded, rtol=1e-5, atol=1e-5)
 
 
@@ -196,7 +212,12 @@ def test_nf4_base_patched_matches_unpatched(eager_ops, stories260k):
     def build(fused: bool):
         plugins = {"fused_ops": {}} if fused else {}
         fw = AccelerationFramework(
-            {"quantization": {"method": "nf4"}, "adapter": {"r": 8, "alpha": 16}, "plugins": plugins}, banner=False
+            {
+                "quantization": {"method": "nf4"},
+                "adapter": {"r": 8, "alpha": 16},
+                "plugins": plugins,
+            },
+            banner=False,
         )
         model, peft_config = fw.load_model(str(stories260k))
         torch.manual_seed(0)
@@ -215,11 +236,15 @@ def test_nf4_base_patched_matches_unpatched(eager_ops, stories260k):
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_patched_training_matches_unpatched_gpu_bf16(family):
-    base = tiny_model(family, hidden_size=256, intermediate_size=512, num_attention_heads=8, vocab_size=4096).cuda()
+    base = tiny_model(
+        family, hidden_size=256, intermediate_size=512, num_attention_heads=8, vocab_size=4096
+    ).cuda()
     ref_model = with_lora(copy.deepcopy(base)).to(torch.bfloat16)
     ours_model = with_lora(copy.deepcopy(base)).to(torch.bfloat16)
     apply_patches(ours_model, KINDS)
     batches = data(20, batch=4, seq=256, vocab=4096, device="cuda")
     # bf16 end to end: both runs round differently (fused kernels round once, eager after each
     # op); 1% is the "within 1%" bar of the project's loss-parity requirement.
-    assert_close_losses(train(ours_model, batches), train(ref_model, batches), 1e-2, f"{family} bf16 GPU")
+    assert_close_losses(
+        train(ours_model, batches), train(ref_model, batches), 1e-2, f"{family} bf16 GPU"
+    )

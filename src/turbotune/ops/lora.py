@@ -140,15 +140,25 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tens
 # ---- one projection, forward and backward ----
 
 
-def _forward_one(x: torch.Tensor, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``y = x W^T + b + t B^T`` with ``t = s * D(x) A^T``.
+class _Cast(NamedTuple):
+    """An adapter's ``A``, ``B`` in the compute dtype, cast once in forward and saved for backward
+    (a cast is a kernel launch; the copies are ``r x (in + out)``, nothing next to ``x``)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+def _forward_one(
+    x: torch.Tensor, slot: _Slot
+) -> tuple[torch.Tensor, torch.Tensor | None, _Cast | None]:
+    """``y = x W^T + b + s t B^T`` with ``t = D(x) A^T``.
 
     Args:
         x: ``[M, in]`` in the compute dtype.
         slot: the projection.
 
     Returns:
-        ``y [M, out]`` and ``t [M, r]`` (None without adapter).
+        ``y [M, out]``, ``t [M, r]`` (None without adapter) and the adapter cast to ``x.dtype``.
     """
     weight = dense_weight(slot.base, x.dtype)
     if slot.bias is None:
@@ -157,30 +167,34 @@ def _forward_one(x: torch.Tensor, slot: _Slot) -> tuple[torch.Tensor, torch.Tens
         y = torch.addmm(slot.bias.to(x.dtype), x, weight.t())
     del weight  # the dense copy of a quantized weight dies here, not in the autograd graph
     if slot.A is None:
-        return y, None
-    keep = _keep(x, slot)
-    t = torch.mm(_dropped(x, keep, slot.dropout), slot.A.to(x.dtype).t()).mul_(slot.scaling)
-    y.addmm_(t, slot.B.to(x.dtype).t())
-    return y, t
+        return y, None, None
+    cast = _Cast(slot.A.to(x.dtype), slot.B.to(x.dtype))
+    t = torch.mm(_dropped(x, _keep(x, slot), slot.dropout), cast.A.t())
+    y.addmm_(t, cast.B.t(), alpha=slot.scaling)
+    return y, t, cast
 
 
 def _backward_one(
     dy: torch.Tensor,
     x: torch.Tensor,
     t: torch.Tensor | None,
+    cast: _Cast | None,
     slot: _Slot,
     dx: torch.Tensor | None,
     needs: _Needs,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of one projection; ``dx`` accumulates in place when given.
 
-    ``dB = dy^T t``, ``g = s * dy B``, ``dA = g^T D(x)``, ``dx += dy W + D(g A)``, ``db = sum dy``.
+    ``dB = s dy^T t``, ``g = s dy B``, ``dA = g^T D(x)``, ``dx += dy W + D(g A)``,
+    ``db = sum dy``. The scalings ride on the matmuls' ``alpha`` (``beta = 0`` ignores the
+    placeholder input, which only lends its shape), so no extra elementwise kernels run.
 
     Args:
         dy: ``[M, out]`` gradient of the output.
         x: ``[M, in]`` the saved input.
-        t: ``[M, r]`` the saved ``s * D(x) A^T`` (None without adapter).
-        slot: the projection.
+        t: ``[M, r]`` the saved ``D(x) A^T`` (None without adapter).
+        cast: the adapter in the compute dtype, saved by the forward.
+        slot: the projection (its ``A``/``B``/``bias`` give the gradients' dtypes).
         dx: ``[M, in]`` running input gradient, or None to start one.
         needs: which gradients to produce.
 
@@ -192,20 +206,20 @@ def _backward_one(
         dx = torch.mm(dy, weight) if dx is None else dx.addmm_(dy, weight)
         del weight
     dbias = dy.sum(0).to(slot.bias.dtype) if needs.bias else None
-    if slot.A is None:
+    if cast is None:
         return dx, None, None, dbias
-    dB = torch.mm(dy.t(), t).to(slot.B.dtype) if needs.B else None
+    s = slot.scaling
+    dB = torch.addmm(cast.B, dy.t(), t, beta=0, alpha=s).to(slot.B.dtype) if needs.B else None
     if not (needs.x or needs.A):
         return dx, None, dB, dbias
-    g = torch.mm(dy, slot.B.to(dy.dtype)).mul_(slot.scaling)
+    g = torch.addmm(t, dy, cast.B, beta=0, alpha=s)
     keep = _keep(x, slot)
     dA = torch.mm(g.t(), _dropped(x, keep, slot.dropout)).to(slot.A.dtype) if needs.A else None
     if needs.x:
-        a = slot.A.to(dy.dtype)
         if keep is None:
-            dx.addmm_(g, a)
+            dx.addmm_(g, cast.A)
         else:
-            dx.add_(torch.mm(g, a).mul_(keep), alpha=1.0 / (1.0 - slot.dropout))
+            dx.add_(torch.mm(g, cast.A).mul_(keep), alpha=1.0 / (1.0 - slot.dropout))
     return dx, dA, dB, dbias
 
 
@@ -257,22 +271,33 @@ class LoRAProjectionsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, meta: tuple, *tensors: torch.Tensor | None):
         slots = _slots(meta, tensors)
-        outs, ts = zip(*(_forward_one(x, slot) for slot in slots))
+        outs, ts, casts = zip(*(_forward_one(x, slot) for slot in slots))
         ctx.meta = meta
-        ctx.save_for_backward(x, *tensors, *ts)
+        ctx.save_for_backward(x, *tensors, *ts, *_flat_casts(casts))
         return outs
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
         x, *saved = ctx.saved_tensors
         n = len(ctx.meta)
-        slots, ts = _slots(ctx.meta, tuple(saved[: 3 * n])), saved[3 * n :]
+        slots = _slots(ctx.meta, tuple(saved[: 3 * n]))
+        ts, casts = saved[3 * n : 4 * n], _unflat_casts(saved[4 * n :])
         dx, grads = None, []
         with _no_autocast(x.device):
-            for i, (dy, slot, t) in enumerate(zip(dys, slots, ts)):
-                dx, *g = _backward_one(dy, x, t, slot, dx, _needs(ctx.needs_input_grad, 2, i))
+            for i, (dy, slot, t, cast) in enumerate(zip(dys, slots, ts, casts)):
+                needs = _needs(ctx.needs_input_grad, 2, i)
+                dx, *g = _backward_one(dy, x, t, cast, slot, dx, needs)
                 grads += g
         return (dx, None, *grads)
+
+
+def _flat_casts(casts: Sequence[_Cast | None]) -> list[torch.Tensor | None]:
+    return [t for c in casts for t in (c if c is not None else (None, None))]
+
+
+def _unflat_casts(flat: Sequence[torch.Tensor | None]) -> list[_Cast | None]:
+    pairs = zip(flat[0::2], flat[1::2])
+    return [_Cast(a, b) if a is not None else None for a, b in pairs]
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -286,11 +311,12 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, meta: tuple, activation: str, *tensors: torch.Tensor | None):
         gate, up, down = _slots(meta, tensors)
-        e, t_gate = _forward_one(x, gate)
-        u, t_up = _forward_one(x, up)
-        y, t_down = _forward_one(_glu_forward(e, u, activation), down)
+        e, t_gate, c_gate = _forward_one(x, gate)
+        u, t_up, c_up = _forward_one(x, up)
+        y, t_down, c_down = _forward_one(_glu_forward(e, u, activation), down)
         ctx.meta, ctx.activation, ctx.backward_done = meta, activation, False
-        ctx.save_for_backward(x, e, u, t_gate, t_up, t_down, *tensors)
+        casts = _flat_casts((c_gate, c_up, c_down))
+        ctx.save_for_backward(x, e, u, t_gate, t_up, t_down, *tensors, *casts)
         return y
 
     @staticmethod
@@ -301,18 +327,19 @@ class LoRAMLPFunction(torch.autograd.Function):
                 "(retain_graph=True); recompute the forward instead"
             )
         ctx.backward_done = True
-        x, e, u, t_gate, t_up, t_down, *tensors = ctx.saved_tensors
-        gate, up, down = _slots(ctx.meta, tuple(tensors))
+        x, e, u, t_gate, t_up, t_down, *rest = ctx.saved_tensors
+        gate, up, down = _slots(ctx.meta, tuple(rest[:9]))
+        c_gate, c_up, c_down = _unflat_casts(rest[9:])
         need = ctx.needs_input_grad
         with _no_autocast(x.device):
             h = _glu_forward(e, u, ctx.activation)
             down_needs = _Needs(True, *_needs(need, 3, 2)[1:])
-            dh, *g_down = _backward_one(dy, h, t_down, down, None, down_needs)
+            dh, *g_down = _backward_one(dy, h, t_down, c_down, down, None, down_needs)
             del h
             de, du = _glu_backward_inplace(dh, e, u, ctx.activation)
             del dh
-            dx, *g_gate = _backward_one(de, x, t_gate, gate, None, _needs(need, 3, 0))
-            dx, *g_up = _backward_one(du, x, t_up, up, dx, _needs(need, 3, 1))
+            dx, *g_gate = _backward_one(de, x, t_gate, c_gate, gate, None, _needs(need, 3, 0))
+            dx, *g_up = _backward_one(du, x, t_up, c_up, up, dx, _needs(need, 3, 1))
         return (dx, None, None, *g_gate, *g_up, *g_down)
 
 
@@ -320,7 +347,11 @@ class LoRAMLPFunction(torch.autograd.Function):
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type=device.type, enabled=False)
+    """Autocast off inside the fused ops; a no-op context when it is off already (building a
+    ``torch.autocast`` object costs several microseconds, twice per fused call)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _prepare(

@@ -25,7 +25,7 @@ Without Triton (or on CPU without ``TRITON_INTERPRET=1``) the eager reference ru
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -83,61 +83,115 @@ def _code(quant_type: str, device: torch.device) -> torch.Tensor:
     return _CODE_CACHE[key]
 
 
+class _Static(NamedTuple):
+    """Per-weight launch facts, computed once and cached on the weight's ``QuantState``.
+
+    Rebuilding them every call cost a dozen Python-level tensor calls per dequantization (twice
+    per weight per step); ``as_tensor`` of the nested offset is even an H2D copy when
+    bitsandbytes left it on the CPU. Only small things are cached: the weight's own tensors are
+    read from the state at each call, so a moved or reloaded weight is never held alive here.
+    """
+
+    device: torch.device
+    shape: tuple[int, ...]
+    n: int
+    grid: tuple[int]
+    code: torch.Tensor
+    nested: bool
+    blocksize2: int
+    offset_source: Any  # the ``quant_state.offset`` object ``offset`` was made from
+    offset: torch.Tensor | None
+
+
+def _static(quant_state: Any, device: torch.device) -> _Static:
+    cached = getattr(quant_state, "_turbotune_static", None)
+    state2 = quant_state.state2 if getattr(quant_state, "nested", False) else None
+    offset = quant_state.offset if state2 is not None else None
+    if cached is not None and cached.device == device and cached.offset_source is offset:
+        return cached
+    shape = tuple(quant_state.shape)
+    n = math.prod(shape)
+    n_programs = ((n + 1) // 2 + _BLOCK_BYTES - 1) // _BLOCK_BYTES  # over the packed bytes
+    cached = _Static(
+        device, shape, n, (n_programs,), _code(quant_state.quant_type, device),
+        state2 is not None, state2.blocksize if state2 is not None else 1, offset,
+        None if offset is None else torch.as_tensor(offset, dtype=torch.float32, device=device),
+    )  # fmt: skip
+    quant_state._turbotune_static = cached
+    return cached
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype is torch.float32 else t.float()
+
+
 def _packed_bytes(weight: torch.Tensor) -> torch.Tensor:
     """The packed storage as a flat uint8 tensor, whatever ``quant_storage`` dtype holds it."""
-    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
-    return data.contiguous().view(torch.uint8).reshape(-1)
+    # bitsandbytes' Params4bit routes every tensor call through a Python __torch_function__;
+    # switched off here, the view costs a third as much (plain-tensor results either way).
+    with torch._C.DisableTorchFunctionSubclass():
+        data = weight if weight.is_contiguous() else weight.contiguous()
+        return (data if data.dtype is torch.uint8 else data.view(torch.uint8)).view(-1)
+
+
+def _output(shape: tuple[int, ...], dtype: torch.dtype, device, out: torch.Tensor | None):
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
+    return out
 
 
 def dequantize_4bit_launch(
-    packed: torch.Tensor, quant_state: Any, dtype: torch.dtype
+    packed: torch.Tensor,
+    quant_state: Any,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the Triton dequantizer.
 
     Args:
-        packed: ``[ceil(n / 2)]`` uint8, the packed nibbles.
+        packed: the packed nibbles (a ``Params4bit`` or its data, any storage dtype).
         quant_state: a bitsandbytes ``QuantState`` (``absmax``, ``shape``, ``blocksize``,
             ``quant_type``; ``state2`` and ``offset`` when double-quantized).
         dtype: output dtype.
+        out: optional contiguous ``quant_state.shape`` tensor of ``dtype`` to write into (a
+            slice of a larger buffer, e.g. q, k and v stacked).
 
     Returns:
-        ``quant_state.shape`` tensor of ``dtype``.
+        ``quant_state.shape`` tensor of ``dtype`` (``out`` when given).
     """
-    shape = tuple(quant_state.shape)
-    n = math.prod(shape)
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    if n == 0:
+    return _launch(_packed_bytes(packed), quant_state, dtype, out)
+
+
+def _launch(
+    packed: torch.Tensor, quant_state: Any, dtype: torch.dtype, out: torch.Tensor | None
+) -> torch.Tensor:
+    st = _static(quant_state, packed.device)
+    out = _output(st.shape, dtype, packed.device, out)
+    if st.n == 0:
         return out
-    code = _code(quant_state.quant_type, packed.device)
-    state2 = quant_state.state2 if getattr(quant_state, "nested", False) else None
-    if state2 is not None:
-        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
-        code2, absmax2, blocksize2 = state2.code.float(), state2.absmax.float(), state2.blocksize
-        absmax = quant_state.absmax
+    if st.nested:
+        state2 = quant_state.state2
+        absmax, code2, absmax2 = quant_state.absmax, _fp32(state2.code), _fp32(state2.absmax)
+        offset = st.offset
     else:
-        # Unused by the kernel when not nested; any valid pointer will do.
-        absmax = quant_state.absmax.float()
-        offset, code2, absmax2, blocksize2 = code, code, code, 1
-    grid = (triton.cdiv(triton.cdiv(n, 2), _BLOCK_BYTES),)
-    _dequant_4bit_kernel[grid](
-        packed,
-        absmax,
-        code,
-        code2,
-        absmax2,
-        offset,
-        out,
-        n,
-        BLOCKSIZE=quant_state.blocksize,
-        BLOCKSIZE2=blocksize2,
-        NESTED=state2 is not None,
+        # The nested-only pointers are unused by the kernel; any valid pointer will do.
+        absmax = _fp32(quant_state.absmax)
+        code2 = absmax2 = offset = st.code
+    _dequant_4bit_kernel[st.grid](
+        packed, absmax, st.code, code2, absmax2, offset, out, st.n,
+        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=st.blocksize2, NESTED=st.nested,
         BLOCK_BYTES=_BLOCK_BYTES,
-    )
+    )  # fmt: skip
     return out
 
 
 def dequantize_nf4(
-    weight: torch.Tensor, quant_state: Any = None, dtype: torch.dtype | None = None
+    weight: torch.Tensor,
+    quant_state: Any = None,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dequantize a bitsandbytes 4-bit weight (NF4 or FP4, nested or not) to a dense tensor.
 
@@ -145,6 +199,7 @@ def dequantize_nf4(
         weight: a bnb ``Params4bit`` or its packed data (any ``quant_storage`` dtype).
         quant_state: the weight's ``QuantState``; defaults to ``weight.quant_state``.
         dtype: output dtype; defaults to ``quant_state.dtype`` (the dtype it was quantized from).
+        out: optional contiguous ``quant_state.shape`` tensor to write into (its dtype wins).
 
     Returns:
         ``quant_state.shape`` (``[out_features, in_features]`` for a Linear) tensor of ``dtype``.
@@ -158,8 +213,11 @@ def dequantize_nf4(
             "this Params4bit holds bitsandbytes' CPU inference packing (set by Linear4bit.forward in "
             "eval mode without grad on AVX512-BF16 CPUs); call .train() before the first forward"
         )
-    dtype = dtype or quant_state.dtype
+    dtype = out.dtype if out is not None else (dtype or quant_state.dtype)
+    if out is not None:
+        _output(tuple(quant_state.shape), dtype, out.device, out)  # checks shape and layout
     packed = _packed_bytes(weight)
     if use_triton(packed):
-        return dequantize_4bit_launch(packed, quant_state, dtype)
-    return dequantize_4bit_reference(packed, quant_state, dtype)
+        return _launch(packed, quant_state, dtype, out)
+    dense = dequantize_4bit_reference(packed, quant_state, dtype)
+    return dense if out is None else out.copy_(dense)

@@ -122,12 +122,18 @@ def apply_patches(model: torch.nn.Module, kinds: Iterable[str] = KINDS) -> Patch
         if "rms_norm" in kinds and cls in fam.norms:
             patches.bind(module, "rms_norm", forwards.rms_norm_forward(fam))
         elif "swiglu" in kinds and cls in fam.mlps:
-            patches.bind(module, "swiglu", forwards.gated_mlp_forward(fam, fuse_lora="lora" in kinds))
+            patches.bind(
+                module, "swiglu", forwards.gated_mlp_forward(fam, fuse_lora="lora" in kinds)
+            )
         elif "cross_entropy" in kinds and cls == fam.causal_lm:
             patches.bind(module, "cross_entropy", forwards.causal_lm_forward(fam))
         elif "rope" in kinds and fam.rope_fn and cls in fam.attentions:
             patches.bind(module, "rope", forwards.attention_forward)
-        elif "lora" in kinds and forwards.is_lora_linear(module) and not _inside_fused_mlp(model, module, fam, kinds):
+        elif (
+            "lora" in kinds
+            and forwards.is_lora_linear(module)
+            and not _inside_fused_mlp(model, module, fam, kinds)
+        ):
             patches.bind(module, "lora", forwards.lora_linear_forward)
     if patches.counts.get("rope"):
         patches.swap_global(fam.module, fam.rope_fn, forwards.rotary_dispatcher)
@@ -135,7 +141,9 @@ def apply_patches(model: torch.nn.Module, kinds: Iterable[str] = KINDS) -> Patch
     return patches
 
 
-def _inside_fused_mlp(model: torch.nn.Module, target: torch.nn.Module, fam: Family, kinds: set[str]) -> bool:
+def _inside_fused_mlp(
+    model: torch.nn.Module, target: torch.nn.Module, fam: Family, kinds: set[str]
+) -> bool:
     """Whether ``target`` is a projection of an MLP whose whole forward is fused already."""
     if "swiglu" not in kinds:
         return False

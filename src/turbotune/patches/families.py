@@ -40,6 +40,7 @@ class Family:
 
 _T = "transformers.models"
 
+
 def _row(name: str, prefix: str, *, mlp: bool = True, **extra) -> Family:
     """The row of a family whose classes follow transformers' ``<Prefix><Part>`` naming."""
     return Family(

@@ -24,48 +24,91 @@ from turbotune.patches.families import Family
 
 def is_lora_linear(module: torch.nn.Module) -> bool:
     """A peft LoRA ``Linear`` (on a dense or bitsandbytes 4-bit base)."""
-    return hasattr(module, "lora_A") and hasattr(module, "base_layer") and isinstance(
-        getattr(module, "lora_A", None), torch.nn.ModuleDict
+    return (
+        hasattr(module, "lora_A")
+        and hasattr(module, "base_layer")
+        and isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict)
     )
+
+
+# projection_of runs for every projection on every forward (and again under activation
+# checkpointing), so it reads peft's state straight from the instance dicts: nn.Module's
+# __getattr__ and peft's properties cost a microsecond each, and there are a dozen.
+_PLAIN_LINEAR: dict[type, bool] = {}
 
 
 def _plain_linear(module: torch.nn.Module) -> bool:
     # bitsandbytes' Linear4bit subclasses nn.Linear; peft's LoRA wrappers (one of which is also
-    # called "Linear4bit") do not.
-    return isinstance(module, torch.nn.Linear) and not is_lora_linear(module)
+    # called "Linear4bit") do not. Decided once per class.
+    cls = type(module)
+    plain = _PLAIN_LINEAR.get(cls)
+    if plain is None:
+        plain = _PLAIN_LINEAR[cls] = isinstance(module, torch.nn.Linear) and not is_lora_linear(
+            module
+        )
+    return plain
+
+
+def _weight(linear: torch.nn.Module) -> torch.Tensor:
+    weight = linear._parameters.get("weight")
+    return weight if weight is not None else linear.weight
+
+
+def _active_adapter(module: torch.nn.Module) -> str | None:
+    """The single active adapter of a peft LoRA layer that the fused op can run, or None."""
+    d = module.__dict__
+    merged, disabled = d.get("merged_adapters"), d.get("_disable_adapters")
+    if merged is None or disabled is None:  # another peft layout: the public properties
+        merged, disabled = module.merged, module.disable_adapters
+    if merged or disabled:
+        return None
+    active = d.get("_active_adapter")
+    if active is None:
+        active = module.active_adapters
+    adapters = module._modules["lora_A"]._modules
+    if isinstance(active, str):
+        return active if active in adapters else None
+    present = [a for a in active if a in adapters]
+    return present[0] if len(present) == 1 else None
 
 
 def projection_of(module: torch.nn.Module) -> Projection | None:
     """The :class:`Projection` a module computes, or ``None`` if the fused op cannot do it."""
     # The fused ops treat the base weight as frozen: a trainable one (full fine-tuning) keeps the
     # original path, which gives it a gradient.
-    if not is_lora_linear(module):
-        if not _plain_linear(module) or module.weight.requires_grad:
+    mods = module._modules
+    lora_a = mods.get("lora_A")
+    if lora_a is None or "base_layer" not in mods:
+        if not _plain_linear(module) or _weight(module).requires_grad:
             return None
-        return Projection(module, None, module.bias)
-    base = module.base_layer
-    if not _plain_linear(base) or base.weight.requires_grad or module.merged or module.disable_adapters:
+        return Projection(module, None, module._parameters.get("bias"))
+    base = mods["base_layer"]
+    if not _plain_linear(base) or _weight(base).requires_grad:
         return None
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) != 1:
+    name = _active_adapter(module)
+    if name is None:
         return None
-    name = active[0]
-    if getattr(module, "lora_variant", {}).get(name) is not None or module.use_dora.get(name, False):
+    d = module.__dict__
+    if d.get("lora_variant", {}).get(name) is not None or d.get("use_dora", {}).get(name, False):
         return None
-    dropout = module.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and module.training else 0.0
-    lora = LoRAWeights(module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]), p)
-    return Projection(base, lora, base.bias)
+    dropout = mods["lora_dropout"]._modules[name]
+    p = dropout.p if module.training and isinstance(dropout, torch.nn.Dropout) else 0.0
+    a = lora_a._modules[name]._parameters["weight"]
+    b = mods["lora_B"]._modules[name]._parameters["weight"]
+    lora = LoRAWeights(a, b, float(d["scaling"][name]), p)
+    return Projection(base, lora, base._parameters.get("bias"))
 
 
-def lora_linear_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def lora_linear_forward(
+    self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
     """A peft LoRA ``Linear`` as one fused op (base weight dequantized on the fly)."""
-    from turbotune.ops.lora import lora_linear
+    from turbotune.ops.lora import lora_projections
 
     proj = projection_of(self)
     if proj is None or args or kwargs:
         return self._turbotune_original_forward(x, *args, **kwargs)
-    return lora_linear(x, proj.base, proj.lora, proj.bias)
+    return lora_projections(x, (proj,))[0]
 
 
 # --- gated MLP ----------------------------------------------------------------------------
@@ -129,7 +172,13 @@ def rotary_dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1, *args, **kwargs):
-        if getattr(_ROPE_STATE, "depth", 0) == 0 or unsqueeze_dim != 1 or args or kwargs or cos.dim() != 3:
+        if (
+            getattr(_ROPE_STATE, "depth", 0) == 0
+            or unsqueeze_dim != 1
+            or args
+            or kwargs
+            or cos.dim() != 3
+        ):
             return original(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
         from turbotune.ops.rope import apply_rotary
 
@@ -180,6 +229,8 @@ def causal_lm_forward(fam: Family) -> Callable[..., Any]:
             logit_scale=scale,
             softcap=softcap,
         )
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=None, past_key_values=outputs.past_key_values
+        )
 
     return forward

@@ -5,7 +5,11 @@ instead of keeping a dense copy alive. They should not care whether the weight i
 tensor, a bitsandbytes 4-bit parameter or some other quantized format, so they only ever call
 :func:`dense_weight`. A new format plugs in by giving its weight object a
 ``dequantize(dtype) -> Tensor`` method (the :class:`Dequantizable` protocol): nothing here or in
-the ops changes.
+the ops changes. ``out=`` lets a fused op dequantize several projections that share an input
+(q, k, v) into one stacked buffer, so that their backward is a single matmul.
+
+This runs twice per projection per training step, so the dispatch is decided once per *type*
+(the protocol ``isinstance`` is slow) and the 4-bit launch facts are cached by ``ops.nf4``.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ class Packed4bitWeight(NamedTuple):
     data: torch.Tensor
     quant_state: Any
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_nf4(self.data, self.quant_state, dtype)
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        return dequantize_nf4(self.data, self.quant_state, dtype, out=out)
 
 
 # Anything dense_weight accepts: a tensor (dense or bnb Params4bit), a module with a .weight
@@ -56,32 +60,88 @@ def _bnb_quant_state(weight: torch.Tensor, module: nn.Module | None) -> Any:
     return state
 
 
-def dense_weight(source: BaseWeight, dtype: torch.dtype) -> torch.Tensor:
+# How each type of weight source is read, decided once per type: ``isinstance`` against the
+# runtime-checkable protocol walks the protocol's members (and nn.Module.__getattr__) on every
+# call, which cost more than the rest of a fused projection's Python.
+_TENSOR, _MODULE, _DEQUANTIZE, _OTHER = range(4)
+_SOURCE_KIND: dict[type, int] = {}
+
+
+def _source_kind(cls: type) -> int:
+    kind = _SOURCE_KIND.get(cls)
+    if kind is None:
+        if issubclass(cls, torch.Tensor):
+            kind = _TENSOR
+        elif callable(getattr(cls, "dequantize", None)):
+            kind = _DEQUANTIZE
+        elif issubclass(cls, nn.Module):
+            kind = _MODULE
+        else:
+            kind = _OTHER  # maybe an instance attribute: checked per call
+        _SOURCE_KIND[cls] = kind
+    return kind
+
+
+def _module_weight(module: nn.Module) -> Any:
+    weight = module._parameters.get("weight")
+    return weight if weight is not None else module.weight
+
+
+def dense_weight(
+    source: BaseWeight, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The dense weight of ``source`` in ``dtype``, without autograd history.
 
     Args:
         source: an ``nn.Linear``-like module (its ``.weight``), a tensor (a bitsandbytes
             ``Params4bit`` is dequantized), or any object with ``.dequantize(dtype)``.
         dtype: the compute dtype wanted.
+        out: optional contiguous ``[out_features, in_features]`` tensor of ``dtype`` to write
+            into (e.g. a row block of several projections' stacked weights).
 
     Returns:
-        ``[out_features, in_features]`` tensor of ``dtype`` (the stored tensor itself when it
-        already has that dtype: callers must not modify it in place).
+        ``[out_features, in_features]`` tensor of ``dtype`` (``out`` when given; else possibly
+        the stored tensor itself when it already has that dtype: callers must not modify it in
+        place).
 
     Raises:
         TypeError: if ``source`` is none of the above.
     """
     module = None
-    if isinstance(source, nn.Module) and not isinstance(source, Dequantizable):
-        module, source = source, source.weight
-    if isinstance(source, torch.Tensor):
+    kind = _source_kind(type(source))
+    if kind == _MODULE:
+        module, source = source, _module_weight(source)
+        kind = _source_kind(type(source))
+    if kind == _TENSOR:
         state = _bnb_quant_state(source, module)
         if state is not None:
-            return dequantize_nf4(source, state, dtype)
-        return source.detach().to(dtype)
-    if isinstance(source, Dequantizable):
-        return source.dequantize(dtype)
-    raise TypeError(
-        f"{type(source).__name__} is not a weight source: expected a tensor, a module with a "
-        "`.weight`, or an object with `.dequantize(dtype)`"
-    )
+            return dequantize_nf4(source, state, dtype, out=out)
+        dense = source.detach()
+    elif type(source) is Packed4bitWeight:
+        return source.dequantize(dtype, out)
+    elif kind == _DEQUANTIZE or hasattr(source, "dequantize"):
+        dense = source.dequantize(dtype)
+    else:
+        raise TypeError(
+            f"{type(source).__name__} is not a weight source: expected a tensor, a module with a "
+            "`.weight`, or an object with `.dequantize(dtype)`"
+        )
+    return dense.to(dtype) if out is None else out.copy_(dense)
+
+
+def weight_shape(source: BaseWeight) -> tuple[int, int] | None:
+    """``(out_features, in_features)`` of a weight source without dequantizing it, or None when
+    only dequantizing would tell (a :class:`Dequantizable` without a ``shape``)."""
+    module = None
+    kind = _source_kind(type(source))
+    if kind == _MODULE:
+        module, source = source, _module_weight(source)
+        kind = _source_kind(type(source))
+    if kind == _TENSOR:
+        state = _bnb_quant_state(source, module)
+        return tuple(state.shape) if state is not None else tuple(source.shape)
+    shape = getattr(source, "shape", None)
+    if shape is None:
+        state = getattr(source, "quant_state", None)
+        shape = getattr(state, "shape", None)
+    return tuple(shape) if shape is not None else None
