@@ -223,10 +223,11 @@ def test_missing_data_file_is_named(stories260k, tmp_path):
         run_training(cfg)
 
 
-def test_row_without_target_is_named(stories260k, tmp_path):
+@pytest.mark.parametrize("missing", [{"output": "  "}, {}], ids=["blank", "absent"])
+def test_row_without_target_is_named(stories260k, tmp_path, missing):
     rows = [
         {"instruction": "Say hi.", "output": "Hi."},
-        {"instruction": "Say bye.", "output": "  "},
+        {"instruction": "Say bye.", **missing},
     ]
     data = tmp_path / "rows.json"
     data.write_text(json.dumps(rows))

@@ -38,7 +38,11 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Move a finished directory ``tmp`` to ``final``, replacing an older one."""
+    """Move a finished directory ``tmp`` to ``final``, replacing an older one.
+
+    Replacing takes two renames (directories cannot be swapped in one): a crash between them
+    leaves the previous version in ``.staging/<name>.old`` rather than a half-written ``final``.
+    """
     if final.exists():
         old = final.parent / STAGING / (final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
