@@ -114,7 +114,7 @@ class LoRALinear(nn.Module):
 
     @property
     def merged(self) -> bool:
-        """Always ``False``: these layers are never merged in place."""
+        """``False``: these layers are never merged in place (peft's name, for peft-shaped readers)."""
         return bool(self.merged_adapters)
 
     @property
@@ -173,10 +173,6 @@ class LoRALinear(nn.Module):
         out_dtype = result.dtype
         update = lora_b(lora_a(dropout(x.to(lora_a.weight.dtype)))) * scaling
         return (result + update).to(out_dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """``B @ A * scaling``, ``[out, in]`` in the adapter dtype (for merging or checks)."""
-        return self.lora_B[ADAPTER].weight @ self.lora_A[ADAPTER].weight * self.scaling[ADAPTER]
 
     def extra_repr(self) -> str:
         return f"r={self.rank}, scaling={self.scaling[ADAPTER]:g}, quantized_base={self._quantized_base}"
@@ -384,6 +380,7 @@ def load_custom_lora(model: nn.Module, adapter_dir: str | Path) -> None:
     """Copy a saved PEFT LoRA adapter into ``model``'s custom layers (resuming a checkpoint).
 
     Every adapter weight of the model must be in the file and vice versa, with the same shapes.
+    Under FSDP2 every rank calls it and keeps its own shard.
     """
     from safetensors.torch import load_file
 
@@ -405,4 +402,11 @@ def load_custom_lora(model: nn.Module, adapter_dir: str | Path) -> None:
         )
     with torch.no_grad():
         for key, param in params.items():
-            param.copy_(weights[key])
+            value = weights[key]
+            if hasattr(param, "device_mesh"):  # FSDP2 DTensor: keep this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(
+                    value.to(param.device), param.device_mesh, param.placements
+                )
+            param.copy_(value)

@@ -68,7 +68,5 @@ class AdapterPlugin(Plugin):
         c = self.config
         if c.method == "full":
             return "full fine-tuning"
-        return (
-            f"{c.method} ({c.implementation}) r={c.r} alpha={c.alpha:g} dropout={c.dropout:g} "
-            f"targets={c.target_modules}"
-        )
+        kind = f"{c.method} (custom)" if c.implementation == "custom" else c.method
+        return f"{kind} r={c.r} alpha={c.alpha:g} dropout={c.dropout:g} targets={c.target_modules}"
