@@ -96,8 +96,9 @@ def _accepted_args() -> frozenset[str]:
 
 
 def _checkpointing_args(t: TrainConfig) -> dict[str, Any]:
-    """Activation checkpointing under the name this transformers accepts: 5.2x renamed
-    ``gradient_checkpointing*`` to ``activation_checkpointing*`` (the old names still read back)."""
+    """Activation checkpointing under the name this transformers accepts: newer releases renamed
+    ``gradient_checkpointing*`` to ``activation_checkpointing*`` and warn on the old names (which
+    still read back, so plugins may keep reading ``args.gradient_checkpointing``)."""
     name = (
         "activation_checkpointing"
         if "activation_checkpointing" in _accepted_args()
