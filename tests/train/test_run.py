@@ -35,7 +35,7 @@ def test_lora_lowers_eval_loss(trained_lora):
     trained = trained_lora.eval_metrics["eval_loss"]
     with trainer.model.disable_adapter():
         base = trainer.evaluate()["eval_loss"]
-    assert trained < base - 0.05, f"eval loss {base:.4f} (base) -> {trained:.4f} (LoRA)"
+    assert trained < base - 0.3, f"eval loss {base:.4f} (base) -> {trained:.4f} (LoRA)"
     losses = step_losses(trainer.state.log_history)
     assert sorted(losses) == [4, 8, 12], losses
     # The metrics log on disk holds the same training losses the Trainer kept in memory.
