@@ -133,3 +133,21 @@ def test_without_the_rng_state_the_losses_differ(runs, stories260k, alpaca_tiny)
         f"step {step} loss {got[step]} equals the uninterrupted {want[step]} without the RNG state: "
         "dropout does not make the resume test sensitive to RNG restoration"
     )
+
+
+def test_custom_lora_resumes_exactly(stories260k, alpaca_tiny, tmp_path):
+    """turbotune's own LoRA layers (not a PeftModel) checkpoint and resume like peft's."""
+    from .conftest import one_thread
+
+    def config(out):
+        cfg = _config(stories260k, alpaca_tiny, out)
+        cfg["adapter"]["implementation"] = "custom"
+        return cfg
+
+    with one_thread():
+        full = run_training(config(tmp_path / "full"))
+        run_training(config(tmp_path / "cut"), callbacks=[StopAfter(SAVE_EVERY)])
+        resumed = run_training(config(tmp_path / "cut"), ["train.resume_from_checkpoint=latest"])
+    want = {s: v for s, v in step_losses(full.trainer.state.log_history).items() if s > SAVE_EVERY}
+    got = {s: v for s, v in step_losses(resumed.trainer.state.log_history).items() if s > SAVE_EVERY}
+    _assert_same(got, want, "custom LoRA resume")

@@ -165,6 +165,16 @@ class TurbotuneTrainer(Trainer):
         run_dir = super()._get_output_dir(trial)
         return os.path.join(run_dir, STAGING) if getattr(self, "_staging", False) else run_dir
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # turbotune's own LoRA layers (adapter.implementation: custom) save in the PEFT format
+        # but are not a PeftModel, which the Trainer's loader would require.
+        from turbotune.adapters.lora import is_custom_lora_model, load_custom_lora
+
+        target = model if model is not None else self.model
+        if is_custom_lora_model(target):
+            return load_custom_lora(target, resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _save_checkpoint(self, model, trial):
         run_dir = Path(self._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
