@@ -125,16 +125,18 @@ def test_lora_qkv_parity(parity, dtype, kind, dropout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "activation,kind,dropout",
+    "activation,kind,dropout,bias",
     [
-        ("silu", "dense", 0.0),
-        ("silu", "nf4", 0.25),
-        ("gelu_tanh", "fp4", 0.0),
-        ("gelu", "nf4", 0.1),
+        ("silu", "dense", 0.0, False),
+        ("silu", "nf4", 0.25, False),
+        ("gelu_tanh", "fp4", 0.0, False),
+        ("gelu", "nf4", 0.1, False),
+        ("silu", "nf4", 0.0, True),
     ],
 )
-def test_lora_mlp_parity(parity, dtype, activation, kind, dropout):
-    """Gate and down carry adapters, up has none."""
+def test_lora_mlp_parity(parity, dtype, activation, kind, dropout, bias):
+    """Gate and down carry adapters, up has none; with ``bias``, gate and down have biases (the
+    stacked gate/up output then adds [b_gate | 0])."""
     tokens, hidden, inter, r = 13, 123, 77, 5
     gate, up, down = (
         _base(kind, o, i, seed=k)
@@ -148,24 +150,27 @@ def test_lora_mlp_parity(parity, dtype, activation, kind, dropout):
         "Ad": ad["A"],
         "Bd": ad["B"],
     }
+    if bias:
+        master["bg"] = (0.1 * torch.randn(inter)).requires_grad_()
+        master["bd"] = (0.1 * torch.randn(hidden)).requires_grad_()
 
-    def ours(x, Ag, Bg, Ad, Bd):
+    def ours(x, Ag, Bg, Ad, Bd, bg=None, bd=None):
         torch.manual_seed(STEP_SEED)
         return lora_mlp(
             x,
-            (gate[0], LoRAWeights(Ag, Bg, 2.0, dropout)),
+            (gate[0], LoRAWeights(Ag, Bg, 2.0, dropout), bg),
             (up[0], None),
-            Projection(down[0], LoRAWeights(Ad, Bd, 0.75, dropout)),
+            Projection(down[0], LoRAWeights(Ad, Bd, 0.75, dropout), bd),
             activation=activation,
         )
 
-    def ref(x, Ag, Bg, Ad, Bd):
+    def ref(x, Ag, Bg, Ad, Bd, bg=None, bd=None):
         keeps = _ref_keeps(3, [x.shape, x.shape, (tokens, inter)], [dropout] * 3)
         return lora_mlp_reference(
             x,
-            (gate[1], LoRAWeights(Ag, Bg, 2.0, dropout)),
+            (gate[1], LoRAWeights(Ag, Bg, 2.0, dropout), bg),
             (up[1], None),
-            (down[1], LoRAWeights(Ad, Bd, 0.75, dropout)),
+            (down[1], LoRAWeights(Ad, Bd, 0.75, dropout), bd),
             activation=activation,
             keeps=keeps,
         )
@@ -192,6 +197,51 @@ def _run(fn, leaves: dict[str, torch.Tensor], grad_out: torch.Tensor):
     out = fn(**leaves)
     out.backward(grad_out.to(out.dtype))
     return {"out": out.detach(), **{k: v.grad for k, v in leaves.items() if v.requires_grad}}
+
+
+class _NoShape:
+    """A Dequantizable weight source that does not tell its shape (stacking must cope)."""
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.w.to(dtype)
+
+
+def test_group_with_mixed_sources_and_partial_grads():
+    """q/k/v over three kinds of weight source (one of unknown shape), a frozen A on q, no grad
+    for x: each requested gradient matches the reference, the others are not produced."""
+    tokens, hidden, r = 9, 40, 3
+    outs = {"q": 24, "k": 8, "v": 8}
+    ws = {n: torch.randn(o, hidden) / hidden**0.5 for n, o in outs.items()}
+    v_source, v_dense = _base("nf4", outs["v"], hidden, seed=5)
+    ws["v"] = v_dense
+    sources = {"q": _NoShape(ws["q"]), "k": ws["k"], "v": v_source}
+    ads = {n: _adapter(outs[n], hidden, r, seed=70 + i) for i, n in enumerate(("q", "v"))}
+    a_q = ads["q"]["A"].detach()  # frozen
+    x = torch.randn(tokens, hidden)
+    ref_leaves = {k: t.detach().clone().requires_grad_() for k, t in (
+        ("Bq", ads["q"]["B"]), ("Av", ads["v"]["A"]), ("Bv", ads["v"]["B"]))}  # fmt: skip
+
+    def run(ours: bool, t: dict):
+        pick = sources if ours else ws
+        q = (pick["q"], LoRAWeights(a_q, t["Bq"], 1.5))
+        v = (pick["v"], LoRAWeights(t["Av"], t["Bv"], 0.5))
+        fn = lora_qkv if ours else lora_qkv_reference
+        return torch.cat(fn(x, q, (pick["k"], None), v), dim=-1)
+
+    ours_leaves = {k: v.detach().clone().requires_grad_() for k, v in ref_leaves.items()}
+    got, want = run(True, ours_leaves), run(False, ref_leaves)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(want)
+    got.backward(grad)
+    want.backward(grad)
+    for name in ref_leaves:
+        torch.testing.assert_close(
+            ours_leaves[name].grad, ref_leaves[name].grad, rtol=1e-5, atol=1e-5
+        )
+    assert a_q.grad is None and not x.requires_grad
 
 
 def test_fp32_adapters_with_bf16_compute():
@@ -317,7 +367,8 @@ def _backward_node(y: torch.Tensor, name: str):
 
 
 def test_no_dense_base_weight_is_saved():
-    """Saved for backward: x (once for q/k/v), the [M, r] products, A, B and bias — never W."""
+    """Saved for backward: x (once for q/k/v), [e | u], the [M, r] products, A, B, their
+    compute-dtype casts and bias — never W."""
     tokens, hidden, inter, r = 13, 123, 77, 5
     gate, up, down = (
         _base("nf4", o, i, seed=k)[0]
@@ -335,7 +386,7 @@ def test_no_dense_base_weight_is_saved():
     shapes = sorted(tuple(t.shape) for t in saved if t is not None)
     big = [s for s in shapes if s[0] * s[-1] >= inter * hidden]
     assert big == [], f"weight-sized tensors saved: {big}"
-    assert shapes.count((tokens, inter)) == 2  # e and u
+    assert shapes.count((tokens, 2 * inter)) == 1  # e and u, side by side
     assert shapes.count((tokens, hidden)) == 1  # x
 
     q, *_ = lora_qkv(x, (gate, LoRAWeights(lg["A"], lg["B"], 2.0)), (up, None), (up, None))

@@ -96,7 +96,9 @@ def eager_ops(monkeypatch):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_patched_training_matches_unpatched(family, eager_ops):
+def test_patched_training_matches_unpatched(family, eager_ops, monkeypatch):
+    from turbotune.patches import forwards
+
     base = tiny_model(family)
     ref_model = with_lora(copy.deepcopy(base))
     ours_model = with_lora(copy.deepcopy(base))
@@ -104,12 +106,20 @@ def test_patched_training_matches_unpatched(family, eager_ops):
     fam = FAMILIES[family]
     assert patches.counts.get("cross_entropy") == 1 and patches.counts.get("rms_norm", 0) >= 5
     assert patches.counts.get("rope") == 2  # one per attention module
+    assert patches.counts.get("lora_qkv") == 2  # ... which also runs q, k, v as one op
     if fam.mlps:
         assert patches.counts.get("swiglu") == 2
+    groups = []  # sizes of the projection groups the fused op ran
+    real = forwards.lora_projections
+    monkeypatch.setattr(
+        forwards, "lora_projections", lambda x, p: groups.append(len(p)) or real(x, p)
+    )
     batches = data(20)
     ref = train(ref_model, batches)
     ours = train(ours_model, batches)
     patches.undo()
+    # per step and layer: q/k/v as one group of 3, o_proj alone (and the MLP, when dense, alone)
+    assert groups.count(3) == 20 * 2, f"q/k/v groups: {groups.count(3)}, all groups {set(groups)}"
     # fp32 throughout: only summation order differs (chunked cross-entropy, fused matmuls).
     assert_close_losses(ours, ref, 2e-5, family)
     assert ours[-1] < ours[0]

@@ -7,8 +7,12 @@ source* (anything :func:`turbotune.quant.weights.dense_weight` accepts: a tensor
 parameter, a module) that is dequantized in forward and again in backward, then dropped; the
 dropout mask is regenerated in backward from a seed. What is saved per projection group is the
 input ``x`` once (shared by q/k/v, or by gate/up) and the tiny ``[tokens, r]`` products.
-The SwiGLU/GeGLU MLP saves ``x, e, u`` and recomputes ``h = act(e) * u`` in backward (the
-"LoRA MLP" of Unsloth, github.com/unslothai/unsloth, written anew here).
+The SwiGLU/GeGLU MLP saves ``x`` and ``[e | u]`` and recomputes ``h = act(e) * u`` in backward
+(the "LoRA MLP" of Unsloth, github.com/unslothai/unsloth, written anew here).
+
+Projections that share an input run as one group (``ops/lora_group.py``): their weights are
+dequantized into one stacked buffer, the input gradient is one matmul over it, and without
+dropout the adapters' down projections are one matmul too.
 
 Matmuls stay in torch (cuBLAS); the LoRA branch folds into the base output with ``addmm_``.
 ``A`` and ``B`` may be fp32 while ``x`` is bf16: they are cast to ``x.dtype`` for the matmuls
@@ -17,10 +21,10 @@ to the autocast dtype first and the ops run with autocast off. Dropout is the ca
 in eval mode: pass ``dropout=0``.
 
 Notation for one projection with scaling ``s`` and dropout ``p`` (keep mask ``m``, ``D(z) =
-z * m / (1 - p)``, the identity when ``p = 0``): ``t = s * D(x) A^T`` (``[M, r]``, saved),
-``y = x W^T + b + t B^T``. Backward, with ``g = s * dy B`` (``[M, r]``)::
+z * m / (1 - p)``, the identity when ``p = 0``): ``t = D(x) A^T`` (``[M, r]``, saved),
+``y = x W^T + b + s t B^T``. Backward, with ``g = s * dy B`` (``[M, r]``)::
 
-    dB = dy^T t        dA = g^T D(x)        dx = dy W + D(g A)        db = sum_rows(dy)
+    dB = s dy^T t        dA = g^T D(x)        dx = dy W + D(g A)        db = sum_rows(dy)
 """
 
 from __future__ import annotations
@@ -31,8 +35,17 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from turbotune.ops.lora_group import (
+    Needs,
+    Slot,
+    base_backward,
+    base_forward,
+    dropout_keep,
+    layout_of,
+    lora_backward,
+    lora_forward,
+)
 from turbotune.ops.swiglu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
-from turbotune.quant.weights import dense_weight
 
 __all__ = [
     "LoRAMLPFunction",
@@ -80,147 +93,16 @@ class Projection(NamedTuple):
     bias: torch.Tensor | None = None
 
 
-class _Slot(NamedTuple):
-    """One projection as the autograd functions see it (tensors unpacked from the inputs)."""
-
-    base: Any
-    A: torch.Tensor | None
-    B: torch.Tensor | None
-    bias: torch.Tensor | None
-    scaling: float
-    dropout: float
-    seed: int
-
-
-class _Needs(NamedTuple):
-    """Which gradients one projection's backward must produce."""
-
-    x: bool
-    A: bool
-    B: bool
-    bias: bool
-
-
-# ---- dropout masks ----
+# ---- dropout masks (the masks themselves: ``lora_group.dropout_keep``) ----
 
 
 def dropout_seed() -> int:
     """Draw the seed of a step's LoRA dropout masks from torch's default CPU generator.
 
-    No device sync, reproducible under ``torch.manual_seed``, and activation checkpointing
-    (which restores the CPU RNG state before recomputing) draws the same seed again.
+    No device sync (a CPU tensor), reproducible under ``torch.manual_seed``, and activation
+    checkpointing (which restores the CPU RNG state before recomputing) draws the same seed.
     """
     return int(torch.randint(0, 2**62, (1,)).item())
-
-
-def dropout_keep(shape: Sequence[int], p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The boolean keep mask ``m`` (True with probability ``1 - p``) drawn from ``seed``.
-
-    The projection with index ``j`` in a fused call (q, k, v = 0, 1, 2; gate, up, down = 0, 1, 2)
-    uses ``seed + j``, so each adapter gets its own mask, as with peft's separate dropouts. The
-    mask lives only inside one forward or backward call (1 byte per element).
-    """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    keep = torch.empty(tuple(shape), device=device, dtype=torch.bool)
-    return keep.bernoulli_(1.0 - p, generator=gen)
-
-
-def _keep(x: torch.Tensor, slot: _Slot) -> torch.Tensor | None:
-    if slot.A is None or slot.dropout == 0.0:
-        return None
-    return dropout_keep(x.shape, slot.dropout, slot.seed, x.device)
-
-
-def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-    """``D(x) = x * m / (1 - p)``: ``x * m`` is exact, so one rounding, like ``F.dropout``."""
-    return x if keep is None else (x * keep).mul_(1.0 / (1.0 - p))
-
-
-# ---- one projection, forward and backward ----
-
-
-class _Cast(NamedTuple):
-    """An adapter's ``A``, ``B`` in the compute dtype, cast once in forward and saved for backward
-    (a cast is a kernel launch; the copies are ``r x (in + out)``, nothing next to ``x``)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-
-
-def _forward_one(
-    x: torch.Tensor, slot: _Slot
-) -> tuple[torch.Tensor, torch.Tensor | None, _Cast | None]:
-    """``y = x W^T + b + s t B^T`` with ``t = D(x) A^T``.
-
-    Args:
-        x: ``[M, in]`` in the compute dtype.
-        slot: the projection.
-
-    Returns:
-        ``y [M, out]``, ``t [M, r]`` (None without adapter) and the adapter cast to ``x.dtype``.
-    """
-    weight = dense_weight(slot.base, x.dtype)
-    if slot.bias is None:
-        y = torch.mm(x, weight.t())
-    else:
-        y = torch.addmm(slot.bias.to(x.dtype), x, weight.t())
-    del weight  # the dense copy of a quantized weight dies here, not in the autograd graph
-    if slot.A is None:
-        return y, None, None
-    cast = _Cast(slot.A.to(x.dtype), slot.B.to(x.dtype))
-    t = torch.mm(_dropped(x, _keep(x, slot), slot.dropout), cast.A.t())
-    y.addmm_(t, cast.B.t(), alpha=slot.scaling)
-    return y, t, cast
-
-
-def _backward_one(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    t: torch.Tensor | None,
-    cast: _Cast | None,
-    slot: _Slot,
-    dx: torch.Tensor | None,
-    needs: _Needs,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of one projection; ``dx`` accumulates in place when given.
-
-    ``dB = s dy^T t``, ``g = s dy B``, ``dA = g^T D(x)``, ``dx += dy W + D(g A)``,
-    ``db = sum dy``. The scalings ride on the matmuls' ``alpha`` (``beta = 0`` ignores the
-    placeholder input, which only lends its shape), so no extra elementwise kernels run.
-
-    Args:
-        dy: ``[M, out]`` gradient of the output.
-        x: ``[M, in]`` the saved input.
-        t: ``[M, r]`` the saved ``D(x) A^T`` (None without adapter).
-        cast: the adapter in the compute dtype, saved by the forward.
-        slot: the projection (its ``A``/``B``/``bias`` give the gradients' dtypes).
-        dx: ``[M, in]`` running input gradient, or None to start one.
-        needs: which gradients to produce.
-
-    Returns:
-        ``(dx, dA, dB, dbias)``; the parameter gradients in their parameters' dtypes.
-    """
-    if needs.x:
-        weight = dense_weight(slot.base, dy.dtype)
-        dx = torch.mm(dy, weight) if dx is None else dx.addmm_(dy, weight)
-        del weight
-    dbias = dy.sum(0).to(slot.bias.dtype) if needs.bias else None
-    if cast is None:
-        return dx, None, None, dbias
-    s = slot.scaling
-    dB = torch.addmm(cast.B, dy.t(), t, beta=0, alpha=s).to(slot.B.dtype) if needs.B else None
-    if not (needs.x or needs.A):
-        return dx, None, dB, dbias
-    g = torch.addmm(t, dy, cast.B, beta=0, alpha=s)
-    keep = _keep(x, slot)
-    dA = torch.mm(g.t(), _dropped(x, keep, slot.dropout)).to(slot.A.dtype) if needs.A else None
-    if needs.x:
-        if keep is None:
-            dx.addmm_(g, cast.A)
-        else:
-            dx.add_(torch.mm(g, cast.A).mul_(keep), alpha=1.0 / (1.0 - slot.dropout))
-    return dx, dA, dB, dbias
 
 
 # ---- gated activation ----
@@ -242,27 +124,44 @@ def _glu_backward_inplace(
     ``u`` are dead afterwards (a second backward is refused, see ``LoRAMLPFunction``).
     """
     if activation == "silu":
-        return swiglu_backward(dh, e, u, inplace=True)
-    return geglu_backward(dh, e, u, _approx(activation), inplace=True)
+        de, du = swiglu_backward(dh, e, u, inplace=True)
+    else:
+        de, du = geglu_backward(dh, e, u, _approx(activation), inplace=True)
+    if de.data_ptr() != e.data_ptr():  # the eager fallback returns new tensors
+        e.copy_(de)
+        u.copy_(du)
+    return e, u
 
 
 def _approx(activation: Activation) -> str:
     return "tanh" if activation == "gelu_tanh" else "none"
 
 
-# ---- autograd functions (no maths: they route tensors to the helpers above) ----
+# ---- autograd functions (no maths: they route tensors to ``lora_group``) ----
 
 
-def _slots(meta: tuple, tensors: tuple) -> list[_Slot]:
+def _slots(meta: tuple, tensors: tuple) -> list[Slot]:
     """Rebuild the projections from ``meta = ((base, scaling, dropout, seed), ...)`` and
     ``tensors = (A0, B0, bias0, A1, B1, bias1, ...)``."""
-    return [_Slot(m[0], *tensors[3 * i : 3 * i + 3], *m[1:]) for i, m in enumerate(meta)]
+    return [Slot(m[0], *tensors[3 * i : 3 * i + 3], *m[1:]) for i, m in enumerate(meta)]
 
 
-def _needs(needs_input_grad: tuple, first: int, index: int) -> _Needs:
+def _needs(needs_input_grad: tuple, first: int, index: int) -> Needs:
     """``needs_input_grad`` holds x at 0 and slot ``index``'s (A, B, bias) from ``first + 3i``."""
     offset = first + 3 * index
-    return _Needs(needs_input_grad[0], *needs_input_grad[offset : offset + 3])
+    return Needs(needs_input_grad[0], *needs_input_grad[offset : offset + 3])
+
+
+def _grads(
+    slots: Sequence[Slot], lora: dict, dys: Sequence[torch.Tensor], needs: Sequence[Needs]
+) -> list[torch.Tensor | None]:
+    """``(dA, dB, dbias)`` of every projection, flat, in the order of the inputs."""
+    out = []
+    for i, slot in enumerate(slots):
+        d_a, d_b = lora.get(i, (None, None))
+        d_bias = dys[i].sum(0).to(slot.bias.dtype) if needs[i].bias else None
+        out += [d_a, d_b, d_bias]
+    return out
 
 
 class LoRAProjectionsFunction(torch.autograd.Function):
@@ -271,52 +170,53 @@ class LoRAProjectionsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, meta: tuple, *tensors: torch.Tensor | None):
         slots = _slots(meta, tensors)
-        outs, ts, casts = zip(*(_forward_one(x, slot) for slot in slots))
-        ctx.meta = meta
-        ctx.save_for_backward(x, *tensors, *ts, *_flat_casts(casts))
-        return outs
+        layout = layout_of(slots)
+        outs = base_forward(x, slots, layout, stacked=False)
+        saved = lora_forward(x, slots, layout, outs)
+        ctx.meta, ctx.layout = meta, layout
+        ctx.save_for_backward(x, *tensors, *saved)
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
-        x, *saved = ctx.saved_tensors
+        x, *rest = ctx.saved_tensors
         n = len(ctx.meta)
-        slots = _slots(ctx.meta, tuple(saved[: 3 * n]))
-        ts, casts = saved[3 * n : 4 * n], _unflat_casts(saved[4 * n :])
-        dx, grads = None, []
+        slots = _slots(ctx.meta, tuple(rest[: 3 * n]))
+        needs = [_needs(ctx.needs_input_grad, 2, i) for i in range(n)]
+        dx = None
         with _no_autocast(x.device):
-            for i, (dy, slot, t, cast) in enumerate(zip(dys, slots, ts, casts)):
-                needs = _needs(ctx.needs_input_grad, 2, i)
-                dx, *g = _backward_one(dy, x, t, cast, slot, dx, needs)
-                grads += g
-        return (dx, None, *grads)
-
-
-def _flat_casts(casts: Sequence[_Cast | None]) -> list[torch.Tensor | None]:
-    return [t for c in casts for t in (c if c is not None else (None, None))]
-
-
-def _unflat_casts(flat: Sequence[torch.Tensor | None]) -> list[_Cast | None]:
-    pairs = zip(flat[0::2], flat[1::2])
-    return [_Cast(a, b) if a is not None else None for a, b in pairs]
+            if ctx.needs_input_grad[0]:
+                # One matmul over the stacked weight; the cat costs one pass over the dys.
+                dy = dys[0] if n == 1 else torch.cat(dys, dim=1)
+                dx = base_backward(dy, slots, ctx.layout)
+                del dy
+            lora = lora_backward(dys, x, slots, ctx.layout, rest[3 * n :], dx, needs)
+        return (dx, None, *_grads(slots, lora, dys, needs))
 
 
 class LoRAMLPFunction(torch.autograd.Function):
-    """``y = (act(x Wg'^T) * (x Wu'^T)) Wd'^T``, saving ``x``, ``e``, ``u`` and recomputing ``h``.
+    """``y = (act(x Wg'^T) * (x Wu'^T)) Wd'^T``, saving ``x`` and ``[e | u]``, recomputing ``h``.
 
-    Backward: ``h = act(e) * u``; the down projection's backward gives ``dh`` (and ``dA_d``,
-    ``dB_d`` from ``D(h)``); ``de = dh * u * act'(e)``, ``du = dh * act(e)``; then the gate and
-    up backwards accumulate ``dx = de Wg' + du Wu'`` (each ``'`` with its LoRA term).
+    Gate and up are one group with a stacked output ``eu = [e | u]``. Backward: ``h = act(e) *
+    u``; the down projection's backward gives ``dh`` (and ``dA_d``, ``dB_d`` from ``D(h)``);
+    ``de = dh * u * act'(e)``, ``du = dh * act(e)`` are written over ``e`` and ``u``, so ``eu``
+    becomes ``[de | du]`` and ``dx = [de | du] [Wg; Wu]`` is one matmul (plus the LoRA terms).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, meta: tuple, activation: str, *tensors: torch.Tensor | None):
         gate, up, down = _slots(meta, tensors)
-        e, t_gate, c_gate = _forward_one(x, gate)
-        u, t_up, c_up = _forward_one(x, up)
-        y, t_down, c_down = _forward_one(_glu_forward(e, u, activation), down)
+        gu_layout, down_layout = layout_of([gate, up]), layout_of([down])
+        eu = base_forward(x, [gate, up], gu_layout, stacked=True)
+        e, u = _halves(eu)
+        saved_gu = lora_forward(x, [gate, up], gu_layout, [e, u])
+        h = _glu_forward(e, u, activation)
+        (y,) = base_forward(h, [down], down_layout, stacked=False)
+        saved_down = lora_forward(h, [down], down_layout, [y])
+        del h
         ctx.meta, ctx.activation, ctx.backward_done = meta, activation, False
-        casts = _flat_casts((c_gate, c_up, c_down))
-        ctx.save_for_backward(x, e, u, t_gate, t_up, t_down, *tensors, *casts)
+        ctx.layouts, ctx.n_saved_gu = (gu_layout, down_layout), len(saved_gu)
+        ctx.save_for_backward(x, eu, *tensors, *saved_gu, *saved_down)
         return y
 
     @staticmethod
@@ -327,20 +227,31 @@ class LoRAMLPFunction(torch.autograd.Function):
                 "(retain_graph=True); recompute the forward instead"
             )
         ctx.backward_done = True
-        x, e, u, t_gate, t_up, t_down, *rest = ctx.saved_tensors
+        x, eu, *rest = ctx.saved_tensors
         gate, up, down = _slots(ctx.meta, tuple(rest[:9]))
-        c_gate, c_up, c_down = _unflat_casts(rest[9:])
-        need = ctx.needs_input_grad
+        saved_gu, saved_down = rest[9 : 9 + ctx.n_saved_gu], rest[9 + ctx.n_saved_gu :]
+        (gu_layout, down_layout), need = ctx.layouts, ctx.needs_input_grad
+        needs = [_needs(need, 3, i) for i in range(3)]
+        e, u = _halves(eu)
         with _no_autocast(x.device):
             h = _glu_forward(e, u, ctx.activation)
-            down_needs = _Needs(True, *_needs(need, 3, 2)[1:])
-            dh, *g_down = _backward_one(dy, h, t_down, c_down, down, None, down_needs)
+            dh = base_backward(dy, [down], down_layout)
+            down_needs = [needs[2]._replace(x=True)]
+            lora_down = lora_backward([dy], h, [down], down_layout, saved_down, dh, down_needs)
             del h
-            de, du = _glu_backward_inplace(dh, e, u, ctx.activation)
+            _glu_backward_inplace(dh, e, u, ctx.activation)  # eu is now [de | du]
             del dh
-            dx, *g_gate = _backward_one(de, x, t_gate, c_gate, gate, None, _needs(need, 3, 0))
-            dx, *g_up = _backward_one(du, x, t_up, c_up, up, dx, _needs(need, 3, 1))
-        return (dx, None, None, *g_gate, *g_up, *g_down)
+            dx = base_backward(eu, [gate, up], gu_layout) if need[0] else None
+            lora_gu = lora_backward([e, u], x, [gate, up], gu_layout, saved_gu, dx, needs[:2])
+        grads = _grads([gate, up], lora_gu, [e, u], needs[:2])
+        grads += _grads([down], {0: lora_down[0]} if lora_down else {}, [dy], needs[2:])
+        return (dx, None, None, *grads)
+
+
+def _halves(eu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``e`` and ``u``: the column halves of the gate/up group's stacked output."""
+    inter = eu.shape[1] // 2
+    return eu[:, :inter], eu[:, inter:]
 
 
 # ---- functional entries ----

@@ -40,8 +40,11 @@ class PatchSet:
     counts: dict[str, int] = field(default_factory=dict)
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
-    def bind(self, module: torch.nn.Module, kind: str, forward: Callable[..., Any]) -> None:
-        """Replace ``module.forward`` (on the instance) by ``forward`` bound to it."""
+    def bind(
+        self, module: torch.nn.Module, kind: str | tuple[str, ...], forward: Callable[..., Any]
+    ) -> None:
+        """Replace ``module.forward`` (on the instance) by ``forward`` bound to it; ``kind``
+        names what it brings (several names for a forward that fuses several things)."""
         previous = module.__dict__.get("forward", _MISSING)
         original = module.forward
         module._turbotune_original_forward = original
@@ -55,7 +58,8 @@ class PatchSet:
             module.__dict__.pop("_turbotune_original_forward", None)
 
         self._undo.append(undo)
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+        for name in (kind,) if isinstance(kind, str) else kind:
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def swap_global(
         self, module_path: str, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -127,8 +131,9 @@ def apply_patches(model: torch.nn.Module, kinds: Iterable[str] = KINDS) -> Patch
             )
         elif "cross_entropy" in kinds and cls == fam.causal_lm:
             patches.bind(module, "cross_entropy", forwards.causal_lm_forward(fam))
-        elif "rope" in kinds and fam.rope_fn and cls in fam.attentions:
-            patches.bind(module, "rope", forwards.attention_forward)
+        elif cls in fam.attentions and (attention := _attention_kinds(module, fam, kinds)):
+            rope, qkv = "rope" in attention, "lora_qkv" in attention
+            patches.bind(module, attention, forwards.attention_forward(fam, rope=rope, qkv=qkv))
         elif (
             "lora" in kinds
             and forwards.is_lora_linear(module)
@@ -139,6 +144,19 @@ def apply_patches(model: torch.nn.Module, kinds: Iterable[str] = KINDS) -> Patch
         patches.swap_global(fam.module, fam.rope_fn, forwards.rotary_dispatcher)
     model.__dict__.pop("_turbotune_mlp_children", None)
     return patches
+
+
+def _attention_kinds(module: torch.nn.Module, fam: Family, kinds: set[str]) -> tuple[str, ...]:
+    """What a patched attention forward brings: the fused rotary, and q/k/v as one LoRA op
+    (when its projections carry adapters)."""
+    from turbotune.patches.forwards import is_lora_linear
+
+    if not fam.rope_fn:
+        return ()
+    rope = ("rope",) if "rope" in kinds else ()
+    projections = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    qkv = "lora" in kinds and any(p is not None and is_lora_linear(p) for p in projections)
+    return rope + (("lora_qkv",) if qkv else ())
 
 
 def _inside_fused_mlp(

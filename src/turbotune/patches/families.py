@@ -23,7 +23,9 @@ class Family:
     mlps: tuple[str, ...] = ()
     """Gated MLP classes: ``down(act(gate(x)) * up(x))``."""
     attentions: tuple[str, ...] = ()
-    """Attention classes that call ``rope_fn`` (their instances take the fused rotary)."""
+    """Attention classes that call ``rope_fn``: their instances take the fused rotary and, with
+    LoRA fusion, compute q, k, v in one fused op (transformers' ``<Family>Attention.forward``
+    layout: ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``head_dim``, ``scaling``)."""
     activation: str = "silu"
     """The gate activation: ``silu`` (SwiGLU) or ``gelu_tanh`` (GeGLU)."""
     rope_fn: str | None = "apply_rotary_pos_emb"
@@ -36,6 +38,11 @@ class Family:
     """Config attribute the logits are divided by (Granite's ``logits_scaling``)."""
     softcap_attr: str | None = None
     """Config attribute of the final logit soft-cap (Gemma 2's ``final_logit_softcapping``)."""
+    qk_norm: bool = False
+    """Attention normalizes each head of q and k (``q_norm``/``k_norm``) before the rotary."""
+    sliding_window: str | None = None
+    """Where attention reads the ``sliding_window`` it passes to the attention function:
+    ``"config"`` (Mistral), ``"module"`` (Qwen2/3, set per layer type), or None (not passed)."""
 
 
 _T = "transformers.models"
@@ -55,9 +62,10 @@ def _row(name: str, prefix: str, *, mlp: bool = True, **extra) -> Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": _row("llama", "Llama"),
-    "mistral": _row("mistral", "Mistral"),
-    "mixtral": _row("mixtral", "Mixtral", mlp=False),  # experts: the MoE kernels' business
-    "qwen2": _row("qwen2", "Qwen2"),
-    "qwen3": _row("qwen3", "Qwen3"),
+    "mistral": _row("mistral", "Mistral", sliding_window="config"),
+    # experts: the MoE kernels' business
+    "mixtral": _row("mixtral", "Mixtral", mlp=False, sliding_window="config"),
+    "qwen2": _row("qwen2", "Qwen2", sliding_window="module"),
+    "qwen3": _row("qwen3", "Qwen3", sliding_window="module", qk_norm=True),
     "granite": _row("granite", "Granite", logits_divisor_attr="logits_scaling"),
 }

@@ -9,6 +9,7 @@ unpatched one would.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from turbotune.ops.lora import LoRAWeights, Projection
+from turbotune.ops.lora import LoRAWeights, Projection, lora_mlp, lora_projections
 from turbotune.patches.families import Family
 
 # --- peft LoRA layers ---------------------------------------------------------------------
@@ -103,8 +104,6 @@ def lora_linear_forward(
     self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
 ) -> torch.Tensor:
     """A peft LoRA ``Linear`` as one fused op (base weight dequantized on the fly)."""
-    from turbotune.ops.lora import lora_projections
-
     proj = projection_of(self)
     if proj is None or args or kwargs:
         return self._turbotune_original_forward(x, *args, **kwargs)
@@ -120,9 +119,8 @@ def gated_mlp_forward(fam: Family, *, fuse_lora: bool) -> Callable[..., torch.Te
 
     def forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if fuse_lora:
-            from turbotune.ops.lora import lora_mlp
-
-            projs = [projection_of(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
+            mods = self._modules
+            projs = [projection_of(mods[n]) for n in ("gate_proj", "up_proj", "down_proj")]
             if all(p is not None for p in projs):
                 return lora_mlp(x, *projs, activation=fam.activation)
         from turbotune.ops.swiglu import geglu, swiglu
@@ -149,19 +147,93 @@ def rms_norm_forward(fam: Family) -> Callable[..., torch.Tensor]:
 
 # The families' attention calls a *module-level* ``apply_rotary_pos_emb``, which cannot be
 # patched per model. The engine installs :func:`rotary_dispatcher` there once (reference-counted)
-# and wraps the forward of each patched attention *instance* with :func:`attention_forward`,
+# and replaces the forward of each patched attention *instance* with :func:`attention_forward`,
 # which marks the current thread as "inside a patched attention": only then does the dispatcher
 # take the fused kernel, so unpatched models in the same process keep the original function.
-# Recomputation under gradient checkpointing re-enters the wrapped forward, so it is fused too.
+# Recomputation under gradient checkpointing re-enters the replaced forward, so it is fused too.
 _ROPE_STATE = threading.local()
 
 
-def attention_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    _ROPE_STATE.depth = getattr(_ROPE_STATE, "depth", 0) + 1
-    try:
-        return self._turbotune_original_forward(*args, **kwargs)
-    finally:
-        _ROPE_STATE.depth -= 1
+def attention_forward(fam: Family, *, rope: bool, qkv: bool) -> Callable[..., Any]:
+    """The attention forward: fused rotary when ``rope``; q, k, v as ONE fused LoRA call when
+    ``qkv`` (one stacked dequantization, one input-gradient matmul), the rest as transformers
+    computes it. States the fused path does not cover (a projection the fused op cannot run,
+    positional arguments, a KV cache at inference) take the original forward."""
+    family_module = importlib.import_module(fam.module)
+    qkv = qkv and fam.rope_fn is not None
+
+    def forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if rope:
+            _ROPE_STATE.depth = getattr(_ROPE_STATE, "depth", 0) + 1
+        try:
+            projections = _qkv_projections(self, args, kwargs) if qkv else None
+            if projections is None:
+                return self._turbotune_original_forward(hidden_states, *args, **kwargs)
+            return _fused_qkv_attention(
+                self, fam, family_module, projections, hidden_states, kwargs
+            )
+        finally:
+            if rope:
+                _ROPE_STATE.depth -= 1
+
+    return forward
+
+
+def _qkv_projections(module: torch.nn.Module, args: tuple, kwargs: dict) -> list | None:
+    if args or kwargs.get("position_embeddings") is None:
+        return None
+    if kwargs.get("past_key_values") is not None and not module.training:
+        return None  # generation: caches other than DynamicCache want the original's arguments
+    mods = module._modules
+    projections = [projection_of(mods[name]) for name in ("q_proj", "k_proj", "v_proj")]
+    return None if any(p is None for p in projections) else projections
+
+
+def _fused_qkv_attention(
+    self: torch.nn.Module,
+    fam: Family,
+    family_module: Any,
+    projections: list,
+    hidden_states: torch.Tensor,
+    kwargs: dict,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' ``<Family>Attention.forward`` (5.x) with q, k, v from :func:`lora_projections`."""
+    position_embeddings = kwargs.pop("position_embeddings")
+    attention_mask = kwargs.pop("attention_mask", None)
+    past_key_values = kwargs.pop("past_key_values", None)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query, key, value = lora_projections(hidden_states, projections)
+    query, key = query.view(hidden_shape), key.view(hidden_shape)
+    if fam.qk_norm:
+        query, key = self.q_norm(query), self.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)
+    value = value.view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = getattr(family_module, fam.rope_fn)(query, key, cos, sin)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    if fam.sliding_window is not None:
+        owner = self.config if fam.sliding_window == "config" else self
+        kwargs["sliding_window"] = getattr(owner, "sliding_window", None)
+    attention = _attention_interface(self.config._attn_implementation, family_module)
+    attn_output, attn_weights = attention(
+        self, query, key, value, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+        **kwargs,
+    )  # fmt: skip
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+def _attention_interface(implementation: str | None, family_module: Any) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = family_module.eager_attention_forward
+    get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
+    if get_interface is not None:
+        return get_interface(implementation, eager)
+    return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def rotary_dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:

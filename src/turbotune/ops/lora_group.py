@@ -1,0 +1,323 @@
+"""The maths of a group of LoRA projections that share one input (q/k/v, or gate/up).
+
+Design note. The projections of a group are computed as one: their frozen weights are
+dequantized into one row-stacked ``[sum out_i, in]`` buffer (one allocation, no per-weight
+temporaries), and the input gradient is ONE matmul ``dx = [dy_1 | dy_2 | ...] W_stacked``
+instead of one per projection. Without dropout the adapters' down projections are one matmul
+too: ``T = x [A_1; A_2; ...]^T`` (``[M, sum r_i]``), and in backward ``dA = G^T x`` and
+``dx += G A_stacked`` with ``G = [s_1 dy_1 B_1 | s_2 dy_2 B_2 | ...]``. Only the rank-``r``
+up projections stay per adapter (their outputs differ).
+
+Outputs come either as one ``[M, sum out_i]`` tensor (``stacked=True``: the MLP, which keeps
+``[e | u]`` and gets ``[de | du]`` written over it) or as separate tensors, one matmul each over
+row blocks of the stacked weight (q, k, v: a consumer that saves ``v``, like SDPA, must not keep
+a buffer holding q and k alive, so no views of one buffer are handed out).
+
+Notation (see ``ops/lora.py``): ``t = D(x) A^T`` (saved, unscaled), ``y = x W^T + b + s t B^T``;
+backward ``g = s dy B``, ``dB = s dy^T t``, ``dA = g^T D(x)``, ``dx = dy W + D(g A)``. Scalings
+ride on the matmuls' ``alpha`` (``beta = 0`` ignores the placeholder input, which only lends its
+shape), so no elementwise kernel is spent on them. ``A``/``B`` are cast to the compute dtype once
+in forward and the casts saved for backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from turbotune.quant.weights import dense_weight, weight_shape
+
+__all__ = [
+    "Layout",
+    "Needs",
+    "Slot",
+    "base_backward",
+    "base_forward",
+    "dropout_keep",
+    "layout_of",
+    "lora_backward",
+    "lora_forward",
+    "stacked_weight",
+]
+
+
+class Slot(NamedTuple):
+    """One projection as the autograd functions see it (tensors unpacked from the inputs)."""
+
+    base: Any
+    A: torch.Tensor | None
+    B: torch.Tensor | None
+    bias: torch.Tensor | None
+    scaling: float
+    dropout: float
+    seed: int
+
+
+class Needs(NamedTuple):
+    """Which gradients one projection's backward must produce."""
+
+    x: bool
+    A: bool
+    B: bool
+    bias: bool
+
+
+class Layout(NamedTuple):
+    """Static facts of a group, found in forward and kept for backward.
+
+    Attributes:
+        rows: ``(start, stop)`` of each projection's rows in the stacked weight (and its columns
+            in a stacked output).
+        stackable: every weight's shape is known without dequantizing (else: dequantize, cat).
+        adapters: indices of the projections with an adapter.
+        ranks: ``(start, stop)`` of each adapter's columns in ``T`` (rows in ``A_stacked``).
+        shared: the adapters' down projections run as one matmul (no dropout anywhere).
+    """
+
+    rows: tuple[tuple[int, int], ...]
+    stackable: bool
+    adapters: tuple[int, ...]
+    ranks: tuple[tuple[int, int], ...]
+    shared: bool
+
+
+def _spans(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    spans, start = [], 0
+    for size in sizes:
+        spans.append((start, start + size))
+        start += size
+    return tuple(spans)
+
+
+def layout_of(slots: Sequence[Slot]) -> Layout:
+    shapes = [weight_shape(s.base) for s in slots]
+    stackable = all(shape is not None for shape in shapes)
+    rows = _spans([shape[0] for shape in shapes]) if stackable else ()
+    adapters = tuple(i for i, s in enumerate(slots) if s.A is not None)
+    ranks = _spans([slots[i].A.shape[0] for i in adapters])
+    shared = all(slots[i].dropout == 0.0 for i in adapters)
+    return Layout(rows, stackable, adapters, ranks, shared)
+
+
+# ---- dropout masks ----
+
+
+def dropout_keep(shape: Sequence[int], p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The boolean keep mask ``m`` (True with probability ``1 - p``) drawn from ``seed``.
+
+    The projection with index ``j`` in a fused call (q, k, v = 0, 1, 2; gate, up, down = 0, 1, 2)
+    uses ``seed + j``, so each adapter gets its own mask, as with peft's separate dropouts. The
+    mask lives only inside one forward or backward call (1 byte per element).
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    keep = torch.empty(tuple(shape), device=device, dtype=torch.bool)
+    return keep.bernoulli_(1.0 - p, generator=gen)
+
+
+def _keep(x: torch.Tensor, slot: Slot) -> torch.Tensor | None:
+    if slot.A is None or slot.dropout == 0.0:
+        return None
+    return dropout_keep(x.shape, slot.dropout, slot.seed, x.device)
+
+
+def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """``D(x) = x * m / (1 - p)``: ``x * m`` is exact, so one rounding, like ``F.dropout``."""
+    return x if keep is None else (x * keep).mul_(1.0 / (1.0 - p))
+
+
+# ---- frozen base: y = x W^T + b, dx = dy W ----
+
+
+def stacked_weight(
+    slots: Sequence[Slot], layout: Layout, dtype: torch.dtype
+) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+    """The group's weights stacked by rows, ``[sum out_i, in]`` in ``dtype`` (dequantized), and
+    each projection's ``(start, stop)`` rows in it."""
+    if len(slots) == 1:
+        weight = dense_weight(slots[0].base, dtype)
+        return weight, ((0, weight.shape[0]),)
+    if not layout.stackable:  # a weight source that only tells its shape by dequantizing
+        parts = [dense_weight(s.base, dtype) for s in slots]
+        return torch.cat(parts), _spans([p.shape[0] for p in parts])
+    first = slots[0].base
+    in_features = weight_shape(first)[1]
+    device = _device_of(first)
+    weight = torch.empty((layout.rows[-1][1], in_features), dtype=dtype, device=device)
+    for slot, (start, stop) in zip(slots, layout.rows):
+        dense_weight(slot.base, dtype, out=weight[start:stop])
+    return weight, layout.rows
+
+
+def _device_of(base: Any) -> torch.device:
+    if isinstance(base, torch.nn.Module):
+        weight = base._parameters.get("weight")
+        base = weight if weight is not None else base.weight
+    if isinstance(base, torch.Tensor):
+        with torch._C.DisableTorchFunctionSubclass():  # bnb's Params4bit: no Python hook
+            return base.device
+    return base.data.device  # a Packed4bitWeight-like holder
+
+
+def base_forward(
+    x: torch.Tensor, slots: Sequence[Slot], layout: Layout, stacked: bool
+) -> torch.Tensor | list[torch.Tensor]:
+    """``x W_i^T + b_i`` of every projection from one stacked dequantized weight.
+
+    Returns:
+        one ``[M, sum out_i]`` tensor if ``stacked``, else a list of ``[M, out_i]`` tensors.
+    """
+    weight, rows = stacked_weight(slots, layout, x.dtype)
+    if stacked:
+        bias = _stacked_bias(slots, rows, x.dtype)
+        return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    outs = []
+    for slot, (start, stop) in zip(slots, rows):
+        w = weight[start:stop].t()
+        outs.append(
+            torch.mm(x, w) if slot.bias is None else torch.addmm(slot.bias.to(x.dtype), x, w)
+        )
+    return outs
+
+
+def _stacked_bias(slots: Sequence[Slot], rows: Sequence[tuple[int, int]], dtype: torch.dtype):
+    if all(s.bias is None for s in slots):
+        return None
+    if len(slots) == 1:
+        return slots[0].bias.to(dtype)
+    device = next(s.bias for s in slots if s.bias is not None).device
+    parts = [
+        s.bias.to(dtype) if s.bias is not None else torch.zeros(b - a, dtype=dtype, device=device)
+        for s, (a, b) in zip(slots, rows)
+    ]
+    return torch.cat(parts)
+
+
+def base_backward(dy: torch.Tensor, slots: Sequence[Slot], layout: Layout) -> torch.Tensor:
+    """``dx = [dy_1 | dy_2 | ...] W_stacked``: one matmul for the whole group.
+
+    Args:
+        dy: ``[M, sum out_i]``, the output gradients side by side.
+    """
+    weight, _ = stacked_weight(slots, layout, dy.dtype)
+    return torch.mm(dy, weight)
+
+
+# ---- adapters ----
+
+
+def lora_forward(
+    x: torch.Tensor, slots: Sequence[Slot], layout: Layout, ys: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Add ``s_i D_i(x) A_i^T B_i^T`` to each ``ys[i]`` in place.
+
+    Returns:
+        the tensors backward needs: ``[T, A_stacked, B_1, B_2, ...]`` when shared, else
+        ``[t_1, A_1, B_1, t_2, ...]`` per adapter (all in the compute dtype).
+    """
+    if not layout.adapters:
+        return []
+    dtype = x.dtype
+    b_casts = [slots[i].B.to(dtype) for i in layout.adapters]
+    if layout.shared:
+        a_stacked = _stack_cast([slots[i].A for i in layout.adapters], dtype)
+        t_all = torch.mm(x, a_stacked.t())
+        for k, i in enumerate(layout.adapters):
+            start, stop = layout.ranks[k]
+            ys[i].addmm_(t_all[:, start:stop], b_casts[k].t(), alpha=slots[i].scaling)
+        return [t_all, a_stacked, *b_casts]
+    saved = []
+    for k, i in enumerate(layout.adapters):
+        slot, a = slots[i], slots[i].A.to(dtype)
+        t = torch.mm(_dropped(x, _keep(x, slot), slot.dropout), a.t())
+        ys[i].addmm_(t, b_casts[k].t(), alpha=slot.scaling)
+        saved += [t, a, b_casts[k]]
+    return saved
+
+
+def _stack_cast(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.cat(tensors).to(dtype)`` as one kernel (the cast happens in the copy)."""
+    if len(tensors) == 1:
+        return tensors[0].to(dtype)
+    rows = sum(t.shape[0] for t in tensors)
+    out = torch.empty((rows, tensors[0].shape[1]), dtype=dtype, device=tensors[0].device)
+    return torch.cat(tensors, out=out)
+
+
+def lora_backward(
+    dys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    slots: Sequence[Slot],
+    layout: Layout,
+    saved: Sequence[torch.Tensor],
+    dx: torch.Tensor | None,
+    needs: Sequence[Needs],
+) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The adapters' gradients; ``dx`` (the base part, or None) gets ``D(g A)`` added in place.
+
+    Args:
+        dys: ``[M, out_i]`` output gradient of each projection (views are fine).
+        x: ``[M, in]`` the saved input.
+        saved: what :func:`lora_forward` returned.
+        dx: running input gradient, or None when ``x`` needs none.
+        needs: per projection.
+
+    Returns:
+        ``{index: (dA, dB)}`` for the projections with an adapter, in the parameters' dtypes.
+    """
+    if not layout.adapters:
+        return {}
+    if layout.shared:
+        return _shared_backward(dys, x, slots, layout, saved, dx, needs)
+    grads = {}
+    for k, i in enumerate(layout.adapters):
+        t, a, b = saved[3 * k : 3 * k + 3]
+        grads[i] = _one_backward(dys[i], x, t, a, b, slots[i], dx, needs[i])
+    return grads
+
+
+def _db(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """``dB = s dy^T t`` in ``B``'s dtype."""
+    return torch.addmm(b, dy.t(), t, beta=0, alpha=slot.scaling).to(slot.B.dtype)
+
+
+def _shared_backward(dys, x, slots, layout, saved, dx, needs):
+    t_all, a_stacked, *b_casts = saved
+    need_g = dx is not None or any(needs[i].A for i in layout.adapters)
+    g_all = torch.empty_like(t_all) if need_g else None
+    grads = {}
+    for k, i in enumerate(layout.adapters):
+        start, stop = layout.ranks[k]
+        slot, dy, b = slots[i], dys[i], b_casts[k]
+        d_b = _db(dy, t_all[:, start:stop], b, slot) if needs[i].B else None
+        if need_g:  # G's columns are this adapter's s dy B
+            g = g_all[:, start:stop]
+            torch.addmm(g, dy, b, beta=0, alpha=slot.scaling, out=g)
+        grads[i] = (None, d_b)
+    if any(needs[i].A for i in layout.adapters):
+        d_a_all = torch.mm(g_all.t(), x)
+        for k, i in enumerate(layout.adapters):
+            if needs[i].A:
+                start, stop = layout.ranks[k]
+                grads[i] = (d_a_all[start:stop].to(slots[i].A.dtype), grads[i][1])
+    if dx is not None:
+        dx.addmm_(g_all, a_stacked)
+    return grads
+
+
+def _one_backward(dy, x, t, a, b, slot: Slot, dx, needs: Needs):
+    """One adapter with its own dropout mask (regenerated from its seed)."""
+    d_b = _db(dy, t, b, slot) if needs.B else None
+    if dx is None and not needs.A:
+        return None, d_b
+    g = torch.addmm(t, dy, b, beta=0, alpha=slot.scaling)
+    keep = _keep(x, slot)
+    d_a = torch.mm(g.t(), _dropped(x, keep, slot.dropout)).to(slot.A.dtype) if needs.A else None
+    if dx is not None:
+        if keep is None:
+            dx.addmm_(g, a)
+        else:
+            dx.add_(torch.mm(g, a).mul_(keep), alpha=1.0 / (1.0 - slot.dropout))
+    return d_a, d_b
