@@ -17,7 +17,11 @@ import torch
 
 from turbotune.ops._triton import interpreting, use_triton
 from turbotune.ops.nf4 import dequantize_4bit_launch, dequantize_nf4
-from turbotune.ops.reference import code_table_4bit, dequantize_4bit_reference
+from turbotune.ops.reference import (
+    blockwise_absmax_reference,
+    code_table_4bit,
+    dequantize_4bit_reference,
+)
 from turbotune.quant.weights import Packed4bitWeight, dense_weight
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -43,6 +47,30 @@ def _diff(actual: torch.Tensor, expected: torch.Tensor) -> str:
     d = (actual.float() - expected.float()).abs()
     where = divmod(int(d.argmax()), actual.shape[-1]) if actual.dim() == 2 else int(d.argmax())
     return f"max abs diff {d.max().item():.3g} at {where}, mean {d.mean().item():.3g}"
+
+
+def _assert_within_nested_scale_rounding(actual, expected, quant_state) -> None:
+    """Double-quantized weights on GPU: equal up to the rounding of the block scale.
+
+    bitsandbytes' CUDA path rounds the nested scale twice (``code2[q] * absmax2``, then
+    ``+ offset`` in a separate kernel); our kernel computes it in one expression that the
+    compiler may contract into one FMA (one rounding). The two scales then differ by a few fp32
+    ulps of the *scale* (more than one when ``code2[q] * absmax2`` is larger than the scale and
+    cancels against the offset), and ``w = code4 * scale`` carries that difference whatever the
+    size of ``code4``: so the bound is relative to the block's scale, not to each element
+    (``2^-20 * scale``, 8 fp32 ulps of it), plus one ulp of the output dtype for the final
+    rounding. A wrong nibble, code or block index errs by ~5% of the scale.
+    """
+    n, blocksize = expected.numel(), quant_state.blocksize
+    scale = blockwise_absmax_reference(quant_state).abs()
+    scale = scale.repeat_interleave(blocksize)[:n].reshape(expected.shape).to(expected.device)
+    bound = 2.0**-20 * scale + torch.finfo(expected.dtype).eps * expected.float().abs()
+    err = (actual.float() - expected.float()).abs()
+    bad = err > bound
+    assert not bad.any(), (
+        f"{tuple(expected.shape)}: {int(bad.sum())} beyond 2^-20 of the block scale; "
+        f"{_diff(actual, expected)}; max err/scale {(err / scale.clamp_min(1e-30)).max():.3g}"
+    )
 
 
 def _assert_within_bf16_ulp(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -87,9 +115,7 @@ def test_kernel_matches_bitsandbytes(device, quant_type, nested, blocksize, dtyp
         assert got.shape == shape and got.dtype == dtype
         got32 = dequantize_nf4(packed, state, torch.float32)
         if nested and device.type == "cuda":
-            # The nested scale code2[q] * absmax2 + offset may compile to one FMA: 1 fp32 ulp.
-            eps = torch.finfo(dtype).eps
-            torch.testing.assert_close(got32.to(dtype), expected, rtol=eps, atol=0)
+            _assert_within_nested_scale_rounding(got32.to(dtype), expected, state)
             continue
         # fp32 output is the kernel's arithmetic before any rounding: it must be exact.
         assert torch.equal(got32.to(dtype), expected), f"{shape}: {_diff(got32, expected)}"
@@ -149,7 +175,7 @@ def test_missing_quant_state_is_an_error():
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_matches_bitsandbytes_cuda(quant_type, nested, dtype):
-    """Llama-8B MLP shape on GPU: exact, except the nested scale may be one fused FMA (1 ulp)."""
+    """Llama-8B MLP shape on GPU: exact, except that a nested scale may round differently."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     for shape, blocksize in (((14336, 4096), 64), ((77, 123), 128)):
         w = torch.randn(shape, device="cuda", generator=gen).to(dtype)
@@ -161,9 +187,7 @@ def test_kernel_matches_bitsandbytes_cuda(quant_type, nested, dtype):
         if not nested:
             assert torch.equal(got, expected), f"{shape}: {_diff(got, expected)}"
             continue
-        ulp = torch.finfo(dtype).eps * expected.abs().clamp_min(torch.finfo(dtype).tiny)
-        bad = (got - expected).abs() > ulp
-        assert not bad.any(), f"{shape}: {int(bad.sum())} beyond 1 ulp; {_diff(got, expected)}"
+        _assert_within_nested_scale_rounding(got, expected, state)
 
 
 def test_launch_facts_cache_follows_a_replaced_state(device):

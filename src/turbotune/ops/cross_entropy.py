@@ -251,6 +251,7 @@ def linear_cross_entropy_forward(
         logits = torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
         _loss_and_grad_inplace(logits, labels[rows], inv_denominator, loss_rows[rows], options)
         _accumulate_chunk(grads, logits, h, w, rows)  # the logits now hold their gradient
+        del logits, h  # else the next chunk's logits are allocated while these still live
     loss = loss_rows.sum() * inv_denominator[0]
     dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
     return loss, *(g.to(dt) if g is not None else None for g, dt in zip(grads, dtypes))
