@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     from turbotune.bench.worker import _batches, _prepare
 
     points = [p for p in expand(load_scenarios(args.scenarios)) if p.scenario == args.scenario]
-    points = [p for p in points if p.label.split(" ")[1] == args.shape and (args.model is None or p.model == args.model)]
+    points = [
+        p
+        for p in points
+        if p.label.split(" ")[1] == args.shape and (args.model is None or p.model == args.model)
+    ]
     if not points:
         print(f"no point {args.scenario} {args.shape}", file=sys.stderr)
         return 2
@@ -59,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             step(batch)
         torch.cuda.synchronize()
     print(f"== {args.scenario} {args.shape}: {args.steps} steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    print(
+        prof.key_averages().table(
+            sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70
+        )
+    )
     if args.trace:
         prof.export_chrome_trace(args.trace)
     return 0

@@ -71,8 +71,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for name, cls in sorted(discover().items(), key=lambda kv: (kv[1].order, kv[0])):
         missing = cls.missing()
         status = "yes" if not missing else "no"
-        install = missing[0].install_command() if missing else (
-            f"pip install 'turbotune[{cls.requires[0].extra}]'" if cls.requires and cls.requires[0].extra else "(built in)"
+        install = (
+            missing[0].install_command()
+            if missing
+            else (
+                f"pip install 'turbotune[{cls.requires[0].extra}]'"
+                if cls.requires and cls.requires[0].extra
+                else "(built in)"
+            )
         )
         models = "" if cls.model_types is None else f" [models: {', '.join(cls.model_types)}]"
         print(f"{name:<14} {status:<10} {install:<34} {cls.description}{models}")
@@ -80,14 +86,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_arguments(args: argparse.Namespace) -> int:
-    from turbotune.config import load_config
+    from turbotune.config import AdapterConfig, QuantizationConfig, TrainConfig, load_config
     from turbotune.configtools import field_docs
-    from turbotune.config import AdapterConfig, QuantizationConfig, TrainConfig
 
     path = resolve_config_path(args.name)
     cfg = load_config(path)
     catalog = load_catalog()
-    entry = catalog.get(args.name) or next((e for e in catalog.values() if e["file"] == path.name), {})
+    entry = catalog.get(args.name) or next(
+        (e for e in catalog.values() if e["file"] == path.name), {}
+    )
     keys = entry.get("arguments") or []
     sections = {"train": (cfg.train, TrainConfig), "adapter": (cfg.adapter, AdapterConfig),
                 "quantization": (cfg.quantization, QuantizationConfig)}  # fmt: skip
@@ -121,7 +128,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     print("\nPlugins that can run here:")
     for pname, cls in sorted(discover().items()):
         missing = cls.missing()
-        print(f"  {pname:<14} {'yes' if not missing else 'no (' + missing[0].install_command() + ')'}")
+        print(
+            f"  {pname:<14} {'yes' if not missing else 'no (' + missing[0].install_command() + ')'}"
+        )
     return 0
 
 
@@ -144,7 +153,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from turbotune.train.merge import generate
 
-    print(generate(args.model, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens))
+    print(
+        generate(args.model, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens)
+    )
     return 0
 
 
@@ -171,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"turbotune {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def verb(
+        name: str, fn: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(fn=fn)
         return p
@@ -183,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     p = verb("merge", cmd_merge, "merge a LoRA adapter into its base model and save it")
-    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument(
+        "adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)"
+    )
     p.add_argument("--out", required=True, help="output directory for the merged model")
     p.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -193,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="LoRA adapter directory")
     p.add_argument("--max-new-tokens", type=int, default=64)
     verb("configs", cmd_configs, "list the sample configurations and the plugins each needs")
-    verb("plugins", cmd_plugins, "list the plugins, whether each can run here, and how to install it")
+    verb(
+        "plugins", cmd_plugins, "list the plugins, whether each can run here, and how to install it"
+    )
     p = verb("arguments", cmd_arguments, "show the arguments a sample configuration needs")
     p.add_argument("name", help="sample configuration name (see `turbotune configs`) or file")
     verb("env", cmd_env, "report backends, GPUs, package versions and runnable plugins")

@@ -29,7 +29,9 @@ from turbotune.configtools import apply_overrides, build, load_yaml, to_dict
 from turbotune.errors import ConfigError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Precision = Literal["auto", "fp32", "bf16", "fp16_autocast", "bf16_autocast", "bf16_buffers_autocast"]
+Precision = Literal[
+    "auto", "fp32", "bf16", "fp16_autocast", "bf16_autocast", "bf16_buffers_autocast"
+]
 Schedule = Literal[
     "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "exponential"
 ]
@@ -216,9 +218,13 @@ class TrainConfig:
     """Any other ``TrainingArguments`` field, given directly in this section."""
 
     def validate(self) -> None:
-        given = [w for w in (self.warmup_steps, self.warmup_ratio, self.warmup_epochs) if w is not None]
+        given = [
+            w for w in (self.warmup_steps, self.warmup_ratio, self.warmup_epochs) if w is not None
+        ]
         if len(given) > 1:
-            raise ConfigError("give at most one of 'train.warmup_steps', 'train.warmup_ratio', 'train.warmup_epochs'")
+            raise ConfigError(
+                "give at most one of 'train.warmup_steps', 'train.warmup_ratio', 'train.warmup_epochs'"
+            )
         if self.gradient_accumulation_steps < 1:
             raise ConfigError("'train.gradient_accumulation_steps' must be at least 1")
         if self.per_device_train_batch_size < 1:
@@ -283,7 +289,9 @@ def _apply_train_type(data: dict[str, Any], source: str) -> dict[str, Any]:
         return data
     if name not in _TRAIN_TYPE_MAP:
         if name in TRAIN_TYPES:
-            raise ConfigError(f"{source}: train_type '{name}' arrives with Llama-Pro support (turbotune expand); not available yet")
+            raise ConfigError(
+                f"{source}: train_type '{name}' arrives with Llama-Pro support (turbotune expand); not available yet"
+            )
         raise ConfigError(f"{source}: 'train_type' is {name!r}; valid: {', '.join(TRAIN_TYPES)}")
     adapter, quant = _TRAIN_TYPE_MAP[name]
     for section, keys in (("adapter", adapter), ("quantization", quant)):

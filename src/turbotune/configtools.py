@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import itertools
 import textwrap
 import types
 import typing
@@ -251,14 +252,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.learning_rate=2e-4"`` -> (["train", "learning_rate"], 2e-4)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.max_steps=10)")
+        raise ConfigError(
+            f"override '{text}' must look like section.key=value (e.g. train.max_steps=10)"
+        )
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
@@ -312,7 +317,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError, SyntaxError):
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)

@@ -21,7 +21,9 @@ class MissingPackageError(TurbotuneError, ImportError):
     def __init__(self, package: str, *, feature: str, pip: str | None = None):
         self.package = package
         self.pip = pip or f"pip install {package}"
-        super().__init__(f"{feature} needs the package '{package}', which is not installed: run `{self.pip}`")
+        super().__init__(
+            f"{feature} needs the package '{package}', which is not installed: run `{self.pip}`"
+        )
 
 
 class UnsupportedModelError(TurbotuneError):

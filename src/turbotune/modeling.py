@@ -23,7 +23,9 @@ def _check_path(path: str) -> None:
     if Path(path).expanduser().exists():
         return
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise TurbotuneError(f"model directory '{path}' does not exist; pass a local checkpoint directory or a hub id")
+        raise TurbotuneError(
+            f"model directory '{path}' does not exist; pass a local checkpoint directory or a hub id"
+        )
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -45,9 +47,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_causal_lm(
-    cfg: ModelConfig, dtype: torch.dtype, **kwargs: Any
-) -> PreTrainedModel:
+def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, **kwargs: Any) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with the run's settings (safetensors preferred).
 
     Args:
@@ -58,7 +58,9 @@ def load_causal_lm(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.path is None:
-        raise TurbotuneError("model.path is empty: name a hub model id or a local checkpoint directory")
+        raise TurbotuneError(
+            "model.path is empty: name a hub model id or a local checkpoint directory"
+        )
     _check_path(cfg.path)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file:

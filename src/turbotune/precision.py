@@ -71,7 +71,11 @@ def resolve_precision(mode: str, backend: str, *, adapters: bool = False) -> Pre
 def apply_precision(model: torch.nn.Module, plan: PrecisionPlan) -> None:
     """Cast floating parameters (not quantized storage) to the plan's weight dtype, in place."""
     for param in model.parameters():
-        if param.is_floating_point() and param.dtype != plan.weight_dtype and not _is_quantized(param):
+        if (
+            param.is_floating_point()
+            and param.dtype != plan.weight_dtype
+            and not _is_quantized(param)
+        ):
             param.data = param.data.to(plan.weight_dtype)
     for name, buf in model.named_buffers():
         if buf.is_floating_point():

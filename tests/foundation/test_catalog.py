@@ -22,7 +22,9 @@ def test_sample_config_loads_with_its_plugins(name):
     entry = CATALOG[name]
     cfg = load_config(configs_dir() / entry["file"])
     active = {p.name for p in activate(cfg)}
-    assert active == set(entry["plugins"]), f"{name}: catalog says {entry['plugins']}, config activates {sorted(active)}"
+    assert active == set(entry["plugins"]), (
+        f"{name}: catalog says {entry['plugins']}, config activates {sorted(active)}"
+    )
     for key in entry["arguments"]:
         section, _, field = key.partition(".")
         assert hasattr(getattr(cfg, section), field), f"{name}: argument {key} is not a config key"

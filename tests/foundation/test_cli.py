@@ -10,7 +10,11 @@ import pytest
 
 def turbotune(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "turbotune", *args], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", "turbotune", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
@@ -38,20 +42,34 @@ def test_plugins_lists_runnable_and_install():
 def test_arguments_shows_values_and_docs():
     out = turbotune("arguments", "lora-bf16")
     assert out.returncode == 0, out.stderr
-    assert "train.precision=bf16" in out.stdout and "adapter.target_modules=all-linear" in out.stdout
+    assert (
+        "train.precision=bf16" in out.stdout and "adapter.target_modules=all-linear" in out.stdout
+    )
     assert "LoRA rank." in out.stdout
 
 
 def test_arguments_unknown_name_is_clean_error():
     out = turbotune("arguments", "no-such-config")
     assert out.returncode == 2
-    assert "neither a file nor a sample configuration" in out.stderr and "Traceback" not in out.stderr
+    assert (
+        "neither a file nor a sample configuration" in out.stderr and "Traceback" not in out.stderr
+    )
 
 
 def test_env_reports_backends_packages_plugins():
     out = turbotune("env")
     assert out.returncode == 0, out.stderr
-    for text in ("Backends:", "cuda", "mps", "mlx", "cpu", "auto picks", "torch", "transformers", "Plugins that can run here"):
+    for text in (
+        "Backends:",
+        "cuda",
+        "mps",
+        "mlx",
+        "cpu",
+        "auto picks",
+        "torch",
+        "transformers",
+        "Plugins that can run here",
+    ):
         assert text in out.stdout
 
 
@@ -60,7 +78,9 @@ def test_train_bad_config_key_exits_2_with_message(tmp_path):
     path.write_text("train: {max_stpes: 3}\n")
     out = turbotune("train", str(path))
     assert out.returncode == 2
-    assert "unknown key 'train.max_stpes'" in out.stderr and "Did you mean 'max_steps'" in out.stderr
+    assert (
+        "unknown key 'train.max_stpes'" in out.stderr and "Did you mean 'max_steps'" in out.stderr
+    )
     assert "Traceback" not in out.stderr
 
 

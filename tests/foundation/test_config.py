@@ -45,7 +45,7 @@ def test_parse_override_values():
     assert parse_override("a.b=3") == (["a", "b"], 3)
     assert parse_override("a=[x, y]") == (["a"], ["x", "y"])
     assert parse_override("a.b=true") == (["a", "b"], True)
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_override("nokey")
     with pytest.raises(ConfigError, match="is a value, not a section"):
         apply_overrides({"train": 3}, ["train.max_steps=1"])
@@ -55,7 +55,10 @@ def test_parse_override_values():
     ("text", "patterns"),
     [
         ("trian: {}\n", ["unknown key 'trian'", "Did you mean 'train'", "Valid keys", "run.yaml"]),
-        ("train: {learnin_rate: 1}\n", ["'train.learnin_rate'", "learning_rate", "TrainingArguments"]),
+        (
+            "train: {learnin_rate: 1}\n",
+            ["'train.learnin_rate'", "learning_rate", "TrainingArguments"],
+        ),
         ("adapter: {method: lorra}\n", ["'adapter.method'", "'lora'", "Valid values"]),
         ("adapter: {r: many}\n", ["'adapter.r' must be int", "'many'"]),
         ("train: {gradient_checkpointing: 1}\n", ["'train.gradient_checkpointing' must be bool"]),
@@ -65,7 +68,10 @@ def test_parse_override_values():
         ("data: {eval_ratio: 1.5}\n", ["data.eval_ratio", "[0, 1)"]),
         ("train: {warmup_steps: 3, warmup_ratio: 0.1}\n", ["at most one of"]),
         ("train_type: qlorra\n", ["'train_type'", "qlora"]),
-        ("train_type: qlora\nquantization: {method: gptq}\n", ["train_type 'qlora' sets quantization.method"]),
+        (
+            "train_type: qlora\nquantization: {method: gptq}\n",
+            ["train_type 'qlora' sets quantization.method"],
+        ),
         ("- a\n- b\n", ["top level must be a mapping"]),
         ("a: [\n", ["not valid YAML"]),
     ],
@@ -85,7 +91,11 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 def test_train_type_maps_onto_sections():
     cfg = load_config({"train_type": "custom_qlora"})
-    assert (cfg.adapter.method, cfg.adapter.implementation, cfg.quantization.method) == ("lora", "custom", "nf4")
+    assert (cfg.adapter.method, cfg.adapter.implementation, cfg.quantization.method) == (
+        "lora",
+        "custom",
+        "nf4",
+    )
     assert load_config({"train_type": "full"}).adapter.method == "full"
 
 
@@ -105,7 +115,9 @@ def test_build_generic_dataclass_and_docs():
         """How many."""
 
     assert build(Section, {"size": 3}, where="plugins.x", source="f.yaml").size == 3
-    with pytest.raises(ConfigError, match=r"f.yaml: unknown key 'plugins.x.sise'. Did you mean 'size'"):
+    with pytest.raises(
+        ConfigError, match=r"f.yaml: unknown key 'plugins.x.sise'. Did you mean 'size'"
+    ):
         build(Section, {"sise": 3}, where="plugins.x", source="f.yaml")
     docs = field_docs(Config)
     assert "fsdp_qlora" in docs["train_type"]

@@ -22,7 +22,8 @@ def test_trainer_through_framework(tmp_path, tiny_llama_dir):
     import turbotune
 
     fw = turbotune.AccelerationFramework(
-        {"adapter": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}, banner=False
+        {"adapter": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        banner=False,
     )
     model, peft_config = fw.load_model(str(tiny_llama_dir), torch_dtype=torch.float32)
     assert peft_config.r == 4
@@ -43,5 +44,7 @@ def test_trainer_through_framework(tmp_path, tiny_llama_dir):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    changed = [
+        n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
+    ]
     assert changed, "LoRA B weights did not move"

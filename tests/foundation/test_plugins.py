@@ -97,7 +97,9 @@ def test_enabled_false_deactivates():
 
 def test_unknown_plugin_lists_known_ones():
     cfg = load_config({"plugins": {"erly": {}}})
-    with pytest.raises(ConfigError, match=r"'plugins.erly' names no known plugin; known: early, late"):
+    with pytest.raises(
+        ConfigError, match=r"'plugins.erly' names no known plugin; known: early, late"
+    ):
         activate(cfg, registry(EarlyPlugin, LatePlugin))
 
 
@@ -144,11 +146,15 @@ def test_entry_point_discovery(tmp_path, monkeypatch):
     dist = tmp_path / "tt_thirdparty-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tt-thirdparty\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nthird_party = tt_thirdparty:ThirdParty\n")
+    (dist / "entry_points.txt").write_text(
+        f"[{ENTRY_POINT_GROUP}]\nthird_party = tt_thirdparty:ThirdParty\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     found = discover()
     assert "third_party" in found and found["third_party"].description == "from an entry point"
-    fw = AccelerationFramework({"plugins": {"third_party": {}}, "adapter": {"method": "full"}}, banner=False)
+    fw = AccelerationFramework(
+        {"plugins": {"third_party": {}}, "adapter": {"method": "full"}}, banner=False
+    )
     assert [p.name for p in fw.plugins] == ["adapter", "third_party"]
     sys.modules.pop("tt_thirdparty", None)
 

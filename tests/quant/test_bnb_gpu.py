@@ -61,7 +61,19 @@ def test_real_shape_qlora_layer_fused_vs_peft():
                 q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
                                              compress_statistics=True)  # fmt: skip
                 setattr(module, child_name, q.cuda())
-    lora = LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=16,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    )
     torch.manual_seed(1)
     ref = get_peft_model(model, lora)
     for name, p in ref.named_parameters():

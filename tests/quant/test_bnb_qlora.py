@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from turbotune.errors import ConfigError  # noqa: E402
-from turbotune.framework import AccelerationFramework  # noqa: E402
+from turbotune.errors import ConfigError
+from turbotune.framework import AccelerationFramework
 
 LORA = {"method": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"}
 
@@ -18,7 +18,9 @@ def batches(stories260k, n: int, batch: int = 4, seq: int = 48):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(stories260k)
-    text = (stories260k.parents[1] / "tiny-shakespeare" / "tiny_shakespeare.txt").read_text()[:40_000]
+    text = (stories260k.parents[1] / "tiny-shakespeare" / "tiny_shakespeare.txt").read_text()[
+        :40_000
+    ]
     ids = torch.tensor(tok(text)["input_ids"][: n * batch * seq]).view(n, batch, seq)
     return list(ids)
 
@@ -44,14 +46,20 @@ def plain_qlora(path):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": "cpu"}
+    )
     torch.manual_seed(0)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config)
 
 
 def turbotune_qlora(path, **quant):
-    fw = AccelerationFramework({"quantization": {"method": "nf4", **quant}, "adapter": LORA}, banner=False)
+    fw = AccelerationFramework(
+        {"quantization": {"method": "nf4", **quant}, "adapter": LORA}, banner=False
+    )
     model, peft_config = fw.load_model(str(path))
     torch.manual_seed(0)
     model, _ = fw.augment(model, None, peft_config)
@@ -65,7 +73,9 @@ def test_qlora_losses_match_plain_bnb_peft_loop(stories260k):
     # Same quantized weights, same adapter init and the same bf16 kernels on both sides: the
     # runs are the same computation, so the only allowed difference is bf16 reordering noise.
     diffs = [abs(a - b) / abs(a) for a, b in zip(ours, ref)]
-    assert max(diffs) < 1e-3, f"max rel diff {max(diffs):.2e} at step {diffs.index(max(diffs))}: {ours} vs {ref}"
+    assert max(diffs) < 1e-3, (
+        f"max rel diff {max(diffs):.2e} at step {diffs.index(max(diffs))}: {ours} vs {ref}"
+    )
     assert ours[-1] < ours[0] - 0.3, f"loss did not fall: {ours[0]:.3f} -> {ours[-1]:.3f}"
 
 
@@ -82,7 +92,8 @@ def test_no_silent_upcast_and_explicit_upcast(stories260k):
 
 def test_adapter_in_compute_dtype(stories260k):
     fw = AccelerationFramework(
-        {"quantization": {"method": "nf4"}, "adapter": {**LORA, "weights_dtype": "compute"}}, banner=False
+        {"quantization": {"method": "nf4"}, "adapter": {**LORA, "weights_dtype": "compute"}},
+        banner=False,
     )
     model, peft_config = fw.load_model(str(stories260k))
     model, _ = fw.augment(model, None, peft_config)
@@ -110,9 +121,9 @@ def test_saved_adapter_loads_on_4bit_and_dense_base(stories260k, tmp_path):
     ids = batches(stories260k, 1)[0]
     with torch.no_grad():
         ours = model(input_ids=ids).logits.float()
-        quant_base = AccelerationFramework({"quantization": {"method": "nf4"}, "adapter": LORA}, banner=False).load_model(
-            str(stories260k)
-        )[0]
+        quant_base = AccelerationFramework(
+            {"quantization": {"method": "nf4"}, "adapter": LORA}, banner=False
+        ).load_model(str(stories260k))[0]
         reloaded = PeftModel.from_pretrained(quant_base, tmp_path / "adapter")
         assert torch.equal(reloaded(input_ids=ids).logits.float(), ours)
         dense = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32)
@@ -123,4 +134,6 @@ def test_saved_adapter_loads_on_4bit_and_dense_base(stories260k, tmp_path):
 
 def test_full_finetuning_of_4bit_is_refused():
     with pytest.raises(ConfigError, match="cannot be trained in full"):
-        AccelerationFramework({"quantization": {"method": "nf4"}, "adapter": {"method": "full"}}, banner=False)
+        AccelerationFramework(
+            {"quantization": {"method": "nf4"}, "adapter": {"method": "full"}}, banner=False
+        )

@@ -149,5 +149,7 @@ def test_custom_lora_resumes_exactly(stories260k, alpaca_tiny, tmp_path):
         run_training(config(tmp_path / "cut"), callbacks=[StopAfter(SAVE_EVERY)])
         resumed = run_training(config(tmp_path / "cut"), ["train.resume_from_checkpoint=latest"])
     want = {s: v for s, v in step_losses(full.trainer.state.log_history).items() if s > SAVE_EVERY}
-    got = {s: v for s, v in step_losses(resumed.trainer.state.log_history).items() if s > SAVE_EVERY}
+    got = {
+        s: v for s, v in step_losses(resumed.trainer.state.log_history).items() if s > SAVE_EVERY
+    }
     _assert_same(got, want, "custom LoRA resume")

@@ -57,7 +57,9 @@ def _cuda() -> BackendInfo:
             f"cuda:{i} {props.name} (compute capability {props.major}.{props.minor}, "
             f"{props.total_memory / 2**30:.0f} GiB)"
         )
-    return BackendInfo("cuda", True, f"CUDA {torch.version.cuda}, {len(devices)} device(s)", devices)
+    return BackendInfo(
+        "cuda", True, f"CUDA {torch.version.cuda}, {len(devices)} device(s)", devices
+    )
 
 
 def _mps() -> BackendInfo:
@@ -75,7 +77,9 @@ def _mps() -> BackendInfo:
 
 def _mlx() -> BackendInfo:
     if importlib.util.find_spec("mlx") is None:
-        return BackendInfo("mlx", False, "the mlx package is not installed (pip install 'turbotune[mlx]')")
+        return BackendInfo(
+            "mlx", False, "the mlx package is not installed (pip install 'turbotune[mlx]')"
+        )
     try:
         import mlx.core as mx
 
@@ -88,7 +92,12 @@ def _mlx() -> BackendInfo:
 def _cpu() -> BackendInfo:
     import os
 
-    return BackendInfo("cpu", True, f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", ["cpu"])
+    return BackendInfo(
+        "cpu",
+        True,
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        ["cpu"],
+    )
 
 
 def detect_backends() -> dict[str, BackendInfo]:
@@ -96,7 +105,9 @@ def detect_backends() -> dict[str, BackendInfo]:
     return {b.name: b for b in (_cuda(), _mps(), _mlx(), _cpu())}
 
 
-def choose_backend(requested: str = "auto", found: dict[str, BackendInfo] | None = None) -> tuple[str, str]:
+def choose_backend(
+    requested: str = "auto", found: dict[str, BackendInfo] | None = None
+) -> tuple[str, str]:
     """The backend to use and the reason, for ``backend: auto`` or an explicit request.
 
     ``auto`` never picks MLX: MLX runs a separate engine that must be asked for by name.
@@ -105,13 +116,25 @@ def choose_backend(requested: str = "auto", found: dict[str, BackendInfo] | None
     if requested != "auto":
         info = found.get(requested)
         if info is None:
-            raise ConfigError(f"unknown backend '{requested}'; choose one of auto, {', '.join(PREFERENCE)}")
+            raise ConfigError(
+                f"unknown backend '{requested}'; choose one of auto, {', '.join(PREFERENCE)}"
+            )
         if not info.available:
-            raise ConfigError(f"backend '{requested}' was requested but is not usable here: {info.detail}")
+            raise ConfigError(
+                f"backend '{requested}' was requested but is not usable here: {info.detail}"
+            )
         return requested, f"requested in the config ({info.detail})"
     for name in ("cuda", "mps", "cpu"):
         if found[name].available:
-            skipped = [f"{n}: {found[n].detail}" for n in ("cuda", "mps") if n != name and not found[n].available and PREFERENCE.index(n) < PREFERENCE.index(name)]
-            why = f"auto: {found[name].detail}" + (f" (not available: {'; '.join(skipped)})" if skipped else "")
+            skipped = [
+                f"{n}: {found[n].detail}"
+                for n in ("cuda", "mps")
+                if n != name
+                and not found[n].available
+                and PREFERENCE.index(n) < PREFERENCE.index(name)
+            ]
+            why = f"auto: {found[name].detail}" + (
+                f" (not available: {'; '.join(skipped)})" if skipped else ""
+            )
             return name, why
     return "cpu", "auto: fallback"

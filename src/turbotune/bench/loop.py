@@ -144,7 +144,9 @@ def timed_loop(
     if not params:
         raise RuntimeError("the model has no trainable parameters")
     # The Hugging Face Trainer's default optimizer (adamw_torch_fused on CUDA, torch >= 2.8).
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=learning_rate, weight_decay=0.0, fused=device.type == "cuda"
+    )
     scaler = torch.amp.GradScaler(device.type) if autocast is torch.float16 else None
     clock = _Clock(device)
     losses: list[torch.Tensor] = []

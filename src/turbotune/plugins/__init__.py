@@ -3,4 +3,12 @@
 from .base import NoOptions, Plugin, Requirement
 from .registry import BUILTIN, ENTRY_POINT_GROUP, activate, discover
 
-__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "NoOptions", "Plugin", "Requirement", "activate", "discover"]
+__all__ = [
+    "BUILTIN",
+    "ENTRY_POINT_GROUP",
+    "NoOptions",
+    "Plugin",
+    "Requirement",
+    "activate",
+    "discover",
+]

@@ -106,7 +106,9 @@ class Plugin:
     @classmethod
     def check_packages(cls) -> None:
         for req in cls.missing():
-            raise MissingPackageError(req.module, feature=f"plugin '{cls.name}'", pip=req.install_command())
+            raise MissingPackageError(
+                req.module, feature=f"plugin '{cls.name}'", pip=req.install_command()
+            )
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise :class:`UnsupportedModelError` if ``model`` is not a supported family."""

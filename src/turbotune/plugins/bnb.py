@@ -52,7 +52,10 @@ class BnbQuantPlugin(Plugin):
         if "device_map" not in kwargs:
             kwargs["device_map"] = _device_map()
         model = load_causal_lm(
-            replace(model_cfg, path=path), compute, quantization_config=bnb_config(self.config), **kwargs
+            replace(model_cfg, path=path),
+            compute,
+            quantization_config=bnb_config(self.config),
+            **kwargs,
         )
         return prepare_for_training(model, upcast_fp32=self.config.upcast_fp32)
 

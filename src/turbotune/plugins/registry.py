@@ -83,10 +83,16 @@ def activate(cfg: Config, available: dict[str, type[Plugin]] | None = None) -> l
             continue
         cls.check_packages()
         where = f"plugins.{cls.name}" if cls.section == "plugins" else cls.section
-        section = raw if isinstance(raw, cls.config_cls) else build(cls.config_cls, raw, where=where, source=cfg.source)
+        section = (
+            raw
+            if isinstance(raw, cls.config_cls)
+            else build(cls.config_cls, raw, where=where, source=cfg.source)
+        )
         active.append(cls(section))
     active.sort(key=lambda p: (p.order, p.name))
     loaders = [p.name for p in active if p.loads_model]
     if len(loaders) > 1:
-        raise ConfigError(f"{cfg.source}: only one plugin may load the model, but {loaders} are active")
+        raise ConfigError(
+            f"{cfg.source}: only one plugin may load the model, but {loaders} are active"
+        )
     return active

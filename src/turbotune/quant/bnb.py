@@ -21,7 +21,12 @@ if TYPE_CHECKING:
 
     from turbotune.config import QuantizationConfig
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "uint8": torch.uint8,
+}
 
 
 def _get(q: QuantizationConfig | dict[str, Any], key: str, default: Any) -> Any:
@@ -34,7 +39,9 @@ def bnb_config(q: QuantizationConfig | dict[str, Any]) -> BitsAndBytesConfig:
 
     method = _get(q, "method", "nf4")
     if method not in ("nf4", "fp4"):
-        raise ConfigError(f"bitsandbytes 4-bit supports quantization.method nf4 or fp4, not '{method}'")
+        raise ConfigError(
+            f"bitsandbytes 4-bit supports quantization.method nf4 or fp4, not '{method}'"
+        )
     skip = list(_get(q, "skip_modules", ["lm_head"]))
     if "lm_head" not in skip:
         skip.append("lm_head")

@@ -184,7 +184,9 @@ def _demo_accuracy_before(cfg: Config, model: Any, tokenizer: Any) -> tuple[list
     from turbotune.train.demo import DEMO_EVAL_EXAMPLES
     from turbotune.train.demo_task import demo_accuracy, demo_examples
 
-    held_out = demo_examples(DEMO_EVAL_EXAMPLES, seed=cfg.data.seed + 1, split="eval", distinct=True)
+    held_out = demo_examples(
+        DEMO_EVAL_EXAMPLES, seed=cfg.data.seed + 1, split="eval", distinct=True
+    )
     before = demo_accuracy(model, tokenizer, held_out)
     _say(f"[bold]demo[/] held-out accuracy before training: {before:.1%}")
     return held_out, before
