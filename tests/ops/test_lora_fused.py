@@ -90,11 +90,22 @@ def test_lora_linear_parity(parity, dtype, kind, dropout, bias):
     parity(ours, ref, master, dtype, torch.device("cpu"))
 
 
+# An odd hidden size keeps the adapters beside the base matmuls (4-bit rows would split a
+# byte); an even one folds them in (``ops/lora_fold.py``) unless dropout is on.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind,dropout", [("dense", 0.0), ("nf4", 0.0), ("nf4", 0.2)])
-def test_lora_qkv_parity(parity, dtype, kind, dropout):
+@pytest.mark.parametrize(
+    "kind,dropout,hidden",
+    [
+        ("dense", 0.0, 123),
+        ("nf4", 0.0, 123),
+        ("nf4", 0.2, 124),
+        ("dense", 0.0, 124),
+        ("nf4", 0.0, 124),
+    ],
+)
+def test_lora_qkv_parity(parity, dtype, kind, dropout, hidden):
     """GQA shapes (k, v narrower than q); k has no adapter; v has a bias."""
-    tokens, hidden, r = 13, 123, 5
+    tokens, r = 13, 5
     outs = {"q": 77, "k": 31, "v": 31}
     bases = {n: _base(kind, o, hidden, seed=i) for i, (n, o) in enumerate(outs.items())}
     master = {"x": torch.randn(tokens, hidden).requires_grad_()}
@@ -125,19 +136,23 @@ def test_lora_qkv_parity(parity, dtype, kind, dropout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "activation,kind,dropout,bias",
+    "activation,kind,dropout,bias,hidden,inter",
     [
-        ("silu", "dense", 0.0, False),
-        ("silu", "nf4", 0.25, False),
-        ("gelu_tanh", "fp4", 0.0, False),
-        ("gelu", "nf4", 0.1, False),
-        ("silu", "nf4", 0.0, True),
+        ("silu", "dense", 0.0, False, 123, 77),
+        ("silu", "nf4", 0.25, False, 123, 77),
+        ("gelu_tanh", "fp4", 0.0, False, 123, 77),
+        ("gelu", "nf4", 0.1, False, 123, 77),
+        ("silu", "nf4", 0.0, True, 123, 77),
+        # gate/up folded, down "wide" (inter >= 2 hidden): dx = [dy | g] [W; A]
+        ("silu", "nf4", 0.0, False, 64, 130),
+        ("silu", "dense", 0.0, True, 64, 130),
+        ("gelu_tanh", "fp4", 0.0, False, 64, 130),
     ],
 )
-def test_lora_mlp_parity(parity, dtype, activation, kind, dropout, bias):
+def test_lora_mlp_parity(parity, dtype, activation, kind, dropout, bias, hidden, inter):
     """Gate and down carry adapters, up has none; with ``bias``, gate and down have biases (the
     stacked gate/up output then adds [b_gate | 0])."""
-    tokens, hidden, inter, r = 13, 123, 77, 5
+    tokens, r = 13, 5
     gate, up, down = (
         _base(kind, o, i, seed=k)
         for k, (o, i) in enumerate([(inter, hidden), (inter, hidden), (hidden, inter)])
@@ -199,6 +214,33 @@ def _run(fn, leaves: dict[str, torch.Tensor], grad_out: torch.Tensor):
     return {"out": out.detach(), **{k: v.grad for k, v in leaves.items() if v.requires_grad}}
 
 
+def test_layouts_fold_and_widen_where_they_pay(monkeypatch):
+    """The parity tests above cover each path: these are the shapes that take them."""
+    from turbotune.ops import lora_group
+    from turbotune.ops.lora import _slots
+    from turbotune.ops.lora_group import layout_of
+
+    monkeypatch.setattr(lora_group, "FOLD_ADAPTERS", True)
+
+    def layout(shapes, dropout=0.0, adapters=(0,)):
+        meta = tuple((torch.zeros(o, i), 1.0, dropout, 0) for o, i in shapes)
+        tensors = []
+        for j, (o, i) in enumerate(shapes):
+            lora = j in adapters
+            tensors += [torch.zeros(3, i) if lora else None, torch.zeros(o, 3) if lora else None]
+            tensors.append(None)
+        return layout_of(_slots(meta, tuple(tensors)))
+
+    qkv = [(77, 124), (31, 124), (31, 124)]
+    assert layout(qkv).fold and not layout(qkv, dropout=0.2).fold
+    assert not layout([(77, 123), (31, 123), (31, 123)]).fold  # 4-bit rows would split bytes
+    assert not layout(qkv, adapters=()).fold  # nothing to fold
+    assert layout([(64, 130)]).wide and not layout([(64, 100)]).wide
+    assert not layout([(64, 130)], dropout=0.1).wide
+    monkeypatch.setattr(lora_group, "FOLD_ADAPTERS", False)  # TURBOTUNE_LORA_FOLD=0
+    assert not layout(qkv).fold and not layout([(64, 130)]).wide
+
+
 class _NoShape:
     """A Dequantizable weight source that does not tell its shape (stacking must cope)."""
 
@@ -209,15 +251,18 @@ class _NoShape:
         return self.w.to(dtype)
 
 
-def test_group_with_mixed_sources_and_partial_grads():
-    """q/k/v over three kinds of weight source (one of unknown shape), a frozen A on q, no grad
-    for x: each requested gradient matches the reference, the others are not produced."""
+@pytest.mark.parametrize("q_shape_known", [False, True], ids=["stacked-by-cat", "folded"])
+def test_group_with_mixed_sources_and_partial_grads(q_shape_known):
+    """q/k/v over three kinds of weight source (q's shape unknown: the plain path; known: the
+    folded one), a frozen A on q, no grad for x: each requested gradient matches the
+    reference, the others are not produced."""
     tokens, hidden, r = 9, 40, 3
     outs = {"q": 24, "k": 8, "v": 8}
     ws = {n: torch.randn(o, hidden) / hidden**0.5 for n, o in outs.items()}
     v_source, v_dense = _base("nf4", outs["v"], hidden, seed=5)
     ws["v"] = v_dense
-    sources = {"q": _NoShape(ws["q"]), "k": ws["k"], "v": v_source}
+    q_source = ws["q"] if q_shape_known else _NoShape(ws["q"])
+    sources = {"q": q_source, "k": ws["k"], "v": v_source}
     ads = {n: _adapter(outs[n], hidden, r, seed=70 + i) for i, n in enumerate(("q", "v"))}
     a_q = ads["q"]["A"].detach()  # frozen
     x = torch.randn(tokens, hidden)
@@ -394,6 +439,26 @@ def test_no_dense_base_weight_is_saved():
     assert [tuple(t.shape) for t in saved if t is not None].count((tokens, hidden)) == 1
 
 
+def test_folded_group_saves_x_with_its_adapter_products():
+    """Folded adapters save [x | T] (x with the rank columns, padded to 8) instead of x."""
+    tokens, hidden, inter, r = 13, 64, 96, 5
+    gate, up, down = (
+        _base("nf4", o, i, seed=k)[0]
+        for k, (o, i) in enumerate([(inter, hidden), (inter, hidden), (hidden, inter)])
+    )
+    x = torch.randn(tokens, hidden, requires_grad=True)
+    lg, lu = _adapter(inter, hidden, r, 7), _adapter(inter, hidden, r, 8)
+    y = lora_mlp(
+        x, (gate, LoRAWeights(lg["A"], lg["B"], 2.0)), (up, LoRAWeights(lu["A"], lu["B"], 1.0)),
+        (down, None),
+    )  # fmt: skip
+    saved = _backward_node(y, "LoRAMLPFunctionBackward").saved_tensors
+    shapes = sorted(tuple(t.shape) for t in saved if t is not None)
+    assert shapes.count((tokens, hidden + 16)) == 1, shapes  # [x | T_gate | T_up | 0]
+    assert shapes.count((tokens, hidden)) == 0 and shapes.count((tokens, 2 * inter)) == 1
+    assert not [s for s in shapes if s[0] * s[-1] >= inter * hidden], shapes
+
+
 def test_frozen_adapters_and_no_input_grad():
     """Only requested gradients are produced; a layer without any adapter still gives dx."""
     tokens, in_f, out_f, r = 5, 12, 7, 2
@@ -507,7 +572,7 @@ def test_lora_qkv_llama8b_nf4_gpu(parity):
 
 @pytest.mark.gpu
 def test_lora_mlp_llama8b_memory_gpu():
-    """After forward the fused MLP holds only e and u (+ [M, r] products); the eager
+    """After forward the fused MLP holds only e, u and [x | T]; the eager
     composition over dequantized weights also holds the three dense weights, silu(e) and h."""
     m, h, i, r = LLAMA["tokens"], LLAMA["hidden"], LLAMA["inter"], LLAMA["r"]
     shapes = [(i, h), (i, h), (h, i)]
@@ -540,5 +605,8 @@ def test_lora_mlp_llama8b_memory_gpu():
         )
     )
     activation = m * i * 2  # one bf16 [M, inter] tensor
-    assert fused <= 2 * activation + (8 << 20), f"fused holds {fused / 2**20:.0f} MiB"
+    # The folded adapters save [x | T] ([M, h + 48]) instead of x: in a model x (the norm's
+    # output) is then freed, here the test holds it, so that copy counts.
+    x_aug = m * (h + 48) * 2
+    assert fused <= 2 * activation + x_aug + (8 << 20), f"fused holds {fused / 2**20:.0f} MiB"
     assert fused < 0.4 * eager, f"fused {fused / 2**20:.0f} MiB vs eager {eager / 2**20:.0f} MiB"

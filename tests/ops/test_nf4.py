@@ -215,23 +215,33 @@ def _cpu(state):
     return cpu
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("source_kind", ["params4bit", "packed", "dense"])
-def test_dequantize_into_a_row_block_of_a_stacked_buffer(source_kind):
-    """``out=`` writes one weight into rows of a larger buffer (q, k, v stacked) and leaves the
-    other rows alone."""
+def test_dequantize_into_a_block_of_a_larger_buffer(source_kind, layout):
+    """``out=`` writes one weight into a row block (q, k, v stacked) or a column block
+    (``[W | extra columns]``) of a larger buffer and leaves the rest alone."""
     torch.manual_seed(0)
-    lin = bnb.nn.Linear4bit(48, 40, bias=False, quant_type="nf4").to("cpu")
+    lin = bnb.nn.Linear4bit(2100, 40, bias=False, quant_type="nf4").to("cpu")
     source = {
         "params4bit": lin.weight,
         "packed": Packed4bitWeight(lin.weight.data, lin.weight.quant_state),
-        "dense": torch.randn(40, 48),
+        "dense": torch.randn(40, 2100),
     }[source_kind]
     expected = dense_weight(source, torch.bfloat16)
-    stacked = torch.full((100, 48), 7.0, dtype=torch.bfloat16)
-    got = dense_weight(source, torch.bfloat16, out=stacked[30:70])
-    assert got.data_ptr() == stacked[30:70].data_ptr()
-    assert torch.equal(stacked[30:70], expected), _diff(stacked[30:70], expected)
-    outside = torch.cat([stacked[:30], stacked[70:]])
-    assert bool((outside == 7).all()), "rows outside out changed"
-    with pytest.raises(ValueError, match="contiguous"):
-        dense_weight(lin.weight, torch.bfloat16, out=torch.empty(40, 96)[:, :48])
+    if layout == "rows":
+        buffer = torch.full((100, 2100), 7.0, dtype=torch.bfloat16)
+        block = buffer[30:70]
+    else:  # 2100 columns: rows of 1050 bytes span two kernel programs, the second partial
+        buffer = torch.full((40, 2116), 7.0, dtype=torch.bfloat16)
+        block = buffer[:, 10:2110]
+    got = dense_weight(source, torch.bfloat16, out=block)
+    assert got.data_ptr() == block.data_ptr()
+    assert torch.equal(block, expected), _diff(block, expected)
+    written = torch.zeros_like(buffer, dtype=torch.bool)
+    if layout == "rows":
+        written[30:70] = True
+    else:
+        written[:, 10:2110] = True
+    assert bool((buffer[~written] == 7).all()), "values outside out changed"
+    with pytest.raises(ValueError, match="unit column stride"):
+        dense_weight(lin.weight, torch.bfloat16, out=torch.empty(2100, 40).t())

@@ -35,6 +35,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from turbotune.ops.lora_fold import fold_backward, fold_forward, wide_backward
 from turbotune.ops.lora_group import (
     Needs,
     Slot,
@@ -171,27 +172,59 @@ class LoRAProjectionsFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, meta: tuple, *tensors: torch.Tensor | None):
         slots = _slots(meta, tensors)
         layout = layout_of(slots)
-        outs = base_forward(x, slots, layout, stacked=False)
-        saved = lora_forward(x, slots, layout, outs)
+        outs, saved = _projections_forward(x, slots, layout, stacked=False)
         ctx.meta, ctx.layout = meta, layout
-        ctx.save_for_backward(x, *tensors, *saved)
+        # Folded adapters save [x | T], which holds x: x itself is not saved then.
+        ctx.save_for_backward(None if layout.fold else x, *tensors, *saved)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
         x, *rest = ctx.saved_tensors
-        n = len(ctx.meta)
+        n, layout = len(ctx.meta), ctx.layout
         slots = _slots(ctx.meta, tuple(rest[: 3 * n]))
         needs = [_needs(ctx.needs_input_grad, 2, i) for i in range(n)]
-        dx = None
-        with _no_autocast(x.device):
-            if ctx.needs_input_grad[0]:
-                # One matmul over the stacked weight; the cat costs one pass over the dys.
-                dy = dys[0] if n == 1 else torch.cat(dys, dim=1)
-                dx = base_backward(dy, slots, ctx.layout)
-                del dy
-            lora = lora_backward(dys, x, slots, ctx.layout, rest[3 * n :], dx, needs)
+        device = dys[0].device
+        with _no_autocast(device):
+            # One matmul over the stacked weight; the cat costs one pass over the dys.
+            dy = dys[0] if n == 1 else torch.cat(dys, dim=1)
+            dx, lora = _projections_backward(dy, dys, x, slots, layout, rest[3 * n :], needs)
         return (dx, None, *_grads(slots, lora, dys, needs))
+
+
+def _projections_forward(
+    x: torch.Tensor, slots: Sequence[Slot], layout, stacked: bool
+) -> tuple[torch.Tensor | list[torch.Tensor], list[torch.Tensor]]:
+    """Outputs of a group and what its backward needs (adapters folded in where they can)."""
+    if layout.fold:
+        return fold_forward(x, slots, layout, stacked)
+    outs = base_forward(x, slots, layout, stacked)
+    ys = _halves(outs) if stacked else outs
+    return outs, lora_forward(x, slots, layout, ys)
+
+
+def _projections_backward(
+    dy: torch.Tensor,
+    dys: Sequence[torch.Tensor],
+    x: torch.Tensor | None,
+    slots: Sequence[Slot],
+    layout,
+    saved: Sequence[torch.Tensor],
+    needs: Sequence[Needs],
+) -> tuple[torch.Tensor | None, dict]:
+    """``dx`` (None when ``x`` wants none) and ``{index: (dA, dB)}`` of a group.
+
+    Args:
+        dy: ``[M, sum out_i]``; dys: its per-projection column blocks (or separate tensors).
+        x: the saved input (None when the adapters were folded: it is in ``saved``).
+    """
+    if layout.fold:
+        return fold_backward(dy, slots, layout, saved, needs)
+    if layout.wide and needs[0].x:
+        dx, grads = wide_backward(dy, x, slots[0], saved, needs[0])
+        return dx, {0: grads}
+    dx = base_backward(dy, slots, layout) if needs[0].x else None
+    return dx, lora_backward(dys, x, slots, layout, saved, dx, needs)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -207,16 +240,14 @@ class LoRAMLPFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, meta: tuple, activation: str, *tensors: torch.Tensor | None):
         gate, up, down = _slots(meta, tensors)
         gu_layout, down_layout = layout_of([gate, up]), layout_of([down])
-        eu = base_forward(x, [gate, up], gu_layout, stacked=True)
-        e, u = _halves(eu)
-        saved_gu = lora_forward(x, [gate, up], gu_layout, [e, u])
-        h = _glu_forward(e, u, activation)
-        (y,) = base_forward(h, [down], down_layout, stacked=False)
-        saved_down = lora_forward(h, [down], down_layout, [y])
+        eu, saved_gu = _projections_forward(x, [gate, up], gu_layout, stacked=True)
+        h = _glu_forward(*_halves(eu), activation)
+        (y,), saved_down = _projections_forward(h, [down], down_layout, stacked=False)
         del h
         ctx.meta, ctx.activation, ctx.backward_done = meta, activation, False
         ctx.layouts, ctx.n_saved_gu = (gu_layout, down_layout), len(saved_gu)
-        ctx.save_for_backward(x, eu, *tensors, *saved_gu, *saved_down)
+        x_saved = None if gu_layout.fold else x
+        ctx.save_for_backward(x_saved, eu, *tensors, *saved_gu, *saved_down)
         return y
 
     @staticmethod
@@ -233,18 +264,20 @@ class LoRAMLPFunction(torch.autograd.Function):
         (gu_layout, down_layout), need = ctx.layouts, ctx.needs_input_grad
         needs = [_needs(need, 3, i) for i in range(3)]
         e, u = _halves(eu)
-        with _no_autocast(x.device):
+        with _no_autocast(dy.device):
             h = _glu_forward(e, u, ctx.activation)
-            dh = base_backward(dy, [down], down_layout)
             down_needs = [needs[2]._replace(x=True)]
-            lora_down = lora_backward([dy], h, [down], down_layout, saved_down, dh, down_needs)
+            dh, lora_down = _projections_backward(
+                dy, [dy], h, [down], down_layout, saved_down, down_needs
+            )
             del h
             _glu_backward_inplace(dh, e, u, ctx.activation)  # eu is now [de | du]
             del dh
-            dx = base_backward(eu, [gate, up], gu_layout) if need[0] else None
-            lora_gu = lora_backward([e, u], x, [gate, up], gu_layout, saved_gu, dx, needs[:2])
+            dx, lora_gu = _projections_backward(
+                eu, [e, u], x, [gate, up], gu_layout, saved_gu, needs[:2]
+            )
         grads = _grads([gate, up], lora_gu, [e, u], needs[:2])
-        grads += _grads([down], {0: lora_down[0]} if lora_down else {}, [dy], needs[2:])
+        grads += _grads([down], lora_down, [dy], needs[2:])
         return (dx, None, None, *grads)
 
 

@@ -22,6 +22,7 @@ in forward and the casts saved for backward.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -39,6 +40,8 @@ __all__ = [
     "layout_of",
     "lora_backward",
     "lora_forward",
+    "scaled_db",
+    "stack_cast",
     "stacked_weight",
 ]
 
@@ -74,6 +77,10 @@ class Layout(NamedTuple):
         adapters: indices of the projections with an adapter.
         ranks: ``(start, stop)`` of each adapter's columns in ``T`` (rows in ``A_stacked``).
         shared: the adapters' down projections run as one matmul (no dropout anywhere).
+        fold: the adapters ride inside the base matmuls (``ops/lora_fold.py``): a shared group
+            of several projections whose weights stack (and split by whole bytes).
+        wide: a lone shared projection with ``in >= 2 out`` (the MLP's down projection): its
+            ``dx`` is one matmul ``[dy | g] [W; A]`` (``ops/lora_fold.py``).
     """
 
     rows: tuple[tuple[int, int], ...]
@@ -81,6 +88,8 @@ class Layout(NamedTuple):
     adapters: tuple[int, ...]
     ranks: tuple[tuple[int, int], ...]
     shared: bool
+    fold: bool
+    wide: bool
 
 
 def _spans(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -91,6 +100,16 @@ def _spans(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple(spans)
 
 
+# Fold adapters into the base matmuls where it pays (``ops/lora_fold.py``). The switch is for
+# A/B measurements: TURBOTUNE_LORA_FOLD=0 keeps every adapter beside its base matmul.
+FOLD_ADAPTERS = os.environ.get("TURBOTUNE_LORA_FOLD", "1").lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
+
+
 def layout_of(slots: Sequence[Slot]) -> Layout:
     shapes = [weight_shape(s.base) for s in slots]
     stackable = all(shape is not None for shape in shapes)
@@ -98,7 +117,11 @@ def layout_of(slots: Sequence[Slot]) -> Layout:
     adapters = tuple(i for i, s in enumerate(slots) if s.A is not None)
     ranks = _spans([slots[i].A.shape[0] for i in adapters])
     shared = all(slots[i].dropout == 0.0 for i in adapters)
-    return Layout(rows, stackable, adapters, ranks, shared)
+    in_even = stackable and shapes[0][1] % 2 == 0
+    fold = FOLD_ADAPTERS and shared and bool(adapters) and len(slots) > 1 and in_even
+    wide = FOLD_ADAPTERS and shared and bool(adapters) and len(slots) == 1 and stackable
+    wide = wide and shapes[0][1] >= 2 * shapes[0][0]
+    return Layout(rows, stackable, adapters, ranks, shared, fold, wide)
 
 
 # ---- dropout masks ----
@@ -222,7 +245,7 @@ def lora_forward(
     dtype = x.dtype
     b_casts = [slots[i].B.to(dtype) for i in layout.adapters]
     if layout.shared:
-        a_stacked = _stack_cast([slots[i].A for i in layout.adapters], dtype)
+        a_stacked = stack_cast([slots[i].A for i in layout.adapters], dtype)
         t_all = torch.mm(x, a_stacked.t())
         for k, i in enumerate(layout.adapters):
             start, stop = layout.ranks[k]
@@ -237,7 +260,7 @@ def lora_forward(
     return saved
 
 
-def _stack_cast(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def stack_cast(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``torch.cat(tensors).to(dtype)`` as one kernel (the cast happens in the copy)."""
     if len(tensors) == 1:
         return tensors[0].to(dtype)
@@ -278,7 +301,7 @@ def lora_backward(
     return grads
 
 
-def _db(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor, slot: Slot) -> torch.Tensor:
+def scaled_db(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor, slot: Slot) -> torch.Tensor:
     """``dB = s dy^T t`` in ``B``'s dtype."""
     return torch.addmm(b, dy.t(), t, beta=0, alpha=slot.scaling).to(slot.B.dtype)
 
@@ -291,7 +314,7 @@ def _shared_backward(dys, x, slots, layout, saved, dx, needs):
     for k, i in enumerate(layout.adapters):
         start, stop = layout.ranks[k]
         slot, dy, b = slots[i], dys[i], b_casts[k]
-        d_b = _db(dy, t_all[:, start:stop], b, slot) if needs[i].B else None
+        d_b = scaled_db(dy, t_all[:, start:stop], b, slot) if needs[i].B else None
         if need_g:  # G's columns are this adapter's s dy B
             g = g_all[:, start:stop]
             torch.addmm(g, dy, b, beta=0, alpha=slot.scaling, out=g)
@@ -309,7 +332,7 @@ def _shared_backward(dys, x, slots, layout, saved, dx, needs):
 
 def _one_backward(dy, x, t, a, b, slot: Slot, dx, needs: Needs):
     """One adapter with its own dropout mask (regenerated from its seed)."""
-    d_b = _db(dy, t, b, slot) if needs.B else None
+    d_b = scaled_db(dy, t, b, slot) if needs.B else None
     if dx is None and not needs.A:
         return None, d_b
     g = torch.addmm(t, dy, b, beta=0, alpha=slot.scaling)

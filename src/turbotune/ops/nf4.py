@@ -37,6 +37,22 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _values(
+        nib, offs, mask, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+    ):  # fmt: skip
+        """fp32 ``code4[nib] * absmax[offs // BLOCKSIZE]`` of flat element indices ``offs``."""
+        value = tl.load(code_ptr + nib)
+        block = offs // BLOCKSIZE
+        if NESTED:
+            q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            scale2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+            absmax = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)
+        else:
+            absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        return value * absmax
+
+    @triton.jit
     def _dequant_4bit_kernel(
         packed_ptr,
         absmax_ptr,
@@ -60,15 +76,46 @@ if HAS_TRITON:
         nib = tl.interleave(byte >> 4, byte & 0xF)
         offs = pid * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
         mask = offs < n_elements
-        value = tl.load(code_ptr + nib)
-        block = offs // BLOCKSIZE
-        if NESTED:
-            q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            scale2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
-            absmax = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)
-        else:
-            absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, (value * absmax).to(out_ptr.dtype.element_ty), mask=mask)
+        value = _values(
+            nib, offs, mask, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+            BLOCKSIZE, BLOCKSIZE2, NESTED,
+        )  # fmt: skip
+        tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dequant_4bit_rows_kernel(
+        packed_ptr,
+        absmax_ptr,
+        code_ptr,
+        code2_ptr,
+        absmax2_ptr,
+        offset_ptr,
+        out_ptr,
+        n_cols,
+        stride_out,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+        NESTED: tl.constexpr,
+        BLOCK_BYTES: tl.constexpr,
+    ):
+        """The same into rows of a wider buffer (row stride ``stride_out``): program ``(r, c)``
+        writes columns ``c * 2 * BLOCK_BYTES ...`` of row ``r``; ``n_cols`` is even, so rows
+        start on whole bytes."""
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1).to(tl.int64)
+        row_bytes = n_cols // 2
+        byte_cols = chunk * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+        byte_mask = byte_cols < row_bytes
+        byte = tl.load(packed_ptr + row * row_bytes + byte_cols, mask=byte_mask, other=0)
+        byte = byte.to(tl.int32)
+        nib = tl.interleave(byte >> 4, byte & 0xF)
+        cols = chunk * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
+        mask = cols < n_cols
+        value = _values(
+            nib, row * n_cols + cols, mask, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr,
+            offset_ptr, BLOCKSIZE, BLOCKSIZE2, NESTED,
+        )  # fmt: skip
+        tl.store(out_ptr + row * stride_out + cols, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _BLOCK_BYTES = 1024
@@ -137,9 +184,17 @@ def _packed_bytes(weight: torch.Tensor) -> torch.Tensor:
 def _output(shape: tuple[int, ...], dtype: torch.dtype, device, out: torch.Tensor | None):
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(out.shape) != shape or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
+    if tuple(out.shape) != shape or not (out.is_contiguous() or _row_strided(out)):
+        raise ValueError(
+            f"out must be a {shape} tensor, contiguous or with unit column stride and an even "
+            f"number of columns; got {tuple(out.shape)} with strides {out.stride()}"
+        )
     return out
+
+
+def _row_strided(out: torch.Tensor) -> bool:
+    """Rows of a wider buffer (``buf[:, :n]``): the row kernel writes those."""
+    return out.dim() == 2 and out.stride(1) == 1 and out.shape[1] % 2 == 0
 
 
 def dequantize_4bit_launch(
@@ -155,8 +210,9 @@ def dequantize_4bit_launch(
         quant_state: a bitsandbytes ``QuantState`` (``absmax``, ``shape``, ``blocksize``,
             ``quant_type``; ``state2`` and ``offset`` when double-quantized).
         dtype: output dtype.
-        out: optional contiguous ``quant_state.shape`` tensor of ``dtype`` to write into (a
-            slice of a larger buffer, e.g. q, k and v stacked).
+        out: optional ``quant_state.shape`` tensor of ``dtype`` to write into: contiguous (a
+            row block of a larger buffer, e.g. q, k and v stacked) or 2-D with unit column
+            stride and an even number of columns (``buf[:, :in]``: a column block).
 
     Returns:
         ``quant_state.shape`` tensor of ``dtype`` (``out`` when given).
@@ -179,10 +235,19 @@ def _launch(
         # The nested-only pointers are unused by the kernel; any valid pointer will do.
         absmax = _fp32(quant_state.absmax)
         code2 = absmax2 = offset = st.code
-    _dequant_4bit_kernel[st.grid](
-        packed, absmax, st.code, code2, absmax2, offset, out, st.n,
+    constants = dict(
         BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=st.blocksize2, NESTED=st.nested,
         BLOCK_BYTES=_BLOCK_BYTES,
+    )  # fmt: skip
+    if out.is_contiguous():
+        _dequant_4bit_kernel[st.grid](
+            packed, absmax, st.code, code2, absmax2, offset, out, st.n, **constants
+        )
+        return out
+    n_rows, n_cols = out.shape
+    grid = (n_rows, (n_cols // 2 + _BLOCK_BYTES - 1) // _BLOCK_BYTES)
+    _dequant_4bit_rows_kernel[grid](
+        packed, absmax, st.code, code2, absmax2, offset, out, n_cols, out.stride(0), **constants
     )  # fmt: skip
     return out
 
@@ -199,7 +264,8 @@ def dequantize_nf4(
         weight: a bnb ``Params4bit`` or its packed data (any ``quant_storage`` dtype).
         quant_state: the weight's ``QuantState``; defaults to ``weight.quant_state``.
         dtype: output dtype; defaults to ``quant_state.dtype`` (the dtype it was quantized from).
-        out: optional contiguous ``quant_state.shape`` tensor to write into (its dtype wins).
+        out: optional ``quant_state.shape`` tensor to write into (its dtype wins): contiguous,
+            or 2-D with unit column stride and an even number of columns.
 
     Returns:
         ``quant_state.shape`` (``[out_features, in_features]`` for a Linear) tensor of ``dtype``.
