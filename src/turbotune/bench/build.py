@@ -28,12 +28,7 @@ if TYPE_CHECKING:
 
     from turbotune.config import QuantizationConfig
 
-_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "uint8": torch.uint8,
-}
+from turbotune.quant.bnb import DTYPES as _DTYPES
 
 
 @dataclass(frozen=True)
