@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(words)
+    args.argv = ["turbotune", *words]  # the command line, as recorded by `bench` in env.json
     try:
         if args.verb == "train":
             _split_overrides(args)

@@ -139,21 +139,11 @@ def _finish(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m turbotune.bench.cli``: the verb on its own."""
-    parser = argparse.ArgumentParser(prog="turbotune")
-    sub = parser.add_subparsers(dest="verb", required=True)
-    add_bench_parser(sub)
+    """``python -m turbotune.bench.cli``: the verb on its own, through the one CLI entry."""
+    from turbotune.cli import main as cli_main
+
     words = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(["bench", *words])
-    args.argv = ["turbotune", "bench", *words]  # the command line recorded in env.json
-    try:
-        return args.fn(args)
-    except TurbotuneError as err:
-        print(f"turbotune: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("turbotune: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["bench", *words])
 
 
 if __name__ == "__main__":
