@@ -121,6 +121,8 @@ def apply_patches(model: torch.nn.Module, kinds: Iterable[str] = KINDS) -> Patch
         raise ValueError(f"unknown patch kinds {sorted(unknown)}; choose from {KINDS}")
     name, fam = family_of(model)
     patches = PatchSet(name)
+    # Projections of an MLP whose whole forward is fused need no patch of their own.
+    in_fused_mlp = _fused_mlp_children(model, fam) if "swiglu" in kinds else set()
     for module in model.modules():
         cls = type(module).__name__
         if "rms_norm" in kinds and cls in fam.norms:
@@ -134,15 +136,10 @@ def apply_patches(model: torch.nn.Module, kinds: Iterable[str] = KINDS) -> Patch
         elif cls in fam.attentions and (attention := _attention_kinds(module, fam, kinds)):
             rope, qkv = "rope" in attention, "lora_qkv" in attention
             patches.bind(module, attention, forwards.attention_forward(fam, rope=rope, qkv=qkv))
-        elif (
-            "lora" in kinds
-            and forwards.is_lora_linear(module)
-            and not _inside_fused_mlp(model, module, fam, kinds)
-        ):
+        elif "lora" in kinds and forwards.is_lora_linear(module) and id(module) not in in_fused_mlp:
             patches.bind(module, "lora", forwards.lora_linear_forward)
     if patches.counts.get("rope"):
         patches.swap_global(fam.module, fam.rope_fn, forwards.rotary_dispatcher)
-    model.__dict__.pop("_turbotune_mlp_children", None)
     return patches
 
 
@@ -159,19 +156,11 @@ def _attention_kinds(module: torch.nn.Module, fam: Family, kinds: set[str]) -> t
     return rope + (("lora_qkv",) if qkv else ())
 
 
-def _inside_fused_mlp(
-    model: torch.nn.Module, target: torch.nn.Module, fam: Family, kinds: set[str]
-) -> bool:
-    """Whether ``target`` is a projection of an MLP whose whole forward is fused already."""
-    if "swiglu" not in kinds:
-        return False
-    cache = model.__dict__.setdefault("_turbotune_mlp_children", None)
-    if cache is None:
-        cache = {
-            id(child)
-            for module in model.modules()
-            if type(module).__name__ in fam.mlps
-            for child in module.modules()
-        }
-        model.__dict__["_turbotune_mlp_children"] = cache
-    return id(target) in cache
+def _fused_mlp_children(model: torch.nn.Module, fam: Family) -> set[int]:
+    """``id`` of every module inside one of the family's gated MLPs."""
+    return {
+        id(child)
+        for module in model.modules()
+        if type(module).__name__ in fam.mlps
+        for child in module.modules()
+    }

@@ -87,6 +87,15 @@ def _module_weight(module: nn.Module) -> Any:
     return weight if weight is not None else module.weight
 
 
+def _unwrap(source: BaseWeight) -> tuple[nn.Module | None, Any, int]:
+    """``(module or None, the weight itself, its kind)``: a module stands for its ``.weight``."""
+    kind = _source_kind(type(source))
+    if kind != _MODULE:
+        return None, source, kind
+    weight = _module_weight(source)
+    return source, weight, _source_kind(type(weight))
+
+
 def dense_weight(
     source: BaseWeight, dtype: torch.dtype, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -107,11 +116,7 @@ def dense_weight(
     Raises:
         TypeError: if ``source`` is none of the above.
     """
-    module = None
-    kind = _source_kind(type(source))
-    if kind == _MODULE:
-        module, source = source, _module_weight(source)
-        kind = _source_kind(type(source))
+    module, source, kind = _unwrap(source)
     if kind == _TENSOR:
         state = _bnb_quant_state(source, module)
         if state is not None:
@@ -132,11 +137,7 @@ def dense_weight(
 def weight_shape(source: BaseWeight) -> tuple[int, int] | None:
     """``(out_features, in_features)`` of a weight source without dequantizing it, or None when
     only dequantizing would tell (a :class:`Dequantizable` without a ``shape``)."""
-    module = None
-    kind = _source_kind(type(source))
-    if kind == _MODULE:
-        module, source = source, _module_weight(source)
-        kind = _source_kind(type(source))
+    module, source, kind = _unwrap(source)
     if kind == _TENSOR:
         state = _bnb_quant_state(source, module)
         return tuple(state.shape) if state is not None else tuple(source.shape)
