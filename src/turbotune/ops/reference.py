@@ -347,3 +347,73 @@ def lora_mlp_reference(
     else:
         h = geglu(e, u, "tanh" if activation == "gelu_tanh" else "none")
     return lora_linear_reference(h, *down, keep=keeps[2])
+
+
+# ---- GPTQ (AutoGPTQ v1 "gptq" checkpoint format; packing lives in quant.gptq_format) ----
+
+
+def unpack_int32_reference(packed: torch.Tensor, bits: int, dim: int, n: int) -> torch.Tensor:
+    """The ``n`` integer codes that ``bits``-bit packing stored in int32 words along ``dim``.
+
+    The words along ``dim`` form one little-endian bit stream: code ``j`` occupies stream bits
+    ``[bits * j, bits * j + bits)``, i.e. word ``bits * j // 32`` from bit ``bits * j % 32``.
+    For 2/4/8 bits a code never crosses a word; for 3 bits, 32 codes fill 3 words and codes 10
+    and 21 cross into the next word (AutoGPTQ's 3-bit layout is exactly this stream).
+
+    Args:
+        packed: int32 tensor with ``n * bits / 32`` words along ``dim``.
+        bits: 2, 3, 4 or 8.
+        dim: the packed dimension.
+        n: number of codes along ``dim``.
+
+    Returns:
+        int64 codes in ``[0, 2**bits)``, ``packed``'s shape with ``n`` along ``dim``.
+    """
+    words = packed.movedim(dim, 0).long() & 0xFFFFFFFF  # unsigned view: logical shifts
+    start = torch.arange(n, device=packed.device) * bits
+    index, shift = start // 32, (start % 32).view(-1, *([1] * (words.dim() - 1)))
+    codes = words[index] >> shift
+    spill = (start % 32) + bits > 32
+    if bool(spill.any()):  # 3-bit codes that continue in the next word
+        high = words[(index + 1).clamp(max=words.shape[0] - 1)] << (32 - shift)
+        codes = torch.where(spill.view_as(shift), codes | high, codes)
+    return (codes & ((1 << bits) - 1)).movedim(0, dim)
+
+
+def dequantize_gptq_reference(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Dense ``W [out, in]`` of GPTQ storage: ``W[o, c] = s[g, o] * (q[c, o] - z[g, o])``, ``g =
+    g_idx[c]``, where the stored zero is ``z - 1`` (AutoGPTQ v1) so ``z = (stored + 1) mod 2**bits``.
+
+    Args:
+        qweight: int32 ``[in * bits / 32, out]`` (codes packed along the input dim).
+        qzeros: int32 ``[n_groups, out * bits / 32]`` (zero - 1, packed along the output dim).
+        scales: ``[n_groups, out]``.
+        g_idx: int ``[in]``, the group of each input column.
+        bits: 2, 3, 4 or 8.
+        dtype: output dtype, default ``scales.dtype``.
+
+    Returns:
+        ``[out, in]``; the arithmetic is done in fp32.
+    """
+    n_in, n_out = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    codes = unpack_int32_reference(qweight, bits, 0, n_in)
+    zeros = (unpack_int32_reference(qzeros, bits, 1, n_out) + 1) & ((1 << bits) - 1)
+    group = g_idx.long()
+    dense = scales.float()[group] * (codes - zeros[group]).float()
+    return dense.t().to(dtype or scales.dtype)
+
+
+def gptq_linear_reference(
+    x: torch.Tensor, storage, bits: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y = x W^T + b`` with ``W`` dequantized from ``storage`` = ``(qweight, qzeros, scales,
+    g_idx)`` in ``x``'s dtype (the precision contract of the fast path)."""
+    weight = dequantize_gptq_reference(*storage, bits=bits, dtype=x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
