@@ -286,6 +286,69 @@ def dequantize_4bit_reference(
     return out.to(dtype or quant_state.dtype).reshape(shape)
 
 
+# HQQ / affine group quantization (quant/hqq.py). Storage of a weight ``W [out, in]``: with
+# ``axis=1`` the stored matrix is ``S = W`` (groups run along ``in``), with ``axis=0`` it is
+# ``S = W^T`` (groups run along ``out``); ``S`` is ``[R, C]``. Row ``r`` of ``S`` keeps its codes
+# packed in ``row_bytes`` bytes (a multiple of 4): ``per_word`` codes of ``bits`` bits per word
+# of ``word_bytes`` bytes (uint8 words for 1/2/4/8 bits, little-endian int32 words otherwise),
+# code ``c`` in word ``c // per_word`` at bit ``(per_word - 1 - c % per_word) * bits`` (the
+# first code in the highest bits). ``scale``/``zero`` are ``[R, ceil(C / group_size)]`` and
+# ``S[r, c] = (code[r, c] - zero[r, g]) * scale[r, g]`` in fp32 with ``g = c // group_size``.
+
+
+def hqq_word_layout(bits: int) -> tuple[int, int]:
+    """``(codes per word, bytes per word)`` of the packed HQQ storage for ``bits`` in 1..8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if 8 % bits == 0:
+        return 8 // bits, 1
+    return 32 // bits, 4
+
+
+def unpack_codes_reference(packed: torch.Tensor, bits: int, n_cols: int) -> torch.Tensor:
+    """The ``[R, n_cols]`` int32 codes of packed HQQ rows (see the layout note above).
+
+    Args:
+        packed: ``[R, row_bytes]`` in any storage dtype (its bytes are what count).
+        bits: bits per code.
+        n_cols: codes per row (``C``).
+    """
+    per_word, word_bytes = hqq_word_layout(bits)
+    data = packed.detach().contiguous().view(torch.uint8)
+    words = data.view(torch.int32) if word_bytes == 4 else data
+    shifts = torch.arange(per_word - 1, -1, -1, device=data.device, dtype=torch.int32) * bits
+    codes = (words.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(words.shape[0], -1)[:, :n_cols]
+
+
+def dequantize_hqq_reference(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    shape: tuple[int, int],
+    bits: int,
+    group_size: int,
+    axis: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dense ``W [out, in]`` of an HQQ storage: ``(code - zero) * scale`` in fp32, cast once.
+
+    Args:
+        packed: ``[R, row_bytes]`` packed codes (``R = out`` for ``axis=1``, ``in`` for 0).
+        scale: ``[R, groups]`` step of each group; ``zero``: ``[R, groups]`` zero point (codes).
+        shape: ``(out_features, in_features)``.
+        bits: bits per code; ``group_size``: codes per group along a stored row.
+        axis: 1 (groups along ``in``) or 0 (groups along ``out``).
+        dtype: output dtype.
+    """
+    n_cols = shape[1] if axis == 1 else shape[0]
+    codes = unpack_codes_reference(packed, bits, n_cols).float()
+    group = torch.arange(n_cols, device=codes.device) // group_size
+    dense = (codes - zero.float()[:, group]) * scale.float()[:, group]
+    dense = dense if axis == 1 else dense.t()
+    return dense.to(dtype).contiguous()
+
+
 def lora_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor,

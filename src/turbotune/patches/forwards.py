@@ -44,9 +44,10 @@ def _plain_linear(module: torch.nn.Module) -> bool:
     cls = type(module)
     plain = _PLAIN_LINEAR.get(cls)
     if plain is None:
-        plain = _PLAIN_LINEAR[cls] = isinstance(module, torch.nn.Linear) and not is_lora_linear(
-            module
-        )
+        # A quantized linear of another format (HQQ) that rebuilds its weight with
+        # dequantize(dtype) is a frozen base like Linear4bit: quant.weights.dense_weight reads it.
+        linear = isinstance(module, torch.nn.Linear) or callable(getattr(cls, "dequantize", None))
+        plain = _PLAIN_LINEAR[cls] = linear and not is_lora_linear(module)
     return plain
 
 

@@ -125,6 +125,8 @@ def dense_weight(
     elif type(source) is Packed4bitWeight:
         return source.dequantize(dtype, out)
     elif kind == _DEQUANTIZE or hasattr(source, "dequantize"):
+        if out is not None and getattr(source, "dequantize_accepts_out", False):
+            return source.dequantize(dtype, out=out)  # straight into the buffer (HQQ)
         dense = source.dequantize(dtype)
     else:
         raise TypeError(
