@@ -277,7 +277,7 @@ _TRAIN_TYPE_MAP: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "custom_lora": ({"method": "lora", "implementation": "custom"}, {"method": "none"}),
     "qlora": ({"method": "lora", "implementation": "peft"}, {"method": "nf4"}),
     "custom_qlora": ({"method": "lora", "implementation": "custom"}, {"method": "nf4"}),
-    "hqq_lora": ({"method": "lora"}, {"method": "hqq"}),
+    "hqq_lora": ({"method": "lora", "implementation": "custom"}, {"method": "hqq"}),
     "bnb_dora": ({"method": "dora"}, {"method": "nf4"}),
     "hqq_dora": ({"method": "dora"}, {"method": "hqq"}),
 }

@@ -30,6 +30,7 @@ BUILTIN: dict[str, str] = {
     "adapter": "turbotune.plugins.adapter:AdapterPlugin",
     "bnb": "turbotune.plugins.bnb:BnbQuantPlugin",
     "fused_ops": "turbotune.plugins.fused_ops:FusedOpsPlugin",
+    "hqq": "turbotune.plugins.hqq:HQQQuantPlugin",
 }
 
 

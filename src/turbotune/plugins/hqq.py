@@ -1,0 +1,125 @@
+"""The HQQ loader plugin: ``quantization.method: hqq`` (``train_type: hqq_lora``).
+
+Loads a Hugging Face checkpoint in the compute dtype on the CPU, then quantizes its linear layers
+with turbotune's own HQQ (``quant/hqq.py``: calibration-free, no ``hqq`` package needed) one at a
+time on the training device, keeping the LM head and ``skip_modules`` dense, and moves the rest
+there. Only ``quantization.bits`` and ``group_size`` matter (groups along ``in_features``; the
+scales and zero points in bf16). LoRA goes through turbotune's own layers
+(``adapter.implementation: custom``), which take an ``HQQLinear`` base and fuse with the
+``fused_ops`` plugin; peft has no layer for this module type.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from turbotune.config import QuantizationConfig
+from turbotune.errors import ConfigError
+
+from .base import Plugin
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, TrainingArguments
+
+    from turbotune.config import Config
+
+
+class HQQQuantPlugin(Plugin):
+    name = "hqq"
+    description = "HQQ 1-8 bit base weights (turbotune's calibration-free quantizer), custom LoRA"
+    config_cls = QuantizationConfig
+    section = "quantization"
+    order = 10
+    loads_model = True
+
+    @classmethod
+    def section_of(cls, cfg: Config) -> QuantizationConfig | None:
+        q = cfg.quantization
+        if q.method != "hqq":
+            return None
+        if cfg.adapter.method == "full":
+            raise ConfigError(
+                f"{cfg.source}: HQQ weights cannot be trained in full; use adapter.method lora "
+                "or quantization.method none"
+            )
+        if cfg.adapter.implementation != "custom":
+            raise ConfigError(
+                f"{cfg.source}: quantization.method hqq needs adapter.implementation custom "
+                "(turbotune's LoRA layers; peft has no layer for turbotune's HQQLinear), or use "
+                "train_type: hqq_lora, which sets it"
+            )
+        if not 1 <= q.bits <= 8:
+            raise ConfigError(f"{cfg.source}: quantization.bits must be 1..8 for HQQ, got {q.bits}")
+        if q.group_size < 1:
+            raise ConfigError(f"{cfg.source}: quantization.group_size must be positive")
+        return q
+
+    def load_model(self, path: str, **kwargs: Any) -> PreTrainedModel:
+        from dataclasses import replace
+
+        from turbotune.config import ModelConfig
+        from turbotune.modeling import load_causal_lm
+        from turbotune.quant.bnb import DTYPES
+
+        compute = DTYPES[self.config.compute_dtype]
+        kwargs.pop("dtype", None)  # non-quantized modules stay in the compute dtype
+        kwargs.pop("device_map", None)  # loaded on the CPU, quantized onto the device
+        model_cfg = kwargs.pop("model_config", None) or ModelConfig()
+        model = load_causal_lm(replace(model_cfg, path=path), compute, **kwargs)
+        device = _device()
+        self.quantize(model, device, progress=True)
+        model.to(device)
+        return self.prepare_loaded(model)
+
+    def quantize(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        *,
+        progress: bool = False,
+        make_weight: Any = None,
+    ) -> int:
+        """Swap ``model``'s linears (not the head or ``skip_modules``) for ``HQQLinear`` on
+        ``device``; ``make_weight(name, linear)`` supplies weights instead (the benchmark)."""
+        from turbotune.quant.bnb import DTYPES
+        from turbotune.quant.hqq_linear import quantize_linears
+
+        c = self.config
+        return quantize_linears(
+            model, bits=c.bits, group_size=c.group_size, device=device,
+            compute_dtype=DTYPES[c.compute_dtype], skip_modules=_skipped(c),
+            storage_dtype=DTYPES[c.quant_storage], progress=progress, make_weight=make_weight,
+        )  # fmt: skip
+
+    def prepare_loaded(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Freeze the base (what the loader does after the weights are in)."""
+        from turbotune.quant.bnb import prepare_for_training
+
+        return prepare_for_training(model, upcast_fp32=self.config.upcast_fp32)
+
+    def augment(
+        self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
+    ) -> tuple[PreTrainedModel, TrainingArguments | None]:
+        if training_args is not None and getattr(training_args, "gradient_checkpointing", False):
+            model.enable_input_require_grads()
+        return model, training_args
+
+    def describe(self) -> str:
+        c = self.config
+        return (
+            f"hqq bits={c.bits} group_size={c.group_size} compute={c.compute_dtype} "
+            f"storage={c.quant_storage} skip={list(_skipped(c))}"
+        )
+
+
+def _skipped(c: QuantizationConfig) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*c.skip_modules, "lm_head"]))
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
