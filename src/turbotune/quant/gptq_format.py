@@ -117,7 +117,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if bool(spill.any()):  # 3 bits: the high part of a straddling code opens the next word
         words.index_add_(0, index[spill] + 1, c[spill] >> (32 - shift[spill]).view(view))
     signed = torch.where(words >= 1 << 31, words - (1 << 32), words)  # two's complement int32
-    return signed.to(torch.int32).movedim(0, dim)
+    return signed.to(torch.int32).movedim(0, dim).contiguous()
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int, n: int) -> torch.Tensor:
