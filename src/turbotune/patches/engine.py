@@ -25,7 +25,7 @@ import torch
 from turbotune.errors import UnsupportedModelError
 from turbotune.patches.families import FAMILIES, Family
 
-KINDS = ("rms_norm", "rope", "swiglu", "cross_entropy", "lora")
+KINDS = ("rms_norm", "rope", "swiglu", "cross_entropy", "lora", "moe")
 """The kernel families a patch set can switch on."""
 
 _MISSING = object()
@@ -106,12 +106,16 @@ def family_of(model: torch.nn.Module) -> tuple[str, Family]:
     return model_type, FAMILIES[model_type]
 
 
-def apply_patches(model: torch.nn.Module, kinds: Iterable[str] = KINDS) -> PatchSet:
+def apply_patches(
+    model: torch.nn.Module, kinds: Iterable[str] = KINDS, *, moe_backend: str = "auto"
+) -> PatchSet:
     """Patch ``model``'s modules with the fused forwards of ``kinds``; returns the undo handle.
 
     Args:
         model: a transformers causal LM of a family in the table (peft wrappers are fine).
         kinds: subset of :data:`KINDS`.
+        moe_backend: expert kernels of the ``moe`` kind (``auto``, ``triton``, ``grouped_mm``,
+            ``loop``; see :func:`turbotune.moe.resolve_backend`).
     """
     from turbotune.patches import forwards
 
@@ -131,6 +135,10 @@ def apply_patches(model: torch.nn.Module, kinds: Iterable[str] = KINDS) -> Patch
             patches.bind(
                 module, "swiglu", forwards.gated_mlp_forward(fam, fuse_lora="lora" in kinds)
             )
+        elif "moe" in kinds and cls in fam.experts:
+            from turbotune.moe.patch import experts_forward
+
+            patches.bind(module, "moe", experts_forward(moe_backend))
         elif "cross_entropy" in kinds and cls == fam.causal_lm:
             patches.bind(module, "cross_entropy", forwards.causal_lm_forward(fam))
         elif cls in fam.attentions and (attention := _attention_kinds(module, fam, kinds)):

@@ -43,6 +43,10 @@ class Family:
     sliding_window: str | None = None
     """Where attention reads the ``sliding_window`` it passes to the attention function:
     ``"config"`` (Mistral), ``"module"`` (Qwen2/3, set per layer type), or None (not passed)."""
+    experts: tuple[str, ...] = ()
+    """MoE experts classes (transformers 5's stacked ``gate_up_proj``/``down_proj``, called as
+    ``experts(hidden, top_k_index, top_k_weights)``): grouped expert kernels of
+    :mod:`turbotune.moe` replace their forward; the router is left as it is."""
 
 
 _T = "transformers.models"
@@ -63,9 +67,25 @@ def _row(name: str, prefix: str, *, mlp: bool = True, **extra) -> Family:
 FAMILIES: dict[str, Family] = {
     "llama": _row("llama", "Llama"),
     "mistral": _row("mistral", "Mistral", sliding_window="config"),
-    # experts: the MoE kernels' business
-    "mixtral": _row("mixtral", "Mixtral", mlp=False, sliding_window="config"),
+    "mixtral": _row(
+        "mixtral", "Mixtral", mlp=False, sliding_window="config", experts=("MixtralExperts",)
+    ),
     "qwen2": _row("qwen2", "Qwen2", sliding_window="module"),
     "qwen3": _row("qwen3", "Qwen3", sliding_window="module", qk_norm=True),
     "granite": _row("granite", "Granite", logits_divisor_attr="logits_scaling"),
+    # MoE families: experts through turbotune.moe; Qwen-MoE's shared expert / dense layers are
+    # ordinary gated MLPs (``<Prefix>MLP``).
+    "qwen2_moe": _row(
+        "qwen2_moe", "Qwen2Moe", sliding_window="module", experts=("Qwen2MoeExperts",)
+    ),
+    "qwen3_moe": _row(
+        "qwen3_moe", "Qwen3Moe", sliding_window="module", qk_norm=True, experts=("Qwen3MoeExperts",)
+    ),
+    "granitemoe": _row(
+        "granitemoe",
+        "GraniteMoe",
+        mlp=False,
+        logits_divisor_attr="logits_scaling",
+        experts=("GraniteMoeExperts",),
+    ),
 }

@@ -283,6 +283,11 @@ def causal_lm_forward(fam: Family) -> Callable[..., Any]:
 
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
+        if fam.experts:  # MoE: record router logits when transformers would (auxiliary loss)
+            wanted = kwargs.get("output_router_logits")
+            kwargs["output_router_logits"] = (
+                self.config.output_router_logits if wanted is None else wanted
+            )
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
@@ -302,6 +307,10 @@ def causal_lm_forward(fam: Family) -> Callable[..., Any]:
             logit_scale=scale,
             softcap=softcap,
         )
+        if fam.experts and kwargs["output_router_logits"]:
+            from turbotune.moe.patch import moe_lm_output
+
+            return moe_lm_output(self, fam.module, outputs, loss, attention_mask)
         return CausalLMOutputWithPast(
             loss=loss, logits=None, past_key_values=outputs.past_key_values
         )

@@ -8,7 +8,7 @@ checkpointing works unchanged because only module forwards are replaced.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from turbotune.patches.families import FAMILIES
 
@@ -31,6 +31,12 @@ class FusedOpsConfig:
     lora: bool = True
     """LoRA-fused projections with hand-written backward (dequantizing 4-bit bases on the fly);
     with ``swiglu`` the whole gate/up/down MLP is one op."""
+    moe: bool = True
+    """MoE experts (Mixtral, Qwen2/3-MoE, Granite-MoE) as grouped products over tokens sorted by
+    expert, no loop over experts; routers, router logits and the auxiliary loss unchanged."""
+    moe_backend: Literal["auto", "triton", "grouped_mm", "loop"] = "auto"
+    """Expert kernels: ``grouped_mm`` (``torch._grouped_mm``; ``auto`` on sm90+ bf16), ``triton``
+    (gather/scatter grouped GEMMs; ``auto`` elsewhere on CUDA), ``loop`` (``auto`` on CPU)."""
 
 
 class FusedOpsPlugin(Plugin):
@@ -42,14 +48,15 @@ class FusedOpsPlugin(Plugin):
 
     def kinds(self) -> list[str]:
         c = self.config
-        return [k for k in ("rms_norm", "rope", "swiglu", "cross_entropy", "lora") if getattr(c, k)]
+        kinds = ("rms_norm", "rope", "swiglu", "cross_entropy", "lora", "moe")
+        return [k for k in kinds if getattr(c, k)]
 
     def augment(
         self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
     ) -> tuple[PreTrainedModel, TrainingArguments | None]:
         from turbotune.patches import apply_patches
 
-        patches = apply_patches(model, self.kinds())
+        patches = apply_patches(model, self.kinds(), moe_backend=self.config.moe_backend)
         model.__dict__["_turbotune_patches"] = patches
         self.patches = patches
         return model, training_args

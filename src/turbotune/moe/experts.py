@@ -1,0 +1,91 @@
+"""A routed expert MLP without a Python loop over experts: the functional entry.
+
+Design note. transformers 5 stores a family's experts as two stacked parameters,
+``gate_up_proj [E, 2I, H]`` (gate rows first, then up rows) and ``down_proj [E, H, I]``, and
+calls ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``. The same computation
+here is: sort the ``T * k`` slots by expert (one ``sort``), one grouped product for gate/up that
+gathers the tokens itself, the fused gated activation (:mod:`turbotune.ops.swiglu`), one grouped
+product for down that writes straight into slot order, then ``sum_j w[t, j] * y[t, j]`` as a
+reshape-and-sum in fp32 (deterministic, unlike ``index_add_``). Gradients reach the inputs, both
+weight stacks and the routing weights (hence the router) through autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+from turbotune.moe.expert_gemm import Backend, expert_gemm
+from turbotune.moe.plan import plan_experts
+from turbotune.ops._triton import use_triton
+
+BackendChoice = Literal["auto", "triton", "grouped_mm", "loop"]
+
+
+def resolve_backend(backend: BackendChoice, hidden: torch.Tensor) -> Backend:
+    """``auto``: ``grouped_mm`` for CUDA bf16 where ``torch._grouped_mm`` exists (CUTLASS), the
+    Triton kernels for other CUDA dtypes (and on CPU under ``TRITON_INTERPRET=1``), else the loop."""
+    if backend != "auto":
+        return backend
+    if hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        major, _ = torch.cuda.get_device_capability(hidden.device)
+        if major >= 9:
+            return "grouped_mm"
+    return "triton" if use_triton(hidden) and hidden.is_cuda else "loop"
+
+
+def gated_activation(gate_up: torch.Tensor, activation: str | Callable[..., Any]) -> torch.Tensor:
+    """``act(gate) * up`` of ``[S, 2I]`` rows (gate in the first half, as transformers stores it)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        from turbotune.ops.swiglu import swiglu
+
+        return swiglu(gate, up)
+    return activation(gate) * up
+
+
+def combine_slots(slots: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype):
+    """``out[t] = sum_j w[t, j] * slots[t * k + j]`` accumulated in fp32, cast to ``dtype``."""
+    num_tokens, top_k = top_k_weights.shape
+    weighted = slots.view(num_tokens, top_k, -1).float() * top_k_weights.float().unsqueeze(-1)
+    return weighted.sum(dim=1).to(dtype)
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: Any,
+    down: Any,
+    *,
+    activation: str | Callable[..., Any] = "silu",
+    backend: BackendChoice = "auto",
+) -> torch.Tensor:
+    """The experts of one MoE layer on routed tokens.
+
+    Args:
+        hidden: ``[T, H]`` tokens.
+        top_k_index: ``[T, k]`` expert ids.
+        top_k_weights: ``[T, k]`` routing weights (any float dtype; they get gradients).
+        gate_up: ``[E, 2I, H]`` stacked gate/up weights, or a quantized stack.
+        down: ``[E, H, I]`` stacked down weights, or a quantized stack.
+        activation: ``"silu"`` (fused SwiGLU) or a callable applied to the gate.
+        backend: see :func:`resolve_backend`.
+
+    Returns:
+        ``[T, H]`` tensor of ``hidden.dtype``.
+    """
+    num_experts = gate_up.shape[0] if isinstance(gate_up, torch.Tensor) else len_experts(gate_up)
+    chosen = resolve_backend(backend, hidden)
+    plan = plan_experts(top_k_index, num_experts)
+    gate_up_rows = expert_gemm(hidden, gate_up, plan, layout="gather", backend=chosen)
+    h = gated_activation(gate_up_rows, activation)
+    slots = expert_gemm(h, down, plan, layout="scatter", backend=chosen)
+    return combine_slots(slots, top_k_weights, hidden.dtype)
+
+
+def len_experts(stack: Any) -> int:
+    """Number of experts of a quantized stack (its ``shape[0]``)."""
+    return int(stack.shape[0])

@@ -1,0 +1,85 @@
+"""What the patch engine binds on MoE models: the experts forward and the MoE loss output.
+
+Design note. Only the *experts* module of a family's sparse block is replaced; its router stays
+transformers' own module, so the router logits that ``output_router_logits`` records, the routing
+weights (and their gradient) and the auxiliary load-balancing loss are computed exactly as before.
+The replacement takes the call transformers makes, ``experts(hidden, top_k_index,
+top_k_weights)``, and runs :func:`turbotune.moe.experts.moe_experts` on the module's stacked
+``gate_up_proj``/``down_proj`` — the parameters themselves, or what peft's ``target_parameters``
+LoRA makes of them while it is active (the merged ``W + s * B A`` per expert), or a quantized
+stack put there by :func:`turbotune.moe.quant.quantize_experts`. Layouts the kernels do not cover
+(biases, transposed or interleaved stacks, no gate, expert parallelism of transformers) keep the
+original forward.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from turbotune.moe.experts import BackendChoice, moe_experts
+
+
+def supports(module: torch.nn.Module) -> bool:
+    """Whether the experts module has the layout the grouped kernels compute."""
+    d = module.__dict__
+    return (
+        d.get("has_gate", True)
+        and not d.get("has_bias", False)
+        and not d.get("is_transposed", False)
+        and d.get("is_concatenated", True)
+        and not d.get("has_post_expert_norm", False)
+        and not d.get("_is_expert_parallel", False)
+        and hasattr(module, "gate_up_proj")
+        and hasattr(module, "down_proj")
+    )
+
+
+def activation_of(module: torch.nn.Module) -> str | Callable[..., Any]:
+    """``"silu"`` for the SiLU activations (fused SwiGLU), else the module's own ``act_fn``."""
+    act = module.act_fn
+    if isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return "silu"
+    return act
+
+
+def experts_forward(backend: BackendChoice = "auto") -> Callable[..., torch.Tensor]:
+    """The replacement ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        if args or kwargs or not supports(self):
+            return self._turbotune_original_forward(
+                hidden_states, top_k_index, top_k_weights, *args, **kwargs
+            )
+        return moe_experts(
+            hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+            activation=activation_of(self), backend=backend,
+        )  # fmt: skip
+
+    return forward
+
+
+def moe_lm_output(
+    model: torch.nn.Module,
+    family_module: str,
+    outputs: Any,
+    loss: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> Any:
+    """The ``MoeCausalLMOutputWithPast`` of a patched causal-LM forward run with
+    ``output_router_logits``: the family's own ``load_balancing_loss_func`` on the recorded logits,
+    added to the loss with ``router_aux_loss_coef`` as transformers does."""
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    balance = importlib.import_module(family_module).load_balancing_loss_func
+    aux = balance(
+        outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask
+    )
+    loss = loss + model.router_aux_loss_coef * aux.to(loss.device)
+    return MoeCausalLMOutputWithPast(
+        loss=loss, aux_loss=aux, logits=None, past_key_values=outputs.past_key_values,
+        router_logits=outputs.router_logits,
+    )  # fmt: skip

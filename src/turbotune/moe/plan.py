@@ -1,0 +1,50 @@
+"""Sorting token slots by expert: the plan every grouped expert product follows.
+
+Design note. A token routed to ``k`` experts owns ``k`` *slots* (slot ``t * k + j`` is its j-th
+choice). Sorting the ``T * k`` slots by expert id (stably, so ties keep token order and results
+are deterministic) makes each expert's rows one contiguous run; ``ends`` (the cumulative counts,
+int32) is the ``offs`` argument of ``torch._grouped_mm`` and the row bounds of the Triton kernels.
+Nothing here syncs with the device: counts come from ``scatter_add``, not ``bincount``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class ExpertPlan(NamedTuple):
+    """Slots sorted by expert.
+
+    Attributes:
+        order: ``[S]`` int64 slot ids (``S = T * k``) sorted by expert; the token of sorted row
+            ``s`` is ``order[s] // top_k``.
+        counts: ``[E]`` int64 rows per expert.
+        ends: ``[E]`` int32 cumulative counts (expert ``e`` owns sorted rows
+            ``ends[e] - counts[e] .. ends[e] - 1``).
+        top_k: experts per token.
+    """
+
+    order: torch.Tensor
+    counts: torch.Tensor
+    ends: torch.Tensor
+    top_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.order.shape[0]
+
+
+def plan_experts(top_k_index: torch.Tensor, num_experts: int) -> ExpertPlan:
+    """Sort the slots of ``top_k_index`` (``[T, k]`` expert ids) by expert."""
+    flat = top_k_index.reshape(-1)
+    _, order = torch.sort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    ends = torch.cumsum(counts, dim=0).to(torch.int32)
+    return ExpertPlan(order, counts, ends, top_k_index.shape[-1])

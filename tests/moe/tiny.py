@@ -1,0 +1,89 @@
+"""Tiny MoE models of each family, built from a config (shared by the MoE tests)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    GraniteMoeConfig,
+    GraniteMoeForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+_COMMON = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=64, max_position_embeddings=64, output_router_logits=True,
+    router_aux_loss_coef=0.02, tie_word_embeddings=False,
+)  # fmt: skip
+
+FAMILIES = {
+    # Mixtral: softmax over all experts, top-2, renormalized; fp32 routing weights.
+    "mixtral": (
+        MixtralForCausalLM,
+        lambda: MixtralConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    # Qwen2-MoE: shared expert with a sigmoid gate; no renormalization (norm_topk_prob=False).
+    "qwen2_moe": (
+        Qwen2MoeForCausalLM,
+        lambda: Qwen2MoeConfig(
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=6,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+    ),
+    # Qwen3-MoE: renormalized top-3 of 8; q/k norms in attention.
+    "qwen3_moe": (
+        Qwen3MoeForCausalLM,
+        lambda: Qwen3MoeConfig(
+            intermediate_size=40,
+            moe_intermediate_size=20,
+            num_experts=8,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+            head_dim=8,
+        ),
+    ),
+    # Granite-MoE: top-k of the logits, then softmax over the k; logits scaling and multipliers.
+    "granitemoe": (
+        GraniteMoeForCausalLM,
+        lambda: GraniteMoeConfig(
+            intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            logits_scaling=2.0,
+        ),
+    ),
+}
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny model of ``family`` with random (non-zero) routers, eager attention and experts."""
+    cls, make_config = FAMILIES[family]
+    config = make_config()
+    for key, value in _COMMON.items():
+        setattr(config, key, value)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype)
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        for p in model.parameters():  # Qwen initializes routers to zero: ties in top-k
+            p.normal_(0.0, 0.15)
+    return model
+
+
+def sparse_blocks(model) -> list[torch.nn.Module]:
+    """The sparse MoE block of every layer."""
+    blocks = []
+    for layer in model.model.layers:
+        block = getattr(layer, "block_sparse_moe", None) or layer.mlp
+        if hasattr(block, "experts"):
+            blocks.append(block)
+    return blocks
