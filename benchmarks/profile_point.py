@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
+    parser.add_argument(
+        "--gaps", action="store_true", help="report GPU idle gaps (records Python stacks)"
+    )
+    parser.add_argument("--sort", default="cuda_time_total", help="key_averages sort key")
     args = parser.parse_args(argv)
 
     from turbotune.bench.models import resolve_model_config
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     prepared = _prepare(spec, config, device)
     model = prepared.model
     batches = _batches(spec, config.vocab_size, 2 + args.steps, 0, device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
 
     def step(batch) -> None:
         with torch.autocast("cuda", dtype=prepared.autocast, enabled=prepared.autocast is not None):
@@ -57,20 +61,147 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batches[:2]:
         step(batch)
     torch.cuda.synchronize()
+    import time
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    for batch in batches[2:]:
+        step(batch)
+    torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    n = len(batches) - 2
+    print(
+        f"unprofiled: {1e3 * wall / n:.1f} ms/step wall, {1e3 * cpu / n:.1f} ms/step CPU (all threads)"
+    )
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, with_stack=args.gaps) as prof:
         for batch in batches[2:]:
             step(batch)
         torch.cuda.synchronize()
     print(f"== {args.scenario} {args.shape}: {args.steps} steps")
     print(
-        prof.key_averages().table(
-            sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70
-        )
+        prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
     )
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
+    trace = args.trace or ("/tmp/profile-point.json" if args.gaps else None)
+    if trace:
+        prof.export_chrome_trace(trace)
+    if args.gaps:
+        gap_report(trace)
     return 0
+
+
+def gap_report(trace_path: str, top: int = 12) -> None:
+    """GPU idle time in a Chrome trace, and what the CPU was doing when launching resumed.
+
+    A gap is time between consecutive kernels on the GPU. For the largest gaps, print the
+    kernel that ended the gap and the innermost Python frames around its launch, plus any
+    synchronizing runtime call (``cudaStreamSynchronize``, device-to-host copies) just before.
+    """
+    import bisect
+    import json
+
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted(
+        (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+        key=lambda e: e["ts"],
+    )
+    runtime = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
+    syncs = sorted(
+        (
+            e
+            for e in events
+            if e.get("cat") == "cuda_runtime"
+            and any(s in e["name"] for s in ("Synchronize", "Memcpy", "EventQuery"))
+        ),
+        key=lambda e: e["ts"],
+    )
+    py = sorted((e for e in events if e.get("cat") == "python_function"), key=lambda e: e["ts"])
+    py_starts = [e["ts"] for e in py]
+    if not kernels:
+        print("no kernels in the trace")
+        return
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    busy, gaps, end = 0.0, [], kernels[0]["ts"]
+    for k in kernels:
+        if k["ts"] > end:
+            gaps.append((k["ts"] - end, end, k))
+        busy += max(0.0, k["ts"] + k["dur"] - max(end, k["ts"]))
+        end = max(end, k["ts"] + k["dur"])
+    idle = span - busy
+    print(
+        f"GPU span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {idle / 1e3:.1f} ms "
+        f"({100 * idle / span:.1f}%), gaps > 20 us: {sum(1 for g in gaps if g[0] > 20)} "
+        f"summing {sum(g[0] for g in gaps if g[0] > 20) / 1e3:.1f} ms"
+    )
+    n_sync = {}
+    for s in syncs:
+        n_sync[s["name"]] = n_sync.get(s["name"], 0) + 1
+    print("sync-like runtime calls:", n_sync)
+    by_source: dict[str, float] = {}
+    for k in kernels:
+        launch = runtime.get(k["args"].get("correlation"))
+        frame = "?"
+        if launch is not None:
+            t = launch["ts"]
+            i = bisect.bisect_right(py_starts, t)
+            for e in reversed(py[max(0, i - 400) : i]):
+                if e["ts"] + e["dur"] >= t and (
+                    "turbotune/" in e["name"]
+                    or "site-packages/transformers/" in e["name"]
+                    or "optim/" in e["name"]
+                ):
+                    frame = e["name"][-70:]
+                    break
+        key = f"{frame} | {k['name'][:40]}"
+        by_source[key] = by_source.get(key, 0.0) + k["dur"]
+    _python_self_times(events)
+    print("GPU time by launching source line (ms per profiled run):")
+    for key, dur in sorted(by_source.items(), key=lambda kv: -kv[1])[:40]:
+        print(f"  {dur / 1e3:8.2f}  {key}")
+    for dur, _start, k in sorted(gaps, key=lambda g: -g[0])[:top]:
+        launch = runtime.get(k["args"].get("correlation"))
+        where = []
+        if launch is not None:
+            t = launch["ts"]
+            i = bisect.bisect_right(py_starts, t)
+            frames = [e for e in py[max(0, i - 400) : i] if e["ts"] + e["dur"] >= t]
+            where = [e["name"][:60] for e in frames[-4:]]
+        j = bisect.bisect_right([s["ts"] for s in syncs], k["ts"])
+        before = syncs[j - 1]["name"] if j else "-"
+        print(
+            f"  gap {dur:8.0f} us before {k['name'][:50]!r}; last sync call {before}; "
+            f"launched in {' > '.join(where)}"
+        )
+
+
+def _python_self_times(events: list[dict], top: int = 45) -> None:
+    """Self CPU time of each Python function and aten op (children excluded), per thread."""
+    cats = ("python_function", "cpu_op", "cuda_runtime", "cuda_driver")
+    by_tid: dict = {}
+    for e in events:
+        if e.get("cat") in cats and "dur" in e:
+            by_tid.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    self_time: dict[str, float] = {}
+    for evs in by_tid.values():
+        evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[list] = []  # [end, event, child time]
+        for e in evs:
+            while stack and stack[-1][0] <= e["ts"]:
+                _close(stack.pop(), self_time)
+            if stack:
+                stack[-1][2] += e["dur"]
+            stack.append([e["ts"] + e["dur"], e, 0.0])
+        while stack:
+            _close(stack.pop(), self_time)
+    print("self CPU time by Python function / op (ms per profiled run, all threads):")
+    for name, t in sorted(self_time.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {t / 1e3:8.2f}  {name[-100:]}")
+
+
+def _close(entry: list, self_time: dict[str, float]) -> None:
+    _end, e, child = entry
+    key = f"[{e['cat'][:6]}] {e['name']}"
+    self_time[key] = self_time.get(key, 0.0) + e["dur"] - child
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""A/B of runtime switches on one benchmark point, in one process, alternating variants.
+
+    python benchmarks/ab_point.py benchmarks/reference-workload.yaml turbotune-qlora-fused 4x1024
+
+Builds the point once (as ``turbotune bench`` does), then times each variant of the switches
+below in turn, ``--rounds`` times, so that drift of the GPU (clocks, temperature) spreads over
+all variants alike. Prints the median step time and tokens/s of each variant, and its ratio
+to the first. Switches: the cached Triton launcher (``ops._triton``) and the folding of LoRA
+adapters into the base matmuls (``ops.lora_group.FOLD_ADAPTERS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+VARIANTS = {
+    "fast-launch+fold": {"fast": True, "fold": True},
+    "fast-launch": {"fast": True, "fold": False},
+    "triton-launch+fold": {"fast": False, "fold": True},
+    "triton-launch": {"fast": False, "fold": False},
+}
+
+
+def _switch(fast: bool, fold: bool) -> None:
+    from turbotune.ops import _triton, lora_group
+
+    _triton._fast["on"] = fast
+    lora_group.FOLD_ADAPTERS = fold
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenarios")
+    parser.add_argument("scenario")
+    parser.add_argument("shape")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args(argv)
+
+    from turbotune.bench.models import resolve_model_config
+    from turbotune.bench.scenarios import expand, load_scenarios
+    from turbotune.bench.worker import _batches, _prepare
+
+    points = [
+        p
+        for p in expand(load_scenarios(args.scenarios))
+        if p.scenario == args.scenario and p.label.split(" ")[1] == args.shape
+    ]
+    if not points:
+        print(f"no point {args.scenario} {args.shape}", file=sys.stderr)
+        return 2
+    spec = points[0].spec("/tmp/ab-point")
+    device = torch.device("cuda")
+    config = resolve_model_config(spec["model"])
+    prepared = _prepare(spec, config, device)
+    model = prepared.model
+    batches = _batches(spec, config.vocab_size, 2 + args.steps, 0, device)
+    tokens = statistics.fmean(b.tokens for b in batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
+
+    def step(batch) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=prepared.autocast, enabled=prepared.autocast is not None):
+            loss = model(**batch.inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    names = args.variants.split(",")
+    times: dict[str, list[float]] = {n: [] for n in names}
+    losses: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for name in names:
+            _switch(**VARIANTS[name])
+            for batch in batches[:2]:
+                step(batch)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step_losses = [step(batch) for batch in batches[2:]]
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / len(step_losses))
+            losses[name].append(step_losses[-1].item())
+    first = statistics.median(times[names[0]])
+    print(f"{'variant':22s} {'ms/step':>9s} {'tokens/s':>10s} {'vs first':>9s}  last loss")
+    for name in names:
+        t = statistics.median(times[name])
+        print(
+            f"{name:22s} {1e3 * t:9.1f} {tokens / t:10.0f} {first / t:9.3f}  {losses[name][-1]:.5f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
