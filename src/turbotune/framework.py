@@ -135,3 +135,23 @@ class AccelerationFramework:
         for p in self.plugins:
             out.extend(p.callbacks(model))
         return out
+
+    def data_collator(self, tokenizer: Any, training_args: TrainingArguments | None = None) -> Any:
+        """The collator a plugin provides (padding-free batches...), or ``None``: the caller's
+        default (``turbotune train`` pads)."""
+        return self._one("data_collator", tokenizer, training_args)
+
+    def train_batch_sampler(
+        self, dataset: Any, training_args: TrainingArguments | None = None
+    ) -> Any:
+        """The training batch sampler a plugin provides (multipack...), or ``None``."""
+        return self._one("train_batch_sampler", dataset, training_args)
+
+    def _one(self, hook: str, *args: Any) -> Any:
+        """The result of the one plugin whose ``hook`` returns something (two: an error)."""
+        found = [(p.name, r) for p in self.plugins if (r := getattr(p, hook)(*args)) is not None]
+        if len(found) > 1:
+            raise TurbotuneError(
+                f"plugins {[name for name, _ in found]} all provide a {hook}; enable only one"
+            )
+        return found[0][1] if found else None

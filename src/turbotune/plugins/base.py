@@ -1,11 +1,12 @@
-"""The plugin protocol: what a plugin declares and the three hooks it may implement.
+"""The plugin protocol: what a plugin declares and the hooks it may implement.
 
 Design note (after torchtitan's model converters). A plugin is a class with a few declarations
-(name, config section, packages, supported model types, order) and up to three hooks:
+(name, config section, packages, supported model types, order) and these hooks:
 
 * ``load_model`` — build the model (only loader plugins, e.g. 4-bit quantization; one at most);
 * ``augment`` — change the model and training arguments (adapters, fused ops, attention);
-* ``callbacks`` — ``transformers.TrainerCallback`` objects to add to the Trainer.
+* ``callbacks`` — ``transformers.TrainerCallback`` objects to add to the Trainer;
+* ``data_collator`` / ``train_batch_sampler`` — how batches are formed (at most one plugin each).
 
 The framework instantiates active plugins with *their own* section only, sorts them by
 ``order`` and calls the hooks in that order. Plugins never contain kernels: they import from
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -134,6 +136,21 @@ class Plugin:
 
     def callbacks(self, model: PreTrainedModel) -> list[TrainerCallback]:
         return []
+
+    def data_collator(
+        self, tokenizer: Any, training_args: TrainingArguments | None
+    ) -> Callable[[list[dict[str, Any]]], dict[str, Any]] | None:
+        """The Trainer's collator (e.g. padding-free batches), or ``None`` to leave it to
+        others; at most one active plugin may return one."""
+        return None
+
+    def train_batch_sampler(
+        self, dataset: Any, training_args: TrainingArguments | None
+    ) -> Iterable[list[int]] | None:
+        """A batch sampler of the training set (lists of indices; e.g. packing by tokens), or
+        ``None``; at most one active plugin may return one. It may offer ``set_epoch(epoch)``
+        and must give the same batches again for the same epoch (resume skips batches)."""
+        return None
 
     def describe(self) -> str:
         """A short summary of its active options, for the start-up banner."""

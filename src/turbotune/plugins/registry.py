@@ -31,6 +31,8 @@ BUILTIN: dict[str, str] = {
     "bnb": "turbotune.plugins.bnb:BnbQuantPlugin",
     "fused_ops": "turbotune.plugins.fused_ops:FusedOpsPlugin",
     "hqq": "turbotune.plugins.hqq:HQQQuantPlugin",
+    "multipack": "turbotune.plugins.multipack:MultipackPlugin",
+    "padding_free": "turbotune.plugins.padding_free:PaddingFreePlugin",
 }
 
 
