@@ -1,0 +1,173 @@
+"""GPTQ kernels (ops/gptq.py) and GPTQLinear vs the eager reference (ops/reference.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from turbotune.ops import gptq
+from turbotune.ops._triton import interpreting
+from turbotune.ops.reference import dequantize_gptq_reference, gptq_linear_reference
+from turbotune.quant.gptq_format import GPTQ_BITS, default_g_idx, n_groups, pack_gptq
+from turbotune.quant.gptq_linear import GPTQLinear
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _storage(out_f, in_f, bits, group_size=32, act_order=False, seed=0, device="cpu"):
+    """Random GPTQ storage; scales ~ 1/sqrt(in) / 2**bits so W has unit-ish row norms."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = n_groups(in_f, group_size)
+    q = torch.randint(0, 1 << bits, (out_f, in_f), generator=gen)
+    z = torch.randint(0, 1 << bits, (groups, out_f), generator=gen)
+    s = (torch.rand(groups, out_f, generator=gen) + 0.5) * (4.0 / (1 << bits)) / in_f**0.5
+    g = default_g_idx(in_f, group_size)
+    if act_order:
+        perm = torch.randperm(in_f, generator=gen)
+        g = torch.empty_like(g)
+        g[perm] = default_g_idx(in_f, group_size)
+    return tuple(t.to(device) for t in pack_gptq(q, z, s, g, bits))
+
+
+def _assert_dequant_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit-identical, except 1 bf16 ulp under the interpreter (it truncates fp32 -> bf16 where
+    the GPU rounds to nearest even)."""
+    diff = (got.float() - want.float()).abs()
+    msg = f"max abs diff {diff.max():.3e}, mean {diff.mean():.3e}, {int((diff > 0).sum())} differ"
+    if got.dtype == torch.bfloat16 and interpreting():
+        ulp = want.float().abs() * 2.0**-7 + 1e-30
+        assert bool((diff <= ulp).all()), msg
+    else:
+        assert torch.equal(got, want), msg
+
+
+# tiny, one not-power-of-two / non-block-multiple, and one larger than the 64 x 64 block
+SHAPES = [(16, 32), (112, 160), (144, 288)]
+
+
+@pytest.mark.parametrize("bits", GPTQ_BITS)
+@pytest.mark.parametrize("out_f,in_f", SHAPES)
+def test_dequantize_kernel_matches_reference(device, bits, out_f, in_f):
+    if bits == 3:
+        out_f, in_f = -(-out_f // 32) * 32, -(-in_f // 32) * 32  # 3 bits: multiples of 32
+    storage = _storage(out_f, in_f, bits, group_size=32, act_order=in_f > 32, seed=bits,
+                       device=device)  # fmt: skip
+    for dtype in DTYPES:
+        want = dequantize_gptq_reference(*storage, bits, dtype)
+        _assert_dequant_equal(gptq.gptq_dequantize(storage, bits, dtype), want)
+
+
+@pytest.mark.parametrize("group_size", [-1, 48, 128])
+def test_dequantize_group_sizes_and_out_blocks(device, group_size):
+    """Uneven last group, one group; writing into row and column blocks of wider buffers."""
+    out_f, in_f, bits = 40, 160, 4
+    storage = _storage(out_f, in_f, bits, group_size, act_order=True, seed=7, device=device)
+    want = dequantize_gptq_reference(*storage, bits, torch.bfloat16)
+    buf = torch.full((out_f + 8, in_f + 24), 7.0, dtype=torch.bfloat16, device=device)
+    got = gptq.gptq_dequantize(storage, bits, torch.float32, out=buf[4 : 4 + out_f, :in_f])
+    assert got.data_ptr() == buf[4:, :].data_ptr() and got.dtype == torch.bfloat16
+    _assert_dequant_equal(buf[4 : 4 + out_f, :in_f], want)
+    untouched = torch.cat([buf[:4].flatten(), buf[4 + out_f :].flatten(), buf[:, in_f:].flatten()])
+    assert bool((untouched == 7.0).all()), "wrote outside the out block"
+    with pytest.raises(ValueError, match="out must be"):
+        gptq.gptq_dequantize(storage, bits, torch.bfloat16, out=buf[:out_f, : in_f + 1])
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("rows", [1, 13, gptq.FUSED_MAX_ROWS + 7])
+def test_forward_and_input_grad_kernels(device, bits, rows):
+    """``x W^T`` and ``dy W`` (fused for few rows, dequantize + matmul above FUSED_MAX_ROWS)
+    vs fp32 matmuls of the same dequantized W: the only error is the final rounding and the
+    bf16 rounding of W (the eager bf16 run pays the same)."""
+    out_f, in_f = 96, 160 if bits != 3 else 192
+    storage = _storage(out_f, in_f, bits, act_order=True, seed=bits, device=device)
+    gen = torch.Generator().manual_seed(rows)
+    x, dy = torch.randn(rows, in_f, generator=gen), torch.randn(rows, out_f, generator=gen)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = dequantize_gptq_reference(*storage, bits, dtype).float()
+        xd, dyd = x.to(device, dtype), dy.to(device, dtype)
+        for got, want, eager in (
+            (gptq.gptq_forward(xd, storage, bits), xd.float() @ w.t(), xd @ w.to(dtype).t()),
+            (gptq.gptq_input_grad(dyd, storage, bits), dyd.float() @ w, dyd @ w.to(dtype)),
+        ):
+            err, eager_err = (got.float() - want).abs(), (eager.float() - want).abs().max()
+            bound = 2 * eager_err + 2 * torch.finfo(dtype).eps * want.abs().max()
+            assert got.dtype == dtype and got.shape == want.shape
+            assert err.max() <= bound, f"{dtype}: max {err.max():.3e} mean {err.mean():.3e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,rows,bias", [(4, 13, True), (8, 5, False), (4, 70, True)])
+def test_gptq_linear_forward_and_input_grad(parity, device, dtype, bits, rows, bias):
+    """GPTQLinear vs ``x W^T + b`` on the dequantized fp32 weight: output and dx (and db)."""
+    out_f, in_f = 72, 96
+    layer = GPTQLinear.from_tensors(*_storage(out_f, in_f, bits, act_order=True, seed=3), bits)
+    layer = layer.to(device)
+    master = {"x": torch.randn(2, rows, in_f).requires_grad_()}
+    if bias:
+        master["b"] = torch.randn(out_f).requires_grad_()
+
+    def ours(x, b=None):
+        if b is None:
+            return layer(x)
+        return gptq.gptq_linear(x, layer.storage(), bits, b)  # a trainable bias: db is checked
+
+    def ref(x, b=None):
+        return gptq_linear_reference(x, layer.storage(), bits, b)
+
+    parity(ours, ref, master, dtype, device)
+
+
+def test_gptq_linear_module_forward_saves_no_dense_weight(device):
+    """The module's forward equals the functional entry and the graph holds only the storage."""
+    layer = GPTQLinear.from_tensors(*_storage(64, 96, 4, seed=5), 4, bias=torch.randn(64))
+    layer = layer.to(device)
+    x = torch.randn(3, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert {t.dtype for t in saved} <= {torch.int32, torch.float16}, [t.dtype for t in saved]
+    assert sum(t.numel() for t in saved if t.dtype != torch.int32) < 64 * 96 // 8
+    ref = gptq_linear_reference(x.detach(), layer.storage(), 4, layer.bias)
+    assert torch.allclose(y.float(), ref.float(), atol=0.05, rtol=0.02)
+    y.sum().backward()
+    assert x.grad is not None and layer.bias.grad is None  # frozen bias
+
+
+def test_autocast_runs_in_autocast_dtype():
+    layer = GPTQLinear.from_tensors(*_storage(32, 64, 4, seed=2), 4)
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequantize_llama8b_mlp_shape_gpu(bits, act_order):
+    """Llama-3-8B gate/up (14336 x 4096) and down (4096 x 14336), group 128: bit-exact."""
+    for out_f, in_f in ((14336, 4096), (4096, 14336)):
+        storage = _storage(out_f, in_f, bits, 128, act_order, seed=1, device="cuda")
+        for dtype in (torch.bfloat16, torch.float16):
+            want = dequantize_gptq_reference(*storage, bits, dtype)
+            _assert_dequant_equal(gptq.gptq_dequantize(storage, bits, dtype), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [16, 4096])
+def test_gptq_linear_llama8b_shape_gpu(parity, rows):
+    """Forward and input gradient at 4096 -> 14336, fused (16 rows) and buffered (4096 rows)."""
+    storage = _storage(14336, 4096, 4, 128, act_order=True, seed=4, device="cuda")
+    master = {"x": torch.randn(rows, 4096).requires_grad_()}
+    for dtype in (torch.bfloat16, torch.float16):
+        parity(
+            lambda x: gptq.gptq_linear(x, storage, 4),
+            lambda x: gptq_linear_reference(x, storage, 4),
+            master, dtype, torch.device("cuda"),
+        )  # fmt: skip
