@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from turbotune.errors import ConfigError
@@ -18,16 +19,24 @@ KEY_PACKAGES = (
     "bitsandbytes", "trl", "mlx", "mlx-lm", "flash-attn",
 )  # fmt: skip
 
-#: Preference order of ``backend: auto``.
+#: Every backend, in the order ``turbotune env`` lists them.
 PREFERENCE = ("cuda", "mps", "mlx", "cpu")
+#: What ``backend: auto`` tries, first available wins (MLX only by name: see choose_backend).
+AUTO_ORDER = ("cuda", "mps", "cpu")
 
 
 @dataclass
 class BackendInfo:
+    """What a probe found about one backend."""
+
     name: str
+    """``cuda``, ``mps``, ``mlx`` or ``cpu``."""
     available: bool
+    """Whether a run can use it here."""
     detail: str
+    """What was found (version, device), or why it is not usable and how to fix that."""
     devices: list[str] = field(default_factory=list)
+    """The devices it would run on."""
 
 
 def package_versions(names: tuple[str, ...] = KEY_PACKAGES) -> dict[str, str | None]:
@@ -83,10 +92,15 @@ def _mlx() -> BackendInfo:
     try:
         import mlx.core as mx
 
-        device = str(mx.default_device())
+        gpu = bool(getattr(mx, "is_available", lambda d: False)(mx.gpu))
     except Exception as err:  # a broken install must not break `turbotune env`
         return BackendInfo("mlx", False, f"mlx is installed but failed to load: {err}")
-    return BackendInfo("mlx", True, f"MLX on {device}", [device])
+    if importlib.util.find_spec("mlx_lm") is None:
+        return BackendInfo(
+            "mlx", False, "mlx is installed but mlx-lm is not (pip install 'turbotune[mlx]')"
+        )
+    where = "the Metal GPU" if gpu else "the CPU (no Metal GPU: the mlx[cpu] build)"
+    return BackendInfo("mlx", True, f"MLX {mx.__version__} on {where}", ["gpu" if gpu else "cpu"])
 
 
 def _cpu() -> BackendInfo:
@@ -100,9 +114,18 @@ def _cpu() -> BackendInfo:
     )
 
 
+#: The availability probes, by backend; tests replace entries to simulate other machines.
+PROBES: dict[str, Callable[[], BackendInfo]] = {
+    "cuda": _cuda,
+    "mps": _mps,
+    "mlx": _mlx,
+    "cpu": _cpu,
+}
+
+
 def detect_backends() -> dict[str, BackendInfo]:
-    """Every backend with whether it is usable here and why (not)."""
-    return {b.name: b for b in (_cuda(), _mps(), _mlx(), _cpu())}
+    """Every backend with whether it is usable here and why (not), in :data:`PREFERENCE` order."""
+    return {name: PROBES[name]() for name in PREFERENCE}
 
 
 def choose_backend(
@@ -110,7 +133,19 @@ def choose_backend(
 ) -> tuple[str, str]:
     """The backend to use and the reason, for ``backend: auto`` or an explicit request.
 
-    ``auto`` never picks MLX: MLX runs a separate engine that must be asked for by name.
+    ``auto`` takes the first available of CUDA, MPS, CPU: the PyTorch engine, where every
+    plugin runs. It never picks MLX, which is a separate engine (its own 4-bit format, no
+    plugins) and must be asked for by name; the reason says so when MLX is available.
+
+    Args:
+        requested: ``auto`` or a backend name.
+        found: the result of :func:`detect_backends` (detected now when ``None``).
+
+    Returns:
+        ``(name, reason)``.
+
+    Raises:
+        ConfigError: an unknown name, or a requested backend that is not usable here.
     """
     found = detect_backends() if found is None else found
     if requested != "auto":
@@ -123,18 +158,16 @@ def choose_backend(
             raise ConfigError(
                 f"backend '{requested}' was requested but is not usable here: {info.detail}"
             )
-        return requested, f"requested in the config ({info.detail})"
-    for name in ("cuda", "mps", "cpu"):
-        if found[name].available:
-            skipped = [
-                f"{n}: {found[n].detail}"
-                for n in ("cuda", "mps")
-                if n != name
-                and not found[n].available
-                and PREFERENCE.index(n) < PREFERENCE.index(name)
-            ]
-            why = f"auto: {found[name].detail}" + (
-                f" (not available: {'; '.join(skipped)})" if skipped else ""
-            )
-            return name, why
-    return "cpu", "auto: fallback"
+        return requested, f"requested ({info.detail})"
+    name = next((n for n in AUTO_ORDER if found[n].available), "cpu")
+    skipped = [
+        f"{n}: {found[n].detail}"
+        for n in AUTO_ORDER[: AUTO_ORDER.index(name)]
+        if not found[n].available
+    ]
+    why = f"auto: {found[name].detail}"
+    if skipped:
+        why += f"; not available: {'; '.join(skipped)}"
+    if found["mlx"].available:
+        why += "; mlx is installed too, chosen only by name (backend=mlx)"
+    return name, why

@@ -1,0 +1,329 @@
+"""``backend: mlx``: one LoRA / 4-bit QLoRA run of a turbotune config with MLX.
+
+The same steps as the PyTorch engine (:mod:`turbotune.train.run`), with MLX underneath: check
+what MLX can run (:mod:`turbotune.backends.support`), build the data with turbotune's pipeline
+(bad rows fail before the model loads), load the checkpoint with mlx-lm, quantize the base
+(``mlx.nn.quantize``), add LoRA layers, train with ``mlx.optimizers.AdamW`` on the run's
+schedule, evaluate, and write ``<output_dir>/final``: the PEFT adapter, the tokenizer, the run's
+config, and the mlx-lm adapter in ``final/mlx``.
+
+Numerics follow the Trainer's: the loss of an optimizer step is the sum of the token losses of
+its micro-batches divided by the step's target tokens (so accumulation 1x8 = 8x1), gradients
+are clipped to ``max_grad_norm``, AdamW uses bias correction (PyTorch's). The logged ``loss``
+is the mean of the step losses since the previous log. Each log is one line of
+``<output_dir>/metrics.jsonl`` with ``loss``, ``learning_rate``, ``grad_norm``,
+``tokens_per_s``, ``input_tokens_per_s``, ``step_time_s``, ``peak_mem_gib`` (MLX's peak,
+``mx.get_peak_memory``) and ``epoch``. Steps run eagerly (no ``mx.compile``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import yaml
+from mlx.utils import tree_flatten, tree_map
+
+from turbotune.backends.mlx import data as mlx_data
+from turbotune.backends.mlx.export import peft_target_modules, save_mlx_adapter, save_peft_adapter
+from turbotune.backends.mlx.model import (
+    DTYPES,
+    add_lora,
+    linear_paths,
+    load_mlx_model,
+    lora_layers,
+    lora_scale,
+    quantize_base,
+)
+from turbotune.backends.mlx.schedule import mlx_schedule
+from turbotune.backends.support import check_backend_support, mlx_quantization
+from turbotune.config import Config
+
+__all__ = [
+    "MLXRun", "build_mlx_run", "evaluate", "fit_mlx", "lora_arrays", "masked_loss", "mlx_dtype",
+    "save_final", "train_mlx",
+]  # fmt: skip
+
+GIB = 2**30
+_PRECISION_DTYPE = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16_autocast": "float16",
+    "bf16_autocast": "bfloat16",
+    "bf16_buffers_autocast": "bfloat16",
+}
+
+
+def _say(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(text)
+
+
+def mlx_dtype(cfg: Config) -> str:
+    """Dtype of the base weights: ``model.dtype``, else from ``train.precision``.
+
+    MLX has no autocast: the ``*_autocast`` modes compute in their low-precision dtype with
+    the base stored in it; ``auto`` is bfloat16 on a Metal GPU and float32 on the CPU.
+    """
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    if cfg.train.precision == "auto":
+        return "bfloat16" if mx.default_device().type == mx.gpu else "float32"
+    return _PRECISION_DTYPE[cfg.train.precision]
+
+
+def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
+    """Sum of the next-token cross-entropies over positions whose target is not -100.
+
+    Args:
+        model: maps (B, T) ids to (B, T, V) logits.
+        inputs: (B, T) ids.
+        targets: (B, T) next-token ids, -100 where there is no loss.
+    """
+    logits = model(inputs).astype(mx.float32)
+    mask = targets != -100
+    ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0), reduction="none")
+    return (ce * mask).sum()
+
+
+@dataclass
+class MLXRun:
+    """What an MLX run trains: the model with its LoRA layers, the data, and the settings."""
+
+    cfg: Config
+    model: nn.Module
+    tokenizer: Any
+    train_ds: Any
+    eval_ds: Any
+    model_path: Path
+    adapted: list[str]
+    candidates: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def build_mlx_run(cfg: Config) -> MLXRun:
+    """Check the config, build the data, load and quantize the model, add the LoRA layers."""
+    from turbotune.data import build_datasets
+    from turbotune.modeling import load_tokenizer
+
+    notes = check_backend_support(cfg, "mlx")
+    tokenizer = load_tokenizer(cfg.model)
+    train_ds, eval_ds = build_datasets(cfg.data, tokenizer)
+    dtype = mlx_dtype(cfg)
+    model, path = load_mlx_model(cfg.model, dtype)
+    quant = mlx_quantization(cfg)
+    if quant is not None:
+        report = quantize_base(model, *quant, skip=cfg.quantization.skip_modules)
+        notes.append(f"quantized {len(report.quantized)} linear layers")
+        if report.kept:
+            notes.append(
+                f"kept in {dtype} (input width not a multiple of {quant[2]}): "
+                + ", ".join(report.kept)
+            )
+    candidates = linear_paths(model)
+    mx.random.seed(cfg.train.seed)  # the LoRA A matrices are drawn now
+    adapted = add_lora(model, cfg.adapter, compute_dtype=DTYPES[dtype])
+    return MLXRun(cfg, model, tokenizer, train_ds, eval_ds, path, adapted, candidates, notes)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    from turbotune.data.collators import resolve_pad_token_id
+
+    return resolve_pad_token_id(tokenizer)
+
+
+def evaluate(run: MLXRun, dataset: Any = None) -> float:
+    """Mean token loss over ``dataset`` (default: the evaluation set), dropout off."""
+    dataset = run.eval_ds if dataset is None else dataset
+    batches = mlx_data.iterate_batches(
+        dataset, run.cfg.train.per_device_train_batch_size, _pad_id(run.tokenizer), 0,
+        shuffle=False,
+    )  # fmt: skip
+    n_batches = -(-len(dataset) // run.cfg.train.per_device_train_batch_size)
+    total, tokens = 0.0, 0
+    run.model.eval()
+    for _, batch in zip(range(n_batches), batches):
+        total += masked_loss(run.model, batch.inputs, batch.targets).item()
+        tokens += batch.target_tokens
+    run.model.train()
+    return total / max(tokens, 1)
+
+
+class _Logger:
+    """Window sums between logs; writes metrics.jsonl and prints the Trainer's compact line."""
+
+    def __init__(self, output_dir: Path, max_steps: int, steps_per_epoch: int):
+        self.path = output_dir / "metrics.jsonl"
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.max_steps, self.steps_per_epoch = max_steps, steps_per_epoch
+        self.history: list[dict[str, float]] = []
+        self._reset(0, time.perf_counter())
+
+    def _reset(self, step: int, now: float) -> None:
+        self.t0, self.step0 = now, step
+        self.losses: list[float] = []
+        self.input_tokens = self.target_tokens = 0
+
+    def add(self, loss: float, input_tokens: int, target_tokens: int) -> None:
+        self.losses.append(loss)
+        self.input_tokens += input_tokens
+        self.target_tokens += target_tokens
+
+    def log(self, step: int, lr: float, grad_norm: float) -> dict[str, float]:
+        now = time.perf_counter()
+        seconds = max(now - self.t0, 1e-9)
+        logs = {
+            "loss": float(np.mean(self.losses)),
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": self.target_tokens / seconds,
+            "input_tokens_per_s": self.input_tokens / seconds,
+            "step_time_s": seconds / max(1, step - self.step0),
+            "peak_mem_gib": mx.get_peak_memory() / GIB,
+            "epoch": step / self.steps_per_epoch,
+        }
+        self.write(step, logs)
+        self._reset(step, now)
+        return logs
+
+    def write(self, step: int, logs: dict[str, float]) -> None:
+        from tqdm.auto import tqdm
+
+        from turbotune.train.metrics import format_log
+
+        self.history.append({"step": step, **logs})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **logs}) + "\n")
+        tqdm.write(format_log(logs, step=step, max_steps=self.max_steps))
+
+
+def _train_steps(run: MLXRun, logger: _Logger, total: int, per_epoch: int) -> list[float]:
+    """The optimization loop; returns every step's loss."""
+    t = run.cfg.train
+    hf = t.hf_args
+    optimizer = optim.AdamW(
+        learning_rate=mlx_schedule(t, total, per_epoch),
+        betas=[hf.get("adam_beta1", 0.9), hf.get("adam_beta2", 0.999)],
+        eps=hf.get("adam_epsilon", 1e-8),
+        weight_decay=t.weight_decay,
+        bias_correction=True,
+    )
+    loss_and_grad = nn.value_and_grad(run.model, masked_loss)
+    batches = mlx_data.iterate_batches(
+        run.train_ds, t.per_device_train_batch_size, _pad_id(run.tokenizer), t.seed
+    )
+    run.model.train()
+    step_losses = []
+    for step in range(1, total + 1):
+        grads, loss_sum, n_in, n_tgt = None, mx.array(0.0), 0, 0
+        for _ in range(t.gradient_accumulation_steps):
+            batch = next(batches)
+            loss, g = loss_and_grad(run.model, batch.inputs, batch.targets)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss_sum = loss_sum + loss
+            n_in, n_tgt = n_in + batch.input_tokens, n_tgt + batch.target_tokens
+        grads = tree_map(lambda x: x / max(n_tgt, 1), grads)
+        grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm if t.max_grad_norm > 0 else 1e30)
+        optimizer.update(run.model, grads)
+        mx.eval(run.model.parameters(), optimizer.state, loss_sum, norm)
+        lr = optimizer.learning_rate.item()  # the rate this update used
+        step_losses.append(loss_sum.item() / max(n_tgt, 1))
+        logger.add(step_losses[-1], n_in, n_tgt)
+        if step % max(1, t.logging_steps) == 0 or step == total:
+            logger.log(step, lr, norm.item())
+        if t.eval_steps and run.eval_ds is not None and step % t.eval_steps == 0 and step < total:
+            logger.write(step, {"eval_loss": evaluate(run)})
+    return step_losses
+
+
+def fit_mlx(run: MLXRun) -> dict[str, float]:
+    """Train the run's LoRA layers for the configured steps; the Trainer-like summary.
+
+    Writes ``<output_dir>/metrics.jsonl`` (one line per log, the final evaluation included).
+    """
+    t = run.cfg.train
+    started = time.perf_counter()
+    per_epoch = mlx_data.steps_per_epoch(
+        len(run.train_ds), t.per_device_train_batch_size, t.gradient_accumulation_steps
+    )
+    total = mlx_data.total_steps(t.max_steps, t.num_train_epochs, per_epoch)
+    logger = _Logger(Path(t.output_dir), total, per_epoch)
+    mx.reset_peak_memory()
+    losses = _train_steps(run, logger, total, per_epoch)
+    runtime = time.perf_counter() - started
+    metrics = {"train_loss": float(np.mean(losses)), "train_runtime": runtime,
+               "train_steps_per_second": total / runtime, "epoch": total / per_epoch}  # fmt: skip
+    if run.eval_ds is not None:
+        metrics["eval_loss"] = evaluate(run)
+        logger.write(total, {"eval_loss": metrics["eval_loss"]})
+    return metrics
+
+
+def train_mlx(cfg: Config) -> Any:
+    """Train LoRA (optionally on a 4-bit base) with MLX and save the PEFT adapter.
+
+    Args:
+        cfg: the run config with ``backend: mlx`` (see
+            :func:`turbotune.backends.support.check_backend_support` for what MLX runs).
+
+    Returns:
+        A :class:`turbotune.train.run.TrainResult` (its ``trainer`` is the :class:`MLXRun`).
+    """
+    from turbotune.train.run import FINAL, TrainResult
+
+    run = build_mlx_run(cfg)
+    for note in run.notes:
+        _say(f"[bold]mlx[/] {note}")
+    _report_parameters(run.model)
+    metrics = fit_mlx(run)
+    eval_metrics = {"eval_loss": metrics.pop("eval_loss")} if "eval_loss" in metrics else {}
+    if eval_metrics:
+        _say(f"[bold]eval[/] loss {eval_metrics['eval_loss']:.4f}")
+    out = Path(cfg.train.output_dir) / FINAL
+    save_final(run, out)
+    return TrainResult(out, metrics, eval_metrics, None, run)
+
+
+def lora_arrays(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every LoRA layer's ``(lora_a, lora_b)`` as float32 numpy arrays, by path."""
+    return {
+        path: (np.array(m.lora_a.astype(mx.float32)), np.array(m.lora_b.astype(mx.float32)))
+        for path, m in lora_layers(model).items()
+    }
+
+
+def save_final(run: MLXRun, out: Path) -> None:
+    """The PEFT adapter, tokenizer and config in ``out``; the mlx-lm adapter in ``out/mlx``."""
+    from turbotune.train.checkpoint import atomic_directory
+
+    cfg, lora = run.cfg, lora_arrays(run.model)
+    a = cfg.adapter
+    with atomic_directory(out) as tmp:
+        save_peft_adapter(
+            tmp, lora, r=a.r, alpha=a.alpha, dropout=a.dropout, base_model=str(run.model_path),
+            target_modules=peft_target_modules(run.adapted, run.candidates),
+            use_rslora=a.use_rslora,
+        )  # fmt: skip
+        n_layers = len(getattr(run.model, "layers", []))
+        save_mlx_adapter(
+            tmp / "mlx", lora, r=a.r, scale=lora_scale(a), dropout=a.dropout,
+            num_layers=n_layers or -1, base_model=str(run.model_path),
+        )  # fmt: skip
+        run.tokenizer.save_pretrained(str(tmp))
+        (tmp / "turbotune.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _say(f"[bold]saved[/] adapter (PEFT format) to {out}; mlx-lm format in {out / 'mlx'}")
+
+
+def _report_parameters(model: nn.Module) -> None:
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    _say(f"[bold]parameters[/] {trainable:,} trainable of {total:,} (stored; 4-bit weights "
+         "count packed)")  # fmt: skip
