@@ -1,6 +1,7 @@
 """The ``turbotune`` command line: argument parsing only; the work happens in the layers below.
 
-Verbs: ``train``, ``bench``, ``merge``, ``generate``, ``configs``, ``plugins``, ``arguments``, ``env``.
+Verbs: ``train``, ``bench``, ``merge``, ``generate``, ``configs``, ``plugins``, ``arguments``, ``env``,
+``convert-adapter``.
 Errors caused by the user's input (:class:`turbotune.errors.TurbotuneError`) print one clean
 message and exit with status 2; anything else is a bug and keeps its traceback.
 """
@@ -138,7 +139,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from turbotune.train.run import run_training
 
     path = resolve_config_path(args.config) if args.config else None
-    run_training(path, args.overrides)
+    backend = [f"backend={args.backend}"] if getattr(args, "backend", None) else []
+    run_training(path, [*args.overrides, *backend])  # --backend wins over backend= overrides
+    return 0
+
+
+def cmd_convert_adapter(args: argparse.Namespace) -> int:
+    from turbotune.backends.mlx.export import convert_mlx_adapter
+
+    out = convert_mlx_adapter(args.adapter, args.out, base_model=args.base)
+    print(f"PEFT adapter written to {out}")
     return 0
 
 
@@ -192,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("train", cmd_train, "train a model (no config: the built-in demo)")
     p.add_argument("words", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a config file or sample name, then dotted overrides (train.max_steps=10)")  # fmt: skip
+    p.add_argument("--backend", choices=["auto", "cuda", "cpu", "mps", "mlx"],
+                   help="compute backend, as the override backend=NAME (put it before the config "
+                        "or after the overrides)")  # fmt: skip
     from turbotune.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
@@ -214,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("arguments", cmd_arguments, "show the arguments a sample configuration needs")
     p.add_argument("name", help="sample configuration name (see `turbotune configs`) or file")
     verb("env", cmd_env, "report backends, GPUs, package versions and runnable plugins")
+    p = verb("convert-adapter", cmd_convert_adapter,
+             "convert an mlx-lm LoRA adapter directory into a PEFT adapter")  # fmt: skip
+    p.add_argument("adapter", help="mlx-lm adapter directory (adapters.safetensors + adapter_config.json)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output directory of the PEFT adapter")
+    p.add_argument("--base", help="base model to record (default: the one in the mlx-lm config)")
     return parser
 
 

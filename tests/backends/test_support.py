@@ -41,7 +41,12 @@ def test_mlx_refuses_the_builtin_demo():
 
 @pytest.mark.parametrize(
     ("method", "expected"),
-    [("none", None), ("nf4", ("affine", 4, 64)), ("fp4", ("mxfp4", 4, 32)), ("hqq", ("affine", 4, 64))],
+    [
+        ("none", None),
+        ("nf4", ("affine", 4, 64)),
+        ("fp4", ("mxfp4", 4, 32)),
+        ("hqq", ("affine", 4, 64)),
+    ],
 )
 def test_mlx_quantization_mapping_and_its_note(method, expected):
     c = cfg(quantization={"method": method})

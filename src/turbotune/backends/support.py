@@ -176,7 +176,9 @@ def _mlx_notes(cfg: Config) -> list[str]:
     if cfg.train.save_steps:
         notes.append("train.save_steps: the MLX backend saves the adapter at the end only")
     if cfg.train.hf_args:
-        notes.append(f"train keys {sorted(cfg.train.hf_args)} are Trainer arguments: ignored by MLX")
+        notes.append(
+            f"train keys {sorted(cfg.train.hf_args)} are Trainer arguments: ignored by MLX"
+        )
     extra = [r for r in cfg.train.report_to if r not in ("stdout", "none")]
     if extra:
         notes.append(f"train.report_to {extra}: MLX runs log to stdout and metrics.jsonl only")

@@ -162,9 +162,7 @@ def _read_mlx_adapter(src: Path) -> tuple[dict[str, Any], dict[str, tuple[np.nda
     return config, lora
 
 
-def convert_mlx_adapter(
-    src: str | Path, out: str | Path, *, base_model: str | None = None
-) -> Path:
+def convert_mlx_adapter(src: str | Path, out: str | Path, *, base_model: str | None = None) -> Path:
     """Convert an mlx-lm LoRA adapter directory into a PEFT adapter directory.
 
     Args:

@@ -205,40 +205,54 @@ class _Logger:
         tqdm.write(format_log(logs, step=step, max_steps=self.max_steps))
 
 
-def _train_steps(run: MLXRun, logger: _Logger, total: int, per_epoch: int) -> list[float]:
-    """The optimization loop; returns every step's loss."""
-    t = run.cfg.train
-    hf = t.hf_args
-    optimizer = optim.AdamW(
+def _optimizer(cfg: Config, total: int, per_epoch: int) -> optim.AdamW:
+    """AdamW as PyTorch defines it (bias correction on), on the run's schedule."""
+    t, hf = cfg.train, cfg.train.hf_args
+    return optim.AdamW(
         learning_rate=mlx_schedule(t, total, per_epoch),
         betas=[hf.get("adam_beta1", 0.9), hf.get("adam_beta2", 0.999)],
         eps=hf.get("adam_epsilon", 1e-8),
         weight_decay=t.weight_decay,
         bias_correction=True,
     )
+
+
+def step_gradients(
+    loss_and_grad: Any, model: nn.Module, micro_batches: list[mlx_data.Batch]
+) -> tuple[Any, mx.array, int]:
+    """Gradients of one optimizer step: summed token losses over its micro-batches, divided
+    by the step's target tokens. Returns ``(grads, mean loss, target tokens)``."""
+    grads, loss_sum = None, mx.array(0.0)
+    for batch in micro_batches:
+        loss, g = loss_and_grad(model, batch.inputs, batch.targets)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        loss_sum = loss_sum + loss
+    tokens = max(1, sum(b.target_tokens for b in micro_batches))
+    return tree_map(lambda x: x / tokens, grads), loss_sum / tokens, tokens
+
+
+def _train_steps(run: MLXRun, logger: _Logger, total: int, per_epoch: int) -> list[float]:
+    """The optimization loop; returns every step's loss."""
+    t = run.cfg.train
+    optimizer = _optimizer(run.cfg, total, per_epoch)
     loss_and_grad = nn.value_and_grad(run.model, masked_loss)
     batches = mlx_data.iterate_batches(
         run.train_ds, t.per_device_train_batch_size, _pad_id(run.tokenizer), t.seed
     )
+    clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
     run.model.train()
     step_losses = []
     for step in range(1, total + 1):
-        grads, loss_sum, n_in, n_tgt = None, mx.array(0.0), 0, 0
-        for _ in range(t.gradient_accumulation_steps):
-            batch = next(batches)
-            loss, g = loss_and_grad(run.model, batch.inputs, batch.targets)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            loss_sum = loss_sum + loss
-            n_in, n_tgt = n_in + batch.input_tokens, n_tgt + batch.target_tokens
-        grads = tree_map(lambda x: x / max(n_tgt, 1), grads)
-        grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm if t.max_grad_norm > 0 else 1e30)
+        micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
+        grads, loss, tokens = step_gradients(loss_and_grad, run.model, micro)
+        grads, norm = optim.clip_grad_norm(grads, clip)
         optimizer.update(run.model, grads)
-        mx.eval(run.model.parameters(), optimizer.state, loss_sum, norm)
-        lr = optimizer.learning_rate.item()  # the rate this update used
-        step_losses.append(loss_sum.item() / max(n_tgt, 1))
-        logger.add(step_losses[-1], n_in, n_tgt)
+        mx.eval(run.model.parameters(), optimizer.state, loss, norm)
+        step_losses.append(loss.item())
+        logger.add(step_losses[-1], sum(b.input_tokens for b in micro), tokens)
         if step % max(1, t.logging_steps) == 0 or step == total:
-            logger.log(step, lr, norm.item())
+            # After the update, the optimizer holds the rate that update used.
+            logger.log(step, optimizer.learning_rate.item(), norm.item())
         if t.eval_steps and run.eval_ds is not None and step % t.eval_steps == 0 and step < total:
             logger.write(step, {"eval_loss": evaluate(run)})
     return step_losses
@@ -277,8 +291,11 @@ def train_mlx(cfg: Config) -> Any:
     Returns:
         A :class:`turbotune.train.run.TrainResult` (its ``trainer`` is the :class:`MLXRun`).
     """
+    from turbotune.backends.detect import choose_backend
     from turbotune.train.run import FINAL, TrainResult
 
+    _, why = choose_backend("mlx")  # refuses with the reason when MLX is not usable here
+    _say(f"[bold]backend[/] mlx ({why}); [bold]dtype[/] {mlx_dtype(cfg)}")
     run = build_mlx_run(cfg)
     for note in run.notes:
         _say(f"[bold]mlx[/] {note}")
