@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from turbotune.backends import choose_backend
+from turbotune.backends.support import check_backend_support
 from turbotune.config import Config, load_config
 from turbotune.errors import TurbotuneError
 from turbotune.framework import AccelerationFramework
@@ -95,6 +96,10 @@ def run_training(
     from turbotune.train.trainer import check_owned_args, training_arguments
 
     cfg = resolve_run_config(source, overrides)
+    if cfg.backend == "mlx":  # a separate engine (MLX), not the Hugging Face Trainer
+        from turbotune.backends.mlx import train_mlx
+
+        return train_mlx(cfg)
     check_owned_args(cfg)
     resume = resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
     backend, plan = _backend_and_precision(cfg)
@@ -138,10 +143,11 @@ def run_training(
 
 def _backend_and_precision(cfg: Config) -> tuple[str, PrecisionPlan]:
     backend, why = choose_backend(cfg.backend)
-    if backend == "mlx":
-        raise TurbotuneError("backend 'mlx' is not available in this version; use cuda, mps or cpu")
+    notes = check_backend_support(cfg, backend)  # combinations this backend cannot run fail here
     plan = resolve_precision(cfg.train.precision, backend, adapters=cfg.adapter.method != "full")
     _say(f"[bold]backend[/] {backend} ({why}); [bold]precision[/] {plan.mode}")
+    for note in notes:
+        _say(f"[bold]note[/] {note}")
     return backend, plan
 
 
