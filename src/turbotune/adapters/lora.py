@@ -49,6 +49,7 @@ __all__ = [
     "LoRALinear",
     "adapter_state_dict",
     "apply_custom_lora",
+    "base_compute_dtype",
     "check_supported",
     "custom_lora_layers",
     "is_custom_lora_model",
@@ -102,7 +103,7 @@ class LoRALinear(nn.Module):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._active_adapter = ADAPTER
-        self._quantized_base = _is_4bit(base)
+        self._quantized_base = _is_quantized(base)
         self.reset_lora_parameters()
         self._move_to_base(dtype)
 
@@ -143,14 +144,12 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B[ADAPTER].weight)
 
     def _move_to_base(self, dtype: torch.dtype | None) -> None:
-        weight = self.base_layer.weight
         # peft moves adapters to the base's dtype (a 4-bit base's compute dtype) when floating,
         # before upcasting them to fp32: the same round trip gives the same initial numbers.
-        base_dtype = getattr(self.base_layer, "compute_dtype", weight.dtype)
-        if base_dtype is not None and not base_dtype.is_floating_point:
-            base_dtype = None
+        base_dtype = base_compute_dtype(self.base_layer)
+        device = _base_device(self.base_layer)
         for table in (self.lora_A, self.lora_B):
-            table[ADAPTER].to(device=weight.device, dtype=base_dtype)
+            table[ADAPTER].to(device=device, dtype=base_dtype)
             table[ADAPTER].to(dtype=dtype or torch.float32)
 
     # --- forward -------------------------------------------------------------------------------
@@ -186,6 +185,41 @@ def _is_4bit(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
+def _is_dequantizable_module(module: nn.Module) -> bool:
+    """A quantized linear of another format (GPTQ, HQQ): a module with ``dequantize(dtype)``."""
+    return not isinstance(module, nn.Linear) and callable(getattr(module, "dequantize", None))
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    # peft's 4-bit, GPTQ and HQQ LoRA layers share one dtype rule (see LoRALinear.forward).
+    return _is_4bit(module) or _is_dequantizable_module(module)
+
+
+def _base_tensor(base: nn.Module) -> torch.Tensor | None:
+    """The tensor that tells a base's device: ``weight``, else GPTQ's ``qweight``, else any."""
+    for name in ("weight", "qweight", "W_q"):
+        tensor = getattr(base, name, None)
+        if isinstance(tensor, torch.Tensor):
+            return tensor
+    tensor = next(iter(base.parameters()), None)
+    return tensor if tensor is not None else next(iter(base.buffers()), None)
+
+
+def _base_device(base: nn.Module) -> torch.device | None:
+    tensor = _base_tensor(base)
+    return tensor.device if tensor is not None else None
+
+
+def base_compute_dtype(base: nn.Module) -> torch.dtype | None:
+    """The floating dtype peft moves new adapters to: a 4-bit (or GPTQ/HQQ) base's
+    ``compute_dtype``, else its weight's dtype; ``None`` when neither is floating."""
+    dtype = getattr(base, "compute_dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        tensor = _base_tensor(base)
+        dtype = tensor.dtype if tensor is not None else None
+    return dtype if dtype is not None and dtype.is_floating_point else None
+
+
 # --- targets -------------------------------------------------------------------------------------
 
 
@@ -198,24 +232,27 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
 def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     """Names of the modules to adapt, with peft's matching rules.
 
-    ``all-linear``: every ``nn.Linear`` (``Linear4bit`` included) but the output layer. A list:
+    ``all-linear``: every ``nn.Linear`` (``Linear4bit`` included) and every quantized linear
+    with ``dequantize(dtype)`` (GPTQ, HQQ) but the output layer. A list:
     a module matches when its name equals an entry or ends with ``.<entry>``. Another string: a
     regular expression the whole name must match.
     """
     head = _output_layer(model)
     names = []
     for name, module in model.named_modules():
+        linear = isinstance(module, nn.Linear) or _is_dequantizable_module(module)
         if targets == "all-linear":
-            hit = isinstance(module, nn.Linear) and module is not head
+            hit = linear and module is not head
         elif isinstance(targets, str):
             hit = re.fullmatch(targets, name) is not None
         else:
             hit = any(name == t or name.endswith(f".{t}") for t in targets)
         if hit:
-            if not isinstance(module, nn.Linear):
+            if not linear:
                 raise ConfigError(
                     f"adapter target '{name}' is a {type(module).__name__}; the custom LoRA "
-                    "implementation adapts nn.Linear and bitsandbytes Linear4bit only"
+                    "implementation adapts nn.Linear, bitsandbytes Linear4bit and quantized "
+                    "linears with dequantize(dtype) (GPTQ, HQQ) only"
                 )
             names.append(name)
     if not names:
@@ -228,17 +265,17 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
 
 def check_supported(cfg: AdapterConfig) -> None:
     """Raise :class:`ConfigError` for adapter options the custom layers do not implement."""
-    if cfg.method != "lora":
+    if cfg.method not in ("lora", "dora"):
         raise ConfigError(
-            f"adapter.implementation 'custom' supports method lora, not '{cfg.method}'; "
-            "use adapter.implementation=peft"
+            f"adapter.implementation 'custom' supports methods lora and dora, not '{cfg.method}'"
         )
     if cfg.modules_to_save:
         raise ConfigError("adapter.modules_to_save needs adapter.implementation=peft")
 
 
 def apply_custom_lora(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    """Replace the target linears of ``model`` with :class:`LoRALinear`, in place.
+    """Replace the target linears of ``model`` with :class:`LoRALinear` (``method: dora``:
+    :class:`~turbotune.adapters.dora.DoRALinear`), in place.
 
     Everything but the adapters is frozen. The model stays what it was (a ``PreTrainedModel``),
     with a ``save_pretrained`` that writes a PEFT adapter.
@@ -259,10 +296,15 @@ def apply_custom_lora(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     names = resolve_targets(model, cfg.target_modules)
     for param in model.parameters():
         param.requires_grad_(False)
+    layer_cls = LoRALinear
+    if cfg.method == "dora":
+        from turbotune.adapters.dora import DoRALinear
+
+        layer_cls = DoRALinear
     for name in names:  # model order, as peft: the same seed gives the same adapters
         parent, _, child = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
-        layer = LoRALinear(
+        layer = layer_cls(
             getattr(holder, child),
             cfg.r,
             cfg.alpha,
@@ -309,9 +351,20 @@ def custom_lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 # --- saving and loading --------------------------------------------------------------------------
 
 
+MAGNITUDE = "lora_magnitude_vector"
+"""DoRA's magnitude: ``<layer>.lora_magnitude_vector.default.weight`` live, saved without
+the adapter name *and* the ``.weight`` (peft's saved key)."""
+
+
 def _peft_key(name: str) -> str:
     # model.layers.0.q_proj.lora_A.default.weight -> base_model.model.model.layers.0.q_proj.lora_A.weight
+    # ...q_proj.lora_magnitude_vector.default.weight -> ...q_proj.lora_magnitude_vector
+    name = name.replace(f".{MAGNITUDE}.{ADAPTER}.weight", f".{MAGNITUDE}")
     return "base_model.model." + name.replace(f".{ADAPTER}.", ".")
+
+
+def _adapter_parts(layer: nn.Module) -> tuple[str, ...]:
+    return ("lora_A", "lora_B", MAGNITUDE) if MAGNITUDE in layer._modules else ("lora_A", "lora_B")
 
 
 def adapter_state_dict(
@@ -325,9 +378,9 @@ def adapter_state_dict(
             under FSDP); ``None`` reads the parameters (sharded ones are gathered: collective).
     """
     names = [
-        f"{layer}.{part}.{ADAPTER}.weight"
-        for layer in custom_lora_layers(model)
-        for part in ("lora_A", "lora_B")
+        f"{name}.{part}.{ADAPTER}.weight"
+        for name, layer in custom_lora_layers(model).items()
+        for part in _adapter_parts(layer)
     ]
     if state_dict is None:
         state_dict = dict(model.named_parameters())
@@ -390,6 +443,10 @@ def load_custom_lora(model: nn.Module, adapter_dir: str | Path) -> None:
     if saved.get("r") != ours.r:
         raise ValueError(
             f"{adapter_dir}: rank {saved.get('r')} does not match the model's {ours.r}"
+        )
+    if bool(saved.get("use_dora", False)) != bool(ours.use_dora):
+        raise ValueError(
+            f"{adapter_dir}: use_dora={saved.get('use_dora')} does not match the model's {ours.use_dora}"
         )
     weights = load_file(str(adapter_dir / WEIGHTS_FILE))
     params = {
