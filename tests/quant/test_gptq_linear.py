@@ -1,0 +1,97 @@
+"""GPTQLinear as a module: construction, state dict and deepcopy round trips, dtype casts."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from turbotune.quant.gptq_format import dequantize_gptq
+from turbotune.quant.gptq_linear import GPTQLinear, quantize_rtn
+
+
+def _linear(out_f: int = 48, in_f: int = 128, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_f, out_f)
+    nn.init.normal_(linear.weight, std=in_f**-0.5)
+    return linear
+
+
+def _sqnr_db(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float(10 * torch.log10(exact.pow(2).sum() / (approx - exact).pow(2).sum()))
+
+
+@pytest.mark.parametrize("bits,sym,min_db", [(4, True, 17.0), (4, False, 18.0), (8, True, 40.0)])
+def test_from_linear_quantizes_to_the_gptq_layout(bits, sym, min_db):
+    """RTN through the storage: SQNR of a Gaussian weight near its theory (~6 dB per bit)."""
+    linear = _linear()
+    layer = GPTQLinear.from_linear(linear, bits=bits, group_size=32, sym=sym)
+    assert layer.qweight.shape == (128 * bits // 32, 48) and layer.qweight.dtype == torch.int32
+    assert layer.scales.dtype == torch.float16 and layer.scales.shape == (4, 48)
+    dense = layer.dequantize(torch.float32)
+    assert torch.equal(dense, dequantize_gptq(*layer.storage(), bits, torch.float32))
+    sqnr = _sqnr_db(dense, linear.weight.detach())
+    assert sqnr >= min_db, f"SQNR {sqnr:.1f} dB < {min_db}"
+    assert torch.equal(layer.bias, linear.bias.detach()) and not layer.bias.requires_grad
+
+
+def test_rtn_keeps_asymmetric_zeros_portable():
+    """All-positive groups would get z = 0 (ambiguous in v1); RTN keeps z >= 1."""
+    w = torch.rand(8, 64) + 0.1
+    _, zeros, _ = quantize_rtn(w, 4, 32, sym=False)
+    assert int(zeros.min()) >= 1
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        quantize_rtn(w, 4, 48)
+
+
+def test_state_dict_and_deepcopy_round_trip():
+    layer = GPTQLinear.from_linear(_linear(), bits=4, group_size=32, sym=False)
+    keys = set(layer.state_dict())
+    assert keys == {"qweight", "qzeros", "scales", "g_idx", "bias"}  # checkpoint names
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = GPTQLinear(128, 48, bits=4, group_size=32, bias=True, bias_dtype=torch.float32)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, 128)
+    want = layer(x)
+    for other in (fresh, twin):
+        assert torch.equal(other(x), want)
+        for name, t in other.state_dict().items():
+            assert torch.equal(t, layer.state_dict()[name]), name
+    assert twin.qweight.data_ptr() != layer.qweight.data_ptr()  # a copy, not shared storage
+
+
+def test_from_tensors_infers_shapes_and_group_size():
+    layer = GPTQLinear.from_linear(_linear(), bits=8, group_size=32)
+    again = GPTQLinear.from_tensors(*layer.storage(), bits=8)
+    assert (again.in_features, again.out_features, again.group_size) == (128, 48, 32)
+    assert again.bias is None and again.shape == (48, 128)
+    whole = GPTQLinear.from_linear(_linear(), bits=4, group_size=-1)
+    assert GPTQLinear.from_tensors(*whole.storage(), bits=4).group_size == -1
+    with pytest.raises(ValueError, match="scales"):
+        GPTQLinear.from_tensors(layer.qweight, layer.qzeros, layer.scales[:, :8], layer.g_idx, 8)
+
+
+def test_dtype_casts_keep_fp16_scales():
+    """model.to(bf16) casts the bias but not the scales (part of the quantized format)."""
+    layer = GPTQLinear.from_linear(_linear(), bits=4, group_size=32)
+    scales = layer.scales.clone()
+    model = nn.Sequential(layer).to(torch.bfloat16)
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, scales)
+    assert layer.bias.dtype == torch.bfloat16 and layer.qweight.dtype == torch.int32
+    model.float()
+    assert layer.scales.dtype == torch.float16 and layer.bias.dtype == torch.float32
+    y = model(torch.randn(2, 128, dtype=torch.float32))
+    assert y.dtype == torch.float32
+
+
+def test_weight_is_the_packed_storage_and_frozen():
+    layer = GPTQLinear.from_linear(_linear(), bits=4, group_size=32)
+    assert layer.weight is layer.qweight and not layer.weight.requires_grad
+    assert list(layer.parameters()) == [layer.bias]
+    assert "bits=4, group_size=32" in repr(layer)
