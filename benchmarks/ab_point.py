@@ -5,8 +5,8 @@
 Builds the point once (as ``turbotune bench`` does), then times each variant of the switches
 below in turn, ``--rounds`` times, so that drift of the GPU (clocks, temperature) spreads over
 all variants alike. Prints the median step time and tokens/s of each variant, and its ratio
-to the first. Switches: the cached Triton launcher (``ops._triton``) and the folding of LoRA
-adapters into the base matmuls (``ops.lora_group.FOLD_ADAPTERS``).
+to the first. Switch: the folding of LoRA adapters into the base matmuls
+(``ops.lora_group.FOLD_ADAPTERS``); add one to ``VARIANTS`` and ``_switch`` to A/B it.
 """
 
 from __future__ import annotations
@@ -18,18 +18,12 @@ import time
 
 import torch
 
-VARIANTS = {
-    "fast-launch+fold": {"fast": True, "fold": True},
-    "fast-launch": {"fast": True, "fold": False},
-    "triton-launch+fold": {"fast": False, "fold": True},
-    "triton-launch": {"fast": False, "fold": False},
-}
+VARIANTS = {"fold": {"fold": True}, "no-fold": {"fold": False}}
 
 
-def _switch(fast: bool, fold: bool) -> None:
-    from turbotune.ops import _triton, lora_group
+def _switch(fold: bool) -> None:
+    from turbotune.ops import lora_group
 
-    _triton._fast["on"] = fast
     lora_group.FOLD_ADAPTERS = fold
 
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from turbotune.ops import reference
-from turbotune.ops._triton import launch, row_block_settings, tl, triton, use_triton
+from turbotune.ops._triton import row_block_settings, tl, triton, use_triton
 
 __all__ = [
     "LinearCrossEntropyFunction",
@@ -144,7 +144,7 @@ def _loss_and_grad_inplace(
     block = min(_MAX_BLOCK_V, triton.next_power_of_2(n_cols))
     _, num_warps = row_block_settings(block)
     softcap = options.softcap
-    launch(_fwd_kernel, (n_rows,),
+    _fwd_kernel[(n_rows,)](
         logits, logits.stride(0), labels, loss_rows, inv_denominator, n_cols,
         options.ignore_index, float(options.logit_scale),
         float(softcap) if softcap is not None else 1.0,

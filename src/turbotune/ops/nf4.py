@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from turbotune.ops._triton import HAS_TRITON, launch, use_triton
+from turbotune.ops._triton import HAS_TRITON, use_triton
 from turbotune.ops.reference import code_table_4bit, dequantize_4bit_reference
 
 if HAS_TRITON:
@@ -240,23 +240,13 @@ def _launch(
         BLOCK_BYTES=_BLOCK_BYTES,
     )  # fmt: skip
     if out.is_contiguous():
-        launch(
-            _dequant_4bit_kernel,
-            st.grid,
-            packed,
-            absmax,
-            st.code,
-            code2,
-            absmax2,
-            offset,
-            out,
-            st.n,
-            **constants,
+        _dequant_4bit_kernel[st.grid](
+            packed, absmax, st.code, code2, absmax2, offset, out, st.n, **constants
         )
         return out
     n_rows, n_cols = out.shape
     grid = (n_rows, (n_cols // 2 + _BLOCK_BYTES - 1) // _BLOCK_BYTES)
-    launch(_dequant_4bit_rows_kernel, grid,
+    _dequant_4bit_rows_kernel[grid](
         packed, absmax, st.code, code2, absmax2, offset, out, n_cols, out.stride(0), **constants
     )  # fmt: skip
     return out

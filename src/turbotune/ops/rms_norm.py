@@ -16,14 +16,7 @@ from __future__ import annotations
 import torch
 
 from turbotune.ops import reference
-from turbotune.ops._triton import (
-    launch,
-    num_programs_hint,
-    row_block_settings,
-    tl,
-    triton,
-    use_triton,
-)
+from turbotune.ops._triton import num_programs_hint, row_block_settings, tl, triton, use_triton
 from turbotune.ops.reference import Casting
 
 __all__ = ["RMSNormFunction", "rms_norm", "rms_norm_backward", "rms_norm_forward"]
@@ -133,7 +126,7 @@ def rms_norm_forward(
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        launch(_fwd_kernel, (n_rows,),
+        _fwd_kernel[(n_rows,)](
             y, y.stride(0), x, x.stride(0), weight.contiguous(), rstd, n_cols, eps, offset,
             CAST_TO_INPUT=casting == "llama", BLOCK_SIZE=block, num_warps=num_warps,
         )  # fmt: skip
@@ -171,7 +164,7 @@ def rms_norm_backward(
         (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x.device
     )
     if n_rows > 0:
-        launch(_bwd_kernel, (n_programs,),
+        _bwd_kernel[(n_programs,)](
             dx, dx.stride(0), dy, dy.stride(0), x, x.stride(0), weight.contiguous(), rstd,
             dw_partial, n_rows, n_cols, offset, rows_per_program,
             CAST_TO_INPUT=casting == "llama", COMPUTE_DW=compute_dw,

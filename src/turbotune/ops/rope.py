@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from turbotune.ops import reference
-from turbotune.ops._triton import launch, tl, triton, use_triton
+from turbotune.ops._triton import tl, triton, use_triton
 
 __all__ = ["RotaryFunction", "apply_rotary", "rotary_backward", "rotary_forward"]
 
@@ -139,7 +139,7 @@ def _launch(
     if q.numel() == 0:
         return q_out, k_out
     half = head_dim // 2
-    launch(_rotary_kernel, (batch * seq_len,),
+    _rotary_kernel[(batch * seq_len,)](
         q, k, q_out, k_out, cos, sin,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(),
         seq_len, n_q_heads, n_k_heads, half,

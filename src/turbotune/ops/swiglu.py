@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from turbotune.ops import reference
-from turbotune.ops._triton import launch, tl, triton, use_triton
+from turbotune.ops._triton import tl, triton, use_triton
 
 __all__ = [
     "GLUFunction",
@@ -144,7 +144,7 @@ def _glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: Activation) -
     h = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
     if h.numel():
         grid, block = _grid(*g.shape)
-        launch(_fwd_kernel, grid,
+        _fwd_kernel[grid](
             h, h.stride(0), g, g.stride(0), u, u.stride(0), g.shape[1],
             ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_SIZE=block,
         )  # fmt: skip
@@ -166,7 +166,7 @@ def _glu_backward(
     du = u if inplace else torch.empty(u.shape, dtype=up.dtype, device=u.device)
     if g.numel():
         grid, block = _grid(*g.shape)
-        launch(_bwd_kernel, grid,
+        _bwd_kernel[grid](
             dg, dg.stride(0), du, du.stride(0), dh, dh.stride(0), g, g.stride(0), u, u.stride(0),
             g.shape[1], ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_SIZE=block,
         )  # fmt: skip
