@@ -211,11 +211,13 @@ def _build_trainer(
         args=args,
         train_dataset=run.train_ds,
         eval_dataset=run.eval_ds,
-        data_collator=PaddedCollator(run.tokenizer.pad_token_id),
+        data_collator=fw.data_collator(run.tokenizer, args)
+        or PaddedCollator(run.tokenizer.pad_token_id),
         processing_class=run.tokenizer,
         callbacks=[metrics, *fw.callbacks(model), *extra],
         train_config=cfg.train,
         metrics=metrics,
+        train_batch_sampler=lambda dataset: fw.train_batch_sampler(dataset, args),
     )
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from turbotune.errors import ConfigError
 from turbotune.train.checkpoint import STAGING, checkpoints, publish, remove_staging
@@ -110,14 +112,41 @@ def _checkpointing_args(t: TrainConfig) -> dict[str, Any]:
     }
 
 
+class _SamplerEpochCallback(TrainerCallback):
+    """Tells a plugin's batch sampler the epoch before its first batch is drawn. The Trainer's
+    own ``set_epoch`` does not reach a batch sampler behind accelerate's shard and skip wrappers
+    (several processes, resumed mid-epoch); a resumed run's ``state.epoch`` is
+    ``epoch + fraction``, so its floor is the epoch being resumed."""
+
+    def __init__(self, trainer: TurbotuneTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        sampler = self.trainer._batch_sampler
+        if sampler is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(math.floor((state.epoch or 0.0) + 1e-9))
+
+
 class TurbotuneTrainer(Trainer):
     """``Trainer`` + the schedules of :mod:`turbotune.train.schedules`, token counts for the
     metrics callback, and atomic checkpoints."""
 
-    def __init__(self, *args: Any, train_config: TrainConfig, metrics: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        train_config: TrainConfig,
+        metrics: Any = None,
+        train_batch_sampler: Callable[[Any], Any] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.train_config = train_config
         self.metrics = metrics
+        # A plugin's batch sampler (multipack): built once from the training set, on first use.
+        self._batch_sampler_factory = train_batch_sampler
+        self._batch_sampler: Any = None
+        if train_batch_sampler is not None:
+            self.add_callback(_SamplerEpochCallback(self))
         if metrics is not None:
             # The metrics line replaces the progress bar's dict printout of every log.
             from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -153,6 +182,36 @@ class TurbotuneTrainer(Trainer):
         except TypeError:
             return 1
         return max(1, batches // self.args.gradient_accumulation_steps)
+
+    # --- a plugin's batch sampler -----------------------------------------------------------
+
+    def train_batch_sampler(self) -> Any:
+        """The plugin-provided batch sampler of the training set, or ``None``."""
+        factory = self._batch_sampler_factory
+        if self._batch_sampler is None and factory is not None and self.train_dataset is not None:
+            self._batch_sampler = factory(self.train_dataset)
+        return self._batch_sampler
+
+    def get_train_dataloader(self):
+        # Built here rather than through _get_train_sampler, whose signature and batch-sampler
+        # support differ across transformers 5.x. accelerate deals the sampler's global batches
+        # out to the processes (batch i to rank i % world), which the sampler is built for.
+        sampler = self.train_batch_sampler()
+        if sampler is None:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        args = self.args
+        workers = args.dataloader_num_workers
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and workers > 0,
+        )
+        return self.accelerator.prepare(loader)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.metrics is not None:
