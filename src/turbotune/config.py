@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from turbotune.configtools import apply_overrides, build, load_yaml, to_dict
+from turbotune.distributed.config import DistributedConfig
 from turbotune.errors import ConfigError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -243,6 +244,8 @@ class Config:
     """What is trained: the full model or adapters."""
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     """How the frozen base weights are stored."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Multi-process sharding with FSDP2 (``distributed.enabled: true``; see ``turbotune.distributed``)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The Trainer: steps, optimizer, schedule, precision, checkpoints, logging."""
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)

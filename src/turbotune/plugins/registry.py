@@ -30,6 +30,7 @@ BUILTIN: dict[str, str] = {
     "adapter": "turbotune.plugins.adapter:AdapterPlugin",
     "bnb": "turbotune.plugins.bnb:BnbQuantPlugin",
     "fused_ops": "turbotune.plugins.fused_ops:FusedOpsPlugin",
+    "fsdp": "turbotune.plugins.fsdp:FsdpPlugin",
     "hqq": "turbotune.plugins.hqq:HQQQuantPlugin",
     "multipack": "turbotune.plugins.multipack:MultipackPlugin",
     "padding_free": "turbotune.plugins.padding_free:PaddingFreePlugin",

@@ -1,0 +1,137 @@
+"""FSDP2 in one function: :func:`apply_fsdp` shards a (LoRA-augmented, patched) model in place.
+
+Design note (after torchtitan's ``apply_fsdp``). Each decoder block is one ``fully_shard``
+group, the root is the last (embeddings, final norm, LM head). The parameters of a group are
+gathered right before its forward and again before its backward; the gradients of its
+trainable ones are reduce-scattered after its backward. What FSDP2 demands, and how it is met:
+
+* **Uniform dtype of the trainable parameters of a group** (FSDP2 asserts it). LoRA weights all
+  have one dtype (``adapter.weights_dtype``); frozen parameters may differ (FSDP2 gathers mixed
+  dtypes as bytes).
+* **Mixed precision** follows :mod:`turbotune.precision`: modes without autocast gather the
+  stored dtype (``param_dtype=None``); autocast modes gather in the autocast dtype and reduce
+  gradients in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``), and the
+  forward also runs under ``torch.autocast`` (:class:`~turbotune.distributed.trainer.ShardedModel`)
+  so the numbers are those of a one-process run. The policy casts *every* parameter of a group,
+  frozen ones too: 4-bit storage (:class:`~turbotune.distributed.nf4.NF4Linear`) is therefore
+  kept in exactly ``param_dtype``, which makes the cast a no-op; :func:`check_storage` refuses
+  a mismatch instead of silently converting packed bytes.
+* **Dim-0 sharding with padding**: any parameter shape works (4-bit storage is 1-D bytes).
+* **Activation checkpointing / offload** wrap each block's forward before it is sharded
+  (:mod:`turbotune.distributed.activations`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from turbotune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from turbotune.distributed.config import DistributedConfig
+    from turbotune.precision import PrecisionPlan
+
+__all__ = ["apply_fsdp", "check_storage", "decoder_blocks", "is_sharded", "mixed_precision_policy"]
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a causal LM (``model.layers`` of Llama-likes).
+
+    Found as the longest ``nn.ModuleList`` in the model, which is the block list of every
+    transformers decoder (Llama, Mistral, Qwen, Gemma, Mixtral, GPT-2's ``h``...).
+    """
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ConfigError(f"{type(model).__name__} has no list of decoder blocks to shard")
+    return list(max(lists, key=len))
+
+
+def mixed_precision_policy(plan: PrecisionPlan):
+    """The FSDP2 ``MixedPrecisionPolicy`` of a precision plan (see the module docstring)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if plan.autocast is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=plan.autocast, reduce_dtype=torch.float32)
+
+
+def storage_dtype_for(plan: PrecisionPlan, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype 4-bit storage must have so that the FSDP2 cast leaves its bytes alone."""
+    return plan.autocast or compute_dtype
+
+
+def check_storage(model: nn.Module, param_dtype: torch.dtype | None) -> None:
+    """Refuse 4-bit storage whose dtype the mixed-precision policy would convert."""
+    from turbotune.distributed.nf4 import NF4Linear
+
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear) and param_dtype not in (None, module.packed.dtype):
+            raise ConfigError(
+                f"{name}: 4-bit storage is {module.packed.dtype} but FSDP2 gathers in {param_dtype}; "
+                "the storage dtype must equal the gather dtype (quantize with storage_dtype_for)"
+            )
+
+
+def _trainable_dtypes(module: nn.Module) -> set[torch.dtype]:
+    return {p.dtype for p in module.parameters() if p.requires_grad}
+
+
+def apply_fsdp(
+    model: nn.Module,
+    config: DistributedConfig,
+    plan: PrecisionPlan,
+    mesh: Any,
+    *,
+    blocks: list[nn.Module] | None = None,
+) -> nn.Module:
+    """Shard ``model`` in place with FSDP2: each decoder block, then the root.
+
+    Args:
+        model: the model as the Trainer will see it (a ``PeftModel`` or a ``PreTrainedModel``),
+            adapters attached and patches applied; on any device, or on ``meta`` (low-memory
+            loading materializes it afterwards).
+        config: the ``distributed`` section.
+        plan: the run's precision plan.
+        mesh: from :func:`turbotune.distributed.env.build_mesh`.
+        blocks: the modules to shard one by one (default :func:`decoder_blocks`).
+
+    Returns:
+        The same model object, now an ``FSDPModule``.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    from turbotune.distributed.activations import wrap_block
+
+    blocks = decoder_blocks(model) if blocks is None else blocks
+    mp = mixed_precision_policy(plan)
+    check_storage(model, mp.param_dtype)
+    dtypes = _trainable_dtypes(model)
+    if len(dtypes) > 1:
+        raise ConfigError(
+            f"FSDP2 needs one dtype for all trainable parameters, found {sorted(map(str, dtypes))}; "
+            "set adapter.weights_dtype so that every adapter weight has the same dtype"
+        )
+    offload = (
+        CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        if config.cpu_offload
+        else OffloadPolicy()
+    )
+    kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    for i, block in enumerate(blocks):
+        wrap_block(
+            block, checkpoint=config.activation_checkpointing, offload=config.activation_offload
+        )
+        # The last block's parameters are needed again right away by backward: keep them.
+        reshard = config.reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, reshard_after_forward=reshard, **kwargs)
+    fully_shard(model, reshard_after_forward=config.reshard_after_forward, **kwargs)
+    model.__dict__["_turbotune_fsdp"] = {"mesh": mesh, "plan": plan, "config": config}
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether :func:`apply_fsdp` sharded ``model``."""
+    return "_turbotune_fsdp" in model.__dict__
