@@ -95,3 +95,34 @@ def test_weight_is_the_packed_storage_and_frozen():
     assert layer.weight is layer.qweight and not layer.weight.requires_grad
     assert list(layer.parameters()) == [layer.bias]
     assert "bits=4, group_size=32" in repr(layer)
+
+
+def test_fsdp2_fully_shard_one_process():
+    """FSDP2 wraps a GPTQLinear (storage replicated as buffers) and gives the unsharded dx."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(GPTQLinear.from_linear(_linear(), 4, 32), nn.Linear(48, 8))
+        ref = copy.deepcopy(model)
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        x = torch.randn(7, 128, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = model(x), ref(x_ref)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+        assert model[0].scales.dtype == torch.float16
+    finally:
+        dist.destroy_process_group()

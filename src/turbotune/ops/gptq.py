@@ -316,4 +316,5 @@ def gptq_linear(
     ctx = torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext()
     with ctx:
         y = GPTQLinearFunction.apply(x2, bias, bits, *storage)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    # No view for 2-D inputs: FSDP2 warns about (and cannot hook in-place ops on) view outputs.
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
