@@ -186,8 +186,14 @@ def _is_4bit(module: nn.Module) -> bool:
 
 
 def _is_dequantizable_module(module: nn.Module) -> bool:
-    """A quantized linear of another format (GPTQ, HQQ): a module with ``dequantize(dtype)``."""
-    return not isinstance(module, nn.Linear) and callable(getattr(module, "dequantize", None))
+    """A quantized linear of another format (GPTQ, HQQ): a module with ``dequantize(dtype)`` and
+    ``in_features``/``out_features`` (a transformers model has ``dequantize`` too)."""
+    return (
+        not isinstance(module, nn.Linear)
+        and callable(getattr(module, "dequantize", None))
+        and isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int)
+    )
 
 
 def _is_quantized(module: nn.Module) -> bool:

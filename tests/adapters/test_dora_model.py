@@ -1,0 +1,165 @@
+"""DoRA on the real TinyStories Llama (stories260K) in NF4: turbotune's layers vs peft's, the
+saved adapter in peft, the fused-ops plugin, and training through ``run_training``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from turbotune.adapters.dora import DoRALinear, dora_layers
+
+pytest.importorskip("bitsandbytes")
+
+DORA = {"method": "dora", "r": 8, "alpha": 16, "target_modules": "all-linear", "dropout": 0.1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread_eager_dequant(monkeypatch):
+    """One thread; NF4 dequantized by the eager reference, bit for bit bitsandbytes' (peft's)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(path, implementation: str, plugins=None, quant: str = "nf4", seed: int = 0):
+    from turbotune.framework import AccelerationFramework
+
+    cfg = {
+        "quantization": {"method": quant},
+        "adapter": {**DORA, "implementation": implementation},
+        "plugins": plugins or {},
+    }
+    fw = AccelerationFramework(cfg, banner=False)
+    model, peft_config = fw.load_model(str(path), dtype=torch.bfloat16)
+    torch.manual_seed(seed)
+    model, _ = fw.augment(model, None, peft_config)
+    return model
+
+
+def adapters(model) -> dict[str, torch.nn.Parameter]:
+    return {
+        n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if "lora_" in n
+    }
+
+
+def batches(path, n: int, batch: int = 2, seq: int = 32) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    text = (path.parents[1] / "tiny-shakespeare" / "tiny_shakespeare.txt").read_text()[:20_000]
+    return list(torch.tensor(tok(text)["input_ids"][: n * batch * seq]).view(n, batch, seq))
+
+
+def train(model, data, lr=3e-3) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for i, ids in enumerate(data):
+        torch.manual_seed(100 + i)  # the same dropout masks on both sides
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_qdora_training_equals_peft_and_loss_falls(stories260k):
+    """Same init (magnitudes equal peft's bit for bit), then 12 AdamW steps with dropout 0.1:
+    the same ops in the same order and dtypes on both sides, so CPU losses are identical."""
+    ref, ours = build(stories260k, "peft"), build(stories260k, "custom")
+    ref_w, ours_w = adapters(ref), adapters(ours)
+    assert ref_w.keys() == ours_w.keys() and len(ours_w) == 3 * 5 * 7
+    assert len(dora_layers(ours)) == 5 * 7
+    for name, p in ours_w.items():
+        if "magnitude" in name:
+            ok = torch.equal(p, ref_w[name])
+            d = (p - ref_w[name]).abs().max()
+            assert ok, f"initial {name}: max abs diff {d:.3e}"
+    with torch.no_grad():  # identical A (its RNG order is peft's anyway; B is zero)
+        for name, p in ours_w.items():
+            p.copy_(ref_w[name])
+    data = batches(stories260k, 12)
+    ref_losses, our_losses = train(ref, data), train(ours, data)
+    diffs = [abs(a - b) for a, b in zip(our_losses, ref_losses)]
+    assert our_losses == ref_losses, (
+        f"max abs diff {max(diffs):.3e} at step {diffs.index(max(diffs))}"
+    )
+    assert min(our_losses[-3:]) < our_losses[0] - 0.3, f"loss did not fall: {our_losses}"
+    for name, p in ours_w.items():
+        d = (p - ref_w[name]).abs().max()
+        assert torch.equal(p, ref_w[name]), f"trained {name}: max abs diff {d:.3e}"
+
+
+def test_saved_custom_dora_loads_in_peft(stories260k, tmp_path):
+    """The custom adapter saved in peft's DoRA format (``lora_magnitude_vector`` keys,
+    ``use_dora``) loads with ``PeftModel.from_pretrained`` and gives the same logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from turbotune.adapters.lora import save_custom_lora
+
+    ours = build(stories260k, "custom")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in adapters(ours).values():
+            p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g)).add_(
+                0.05 * torch.randn(p.shape, generator=g)
+            )
+    out = save_custom_lora(ours, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["peft_type"] == "LORA"
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    magnitudes = [k for k in keys if k.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == 35 and len(keys) == 3 * 35, sorted(keys)[:4]
+
+    from turbotune.framework import AccelerationFramework
+
+    fw = AccelerationFramework({"quantization": {"method": "nf4"}, "adapter": DORA}, banner=False)
+    base, _ = fw.load_model(str(stories260k), dtype=torch.bfloat16)
+    ref = PeftModel.from_pretrained(base, str(out))
+    ids = batches(stories260k, 1)[0]
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float()
+    d = (a - b).abs()
+    assert torch.equal(a, b), f"logits: max abs diff {d.max():.3e}, mean {d.mean():.3e}"
+
+
+@pytest.mark.parametrize("implementation", ["custom", "peft"])
+def test_fused_ops_leave_dora_projections_on_the_eager_path(stories260k, implementation):
+    """The fused LoRA ops do not do DoRA: with ``fused_ops`` on, every DoRA projection keeps its
+    own forward (projection_of returns None), the other kernels still apply, and the loss and
+    every adapter gradient equal those of the unpatched model (up to the fused RMSNorm/RoPE/CE
+    kernels' fp32 rounding)."""
+    from turbotune.patches.forwards import projection_of
+
+    plain = build(stories260k, implementation, quant="none")
+    fused = build(stories260k, implementation, plugins={"fused_ops": {}}, quant="none")
+    with torch.no_grad():
+        for name, p in adapters(fused).items():
+            p.copy_(adapters(plain)[name]).add_(0.01)
+            adapters(plain)[name].copy_(p)
+    layers = [m for m in fused.modules() if getattr(m, "use_dora", {}).get("default")]
+    assert len(layers) == 35 and all(projection_of(m) is None for m in layers)
+    if implementation == "custom":
+        assert all(isinstance(m, DoRALinear) for m in layers)
+    patches = fused.__dict__["_turbotune_patches"].counts
+    assert patches.get("rms_norm") and patches.get("cross_entropy"), patches
+    ids = batches(stories260k, 1)[0]
+    fused.eval(), plain.eval()  # dropout off: the masks cannot differ
+    losses = []
+    for model in (plain, fused):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    d = (losses[0] - losses[1]).abs().item()
+    assert d < 1e-3, f"loss {losses[0].item():.5f} vs {losses[1].item():.5f}"
+    for name, p in adapters(fused).items():
+        ref = adapters(plain)[name].grad
+        d = (p.grad - ref).abs()
+        tol = 1e-3 * ref.abs().max() + 1e-6
+        assert d.max() <= tol, f"grad {name}: max abs diff {d.max():.3e}, mean {d.mean():.3e}"
