@@ -171,3 +171,40 @@ def test_gptq_linear_llama8b_shape_gpu(parity, rows):
             lambda x: gptq_linear_reference(x, storage, 4),
             master, dtype, torch.device("cuda"),
         )  # fmt: skip
+
+
+COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from turbotune.ops import gptq
+
+q = {"qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "g_idx_ptr": "*i32"}
+def build(kernel, pointers, constexprs):
+    fn = getattr(gptq, kernel)
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
+for bits in (3, 4):  # 3 bits: the word-crossing path
+    build("_dequant_kernel", {**q, "out_ptr": "*bf16"}, {"BITS": bits, "BLOCK_K": 64, "BLOCK_N": 64})
+    for t in (False, True):
+        c = {"TRANSPOSE": t, "BITS": bits, "DOT_FP32": False, "BLOCK_M": 16,
+             "BLOCK_N": 64 if t else 32, "BLOCK_K": 32 if t else 64}
+        build("_matmul_kernel", {**q, "a_ptr": "*bf16", "c_ptr": "*bf16"}, c)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the compiler rejects: compile for an H100 ahead of time."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
