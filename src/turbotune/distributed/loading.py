@@ -151,6 +151,7 @@ def build_meta_model(
     config._attn_implementation = attn_implementation
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_config leaves a tied head as its own (meta) parameter
     model.requires_grad_(False)
     if quantize:
         skip = [*(skip_modules or []), "lm_head"]

@@ -106,7 +106,8 @@ def run_training(
     fw = AccelerationFramework(cfg)
     demo = cfg.model.path is None
     run = _build_demo(cfg, fw) if demo else _load(cfg, fw, plan)
-    if fw.loader is None:  # a loader plugin (4-bit) owns the dtypes of what it loads
+    # A loader plugin (4-bit), or the FSDP low-memory loader, owns the dtypes of what it loads.
+    if fw.loader is None and "_turbotune_source" not in run.model.__dict__:
         apply_precision(run.model, plan)
 
     args = training_arguments(cfg, plan, backend, has_eval=run.eval_ds is not None)
@@ -136,6 +137,8 @@ def run_training(
         _say(f"[bold]demo[/] held-out accuracy: {before:.1%} -> [bold green]{after:.1%}[/]")
 
     out = Path(cfg.train.output_dir) / FINAL
+    if cfg.distributed.enabled:  # FSDP: every rank joins the gather, rank 0 writes below
+        trainer.gather_for_save()
     if args.should_save:
         _save_final(trainer, run.tokenizer, cfg, out, adapter=run.peft_config is not None)
     return TrainResult(out, train_metrics, eval_metrics, demo_acc, trainer)
@@ -163,7 +166,12 @@ def _load(cfg: Config, fw: AccelerationFramework, plan: PrecisionPlan) -> _Loade
     # path the model was loaded from, and `turbotune merge` may run from another directory.
     local = Path(cfg.model.path).expanduser()
     path = str(local.resolve()) if local.is_dir() else cfg.model.path
-    model, peft_config = fw.load_model(path, dtype=dtype)
+    if cfg.distributed.enabled:  # FSDP: low-memory loading, shardable 4-bit storage
+        from turbotune.distributed.model import load_for_fsdp
+
+        model, peft_config = load_for_fsdp(cfg, fw, plan, path, dtype)
+    else:
+        model, peft_config = fw.load_model(path, dtype=dtype)
     return _Loaded(tokenizer, model, peft_config, train_ds, eval_ds)
 
 
@@ -206,6 +214,8 @@ def _build_trainer(
     from turbotune.train.trainer import TurbotuneTrainer
 
     metrics = MetricsCallback.for_model(model, args, seq_len=cfg.data.max_length)
+    if cfg.distributed.enabled:  # an FSDP2-sharded model: DCP checkpoints, no DDP wrapper
+        from turbotune.distributed.trainer import FsdpTrainer as TurbotuneTrainer
     return TurbotuneTrainer(
         model=model,
         args=args,
