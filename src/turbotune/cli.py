@@ -160,6 +160,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_expand(args: argparse.Namespace) -> int:
+    from turbotune.expand import expand_checkpoint
+
+    plan = expand_checkpoint(
+        args.model, args.out, new_blocks=args.new_blocks, expansion_rate=args.expansion_rate
+    )
+    print(
+        f"expanded {plan.num_layers - len(plan.new)} -> {plan.num_layers} blocks "
+        f"(new, identity-initialized: {list(plan.new)}) written to {args.out}"
+    )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from turbotune.train.merge import generate
 
@@ -215,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the merged model")
     p.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p = verb("expand", cmd_expand,
+             "Llama-Pro: interleave identity-initialized copies of decoder blocks into a checkpoint")  # fmt: skip
+    p.add_argument("model", help="model directory (safetensors) or Hugging Face id")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--new-blocks", type=int, help="number of blocks to add")
+    group.add_argument("--expansion-rate", type=float, help="new blocks per original one (0.25)")
+    p.add_argument("--out", required=True, help="output directory of the expanded checkpoint")
     p = verb("generate", cmd_generate, "complete a prompt with a model, optionally with an adapter")
     p.add_argument("model", help="model id or directory")
     p.add_argument("prompt", help="the prompt text")

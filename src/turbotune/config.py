@@ -95,8 +95,9 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    method: Literal["full", "lora", "dora"] = "lora"
-    """``full`` trains every weight; ``lora``/``dora`` train low-rank adapters only."""
+    method: Literal["full", "lora", "dora", "llama_pro"] = "lora"
+    """``full`` trains every weight; ``lora``/``dora`` train low-rank adapters only;
+    ``llama_pro`` trains only the blocks ``turbotune expand`` added (the rest is frozen)."""
     implementation: Literal["peft", "custom"] = "peft"
     """peft's LoRA layers, or turbotune's own (the reference's ``custom_lora``); same numbers."""
     r: int = 16
@@ -283,6 +284,8 @@ _TRAIN_TYPE_MAP: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hqq_lora": ({"method": "lora", "implementation": "custom"}, {"method": "hqq"}),
     "bnb_dora": ({"method": "dora"}, {"method": "nf4"}),
     "hqq_dora": ({"method": "dora"}, {"method": "hqq"}),
+    "bnb_llama_pro": ({"method": "llama_pro"}, {"method": "nf4"}),
+    "hqq_llama_pro": ({"method": "llama_pro"}, {"method": "hqq"}),
 }
 
 

@@ -89,7 +89,7 @@ def test_train_override_without_equals_is_error():
     assert out.returncode == 2 and "key=value" in out.stderr
 
 
-@pytest.mark.parametrize("verb", ["quantize", "expand"])
+@pytest.mark.parametrize("verb", ["quantize"])
 def test_verbs_of_later_issues_do_not_exist_yet(verb):
     out = turbotune(verb)
     assert out.returncode != 0 and "invalid choice" in out.stderr

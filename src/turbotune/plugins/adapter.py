@@ -22,8 +22,8 @@ class AdapterPlugin(Plugin):
     order = 50
 
     def peft_config(self) -> Any:
-        """The peft config of the section, or ``None`` for full fine-tuning."""
-        if self.config.method == "full":
+        """The peft config of the section, or ``None`` for full fine-tuning and Llama-Pro."""
+        if self.config.method in ("full", "llama_pro"):
             return None
         if self.config.implementation == "custom":
             from turbotune.adapters.lora import check_supported
@@ -41,6 +41,14 @@ class AdapterPlugin(Plugin):
         from turbotune.adapters.peft_lora import apply_lora, compute_dtype_of
 
         if isinstance(model, PeftModel):
+            return model, training_args
+        if self.config.method == "llama_pro":  # only the blocks `turbotune expand` added train
+            from turbotune.adapters.llama_pro import apply_llama_pro, is_llama_pro_model
+
+            if not is_llama_pro_model(model):
+                apply_llama_pro(model)
+            if training_args is not None and training_args.gradient_checkpointing:
+                model.enable_input_require_grads()  # frozen embeddings: see below
             return model, training_args
         if peft_config is None:
             peft_config = self.peft_config()
@@ -68,5 +76,7 @@ class AdapterPlugin(Plugin):
         c = self.config
         if c.method == "full":
             return "full fine-tuning"
+        if c.method == "llama_pro":
+            return "llama_pro: only the blocks added by `turbotune expand` train"
         kind = f"{c.method} (custom)" if c.implementation == "custom" else c.method
         return f"{kind} r={c.r} alpha={c.alpha:g} dropout={c.dropout:g} targets={c.target_modules}"

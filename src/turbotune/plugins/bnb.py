@@ -51,10 +51,15 @@ class BnbQuantPlugin(Plugin):
         model_cfg = kwargs.pop("model_config", None) or ModelConfig()
         if "device_map" not in kwargs:
             kwargs["device_map"] = _device_map()
+        quantization = bnb_config(self.config)
+        # Blocks added by `turbotune expand` (Llama-Pro) train, so they stay in the compute dtype.
+        from turbotune.adapters.llama_pro import new_block_modules
+
+        quantization.llm_int8_skip_modules += [f"{m}." for m in new_block_modules(path)]
         model = load_causal_lm(
             replace(model_cfg, path=path),
             compute,
-            quantization_config=bnb_config(self.config),
+            quantization_config=quantization,
             **kwargs,
         )
         return prepare_for_training(model, upcast_fp32=self.config.upcast_fp32)
