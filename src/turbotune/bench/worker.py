@@ -102,16 +102,28 @@ def _batches(spec: dict[str, Any], vocab: int, n: int, rank: int, device: torch.
     from turbotune.bench.data import dataset_batches, random_batches
 
     seed = spec["seed"] + 1000 * rank
+    packed = padding_free(spec.get("config"))
     if spec["data"] in (None, "random"):
         return random_batches(
-            vocab, spec["batch_size"], spec["seq_len"], n, seed=seed, device=device
-        )
+            vocab, spec["batch_size"], spec["seq_len"], n, seed=seed, device=device,
+            padding_free=packed,
+        )  # fmt: skip
     if not spec.get("tokenizer"):
         raise ValueError("a dataset file needs 'tokenizer' (a tokenizer directory) in the scenario")
     return dataset_batches(
         spec["data"], spec["tokenizer"], spec["batch_size"], spec["seq_len"], n,
-        vocab_size=vocab, seed=seed, device=device,
+        vocab_size=vocab, seed=seed, device=device, padding_free=packed,
     )  # fmt: skip
+
+
+def padding_free(config: dict[str, Any] | None) -> bool:
+    """Whether a scenario's turbotune config turns the ``padding_free`` plugin on (its batches
+    are then the same rows packed into one row)."""
+    plugins = (config or {}).get("plugins") or {}
+    if "padding_free" not in plugins:
+        return False
+    section = plugins["padding_free"] or {}
+    return section.get("enabled", True) is not False
 
 
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
