@@ -161,6 +161,17 @@ def test_four_bit_adapter_in_peft_on_the_dequantized_base(qlora, stories260k):
     _check_close(got, np.array(qlora.model(mx.array(IDS))), without)
 
 
+def test_dequantized_base_is_the_base_the_run_trained_on(qlora, shared_data):
+    from turbotune.backends.mlx import dequantized_base
+
+    cfg = load_config({"backend": "mlx"}, run_overrides(shared_data, Path("unused"), "nf4"))
+    again = dequantized_base(cfg)
+    trained_on = base_weights(qlora.model)
+    assert set(again) == set(trained_on)
+    for name, value in trained_on.items():
+        np.testing.assert_array_equal(again[name], np.array(value), err_msg=name)
+
+
 def test_mlx_adapter_reloads_in_mlx_lm(qlora, stories260k):
     model, _ = load_model(stories260k)
     report = quantize_base(model, "affine", 4, 64, skip=["lm_head"])

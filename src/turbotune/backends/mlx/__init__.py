@@ -16,11 +16,15 @@ from typing import Any
 
 from turbotune.errors import MissingPackageError
 
-__all__ = ["base_weights", "build_mlx_run", "convert_mlx_adapter", "require_mlx", "train_mlx"]
+__all__ = [
+    "base_weights", "build_mlx_run", "convert_mlx_adapter", "dequantized_base", "require_mlx",
+    "train_mlx",
+]  # fmt: skip
 
 _LAZY = {
     "train_mlx": "turbotune.backends.mlx.train",
     "build_mlx_run": "turbotune.backends.mlx.train",
+    "dequantized_base": "turbotune.backends.mlx.train",
     "convert_mlx_adapter": "turbotune.backends.mlx.export",
     "base_weights": "turbotune.backends.mlx.model",
 }

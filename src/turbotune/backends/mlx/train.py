@@ -36,6 +36,7 @@ from turbotune.backends.mlx.export import peft_target_modules, save_mlx_adapter,
 from turbotune.backends.mlx.model import (
     DTYPES,
     add_lora,
+    base_weights,
     linear_paths,
     load_mlx_model,
     lora_layers,
@@ -47,7 +48,7 @@ from turbotune.backends.support import check_backend_support, mlx_quantization
 from turbotune.config import Config
 
 __all__ = [
-    "MLXRun", "build_mlx_run", "evaluate", "fit_mlx", "lora_arrays", "masked_loss", "mlx_dtype",
+    "MLXRun", "build_mlx_run", "dequantized_base", "evaluate", "fit_mlx", "lora_arrays", "masked_loss", "mlx_dtype",
     "save_final", "train_mlx",
 ]  # fmt: skip
 
@@ -132,6 +133,21 @@ def build_mlx_run(cfg: Config) -> MLXRun:
     mx.random.seed(cfg.train.seed)  # the LoRA A matrices are drawn now
     adapted = add_lora(model, cfg.adapter, compute_dtype=DTYPES[dtype])
     return MLXRun(cfg, model, tokenizer, train_ds, eval_ds, path, adapted, candidates, notes)
+
+
+def dequantized_base(cfg: Config) -> dict[str, np.ndarray]:
+    """The base a 4-bit MLX run trained on, dequantized, under the checkpoint's names.
+
+    Quantization is deterministic (round to nearest per group), so loading and quantizing the
+    checkpoint again as :func:`build_mlx_run` did gives the same weights; merging or evaluating
+    the run's PEFT adapter on these reproduces MLX's numbers (on the original weights it differs
+    by the quantization error). Without quantization: the checkpoint's weights in the run's dtype.
+    """
+    model, _ = load_mlx_model(cfg.model, mlx_dtype(cfg))
+    quant = mlx_quantization(cfg)
+    if quant is not None:
+        quantize_base(model, *quant, skip=cfg.quantization.skip_modules)
+    return {k: np.array(v.astype(mx.float32)) for k, v in base_weights(model).items()}
 
 
 def _pad_id(tokenizer: Any) -> int:
