@@ -138,6 +138,15 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from turbotune.train.run import run_training
 
+    if getattr(args, "nproc", None):  # N processes under torchrun, each running this verb
+        from turbotune.distributed.launch import launch, torchrun_command
+
+        words = [args.config, *args.overrides] if args.config else list(args.overrides)
+        cmd = torchrun_command(words, args.nproc, nnodes=args.nnodes,
+                               rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)  # fmt: skip
+        print("turbotune: " + " ".join(cmd), file=sys.stderr)
+        return launch(cmd)
+
     path = resolve_config_path(args.config) if args.config else None
     backend = [f"backend={args.backend}"] if getattr(args, "backend", None) else []
     run_training(path, [*args.overrides, *backend])  # --backend wins over backend= overrides
@@ -215,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("train", cmd_train, "train a model (no config: the built-in demo)")
     p.add_argument("words", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a config file or sample name, then dotted overrides (train.max_steps=10)")  # fmt: skip
+    p.add_argument("--nproc", type=int, help="start N processes per node under torchrun (FSDP: "
+                   "set distributed.enabled=true); give options before the config or after all words")  # fmt: skip
+    p.add_argument("--nnodes", default="1", help="nodes of a torchrun run (with --rdzv-endpoint)")
+    p.add_argument("--rdzv-endpoint", help="host:port of the torchrun rendezvous (several nodes)")
+    p.add_argument("--rdzv-id", help="rendezvous id shared by the nodes (e.g. $SLURM_JOB_ID)")
     p.add_argument("--backend", choices=["auto", "cuda", "cpu", "mps", "mlx"],
                    help="compute backend, as the override backend=NAME (put it before the config "
                         "or after the overrides)")  # fmt: skip
