@@ -41,8 +41,8 @@ def _assert_dequant_equal(got: torch.Tensor, want: torch.Tensor) -> None:
         assert torch.equal(got, want), msg
 
 
-# tiny, one not-power-of-two / non-block-multiple, and one larger than the 64 x 64 block
-SHAPES = [(16, 32), (112, 160), (144, 288)]
+# tiny, and one larger than the 64 x 64 block in both dims and not a multiple of it
+SHAPES = [(16, 32), (80, 160)]
 
 
 @pytest.mark.parametrize("bits", GPTQ_BITS)
@@ -73,13 +73,14 @@ def test_dequantize_group_sizes_and_out_blocks(device, group_size):
         gptq.gptq_dequantize(storage, bits, torch.bfloat16, out=buf[:out_f, : in_f + 1])
 
 
-@pytest.mark.parametrize("bits", [3, 4, 8])
-@pytest.mark.parametrize("rows", [1, 13, gptq.FUSED_MAX_ROWS + 7])
+@pytest.mark.parametrize(
+    "bits,rows", [(4, 1), (4, 13), (4, gptq.FUSED_MAX_ROWS + 7), (3, 13), (8, 13)]
+)
 def test_forward_and_input_grad_kernels(device, bits, rows):
     """``x W^T`` and ``dy W`` (fused for few rows, dequantize + matmul above FUSED_MAX_ROWS)
     vs fp32 matmuls of the same dequantized W: the only error is the final rounding and the
     bf16 rounding of W (the eager bf16 run pays the same)."""
-    out_f, in_f = 96, 160 if bits != 3 else 192
+    out_f, in_f = 64, 96
     storage = _storage(out_f, in_f, bits, act_order=True, seed=bits, device=device)
     gen = torch.Generator().manual_seed(rows)
     x, dy = torch.randn(rows, in_f, generator=gen), torch.randn(rows, out_f, generator=gen)
@@ -97,7 +98,7 @@ def test_forward_and_input_grad_kernels(device, bits, rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bits,rows,bias", [(4, 13, True), (8, 5, False), (4, 70, True)])
+@pytest.mark.parametrize("bits,rows,bias", [(4, 13, True), (8, 70, False)])
 def test_gptq_linear_forward_and_input_grad(parity, device, dtype, bits, rows, bias):
     """GPTQLinear vs ``x W^T + b`` on the dequantized fp32 weight: output and dx (and db)."""
     out_f, in_f = 72, 96
