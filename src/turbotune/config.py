@@ -283,9 +283,9 @@ _TRAIN_TYPE_MAP: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "custom_qlora": ({"method": "lora", "implementation": "custom"}, {"method": "nf4"}),
     "hqq_lora": ({"method": "lora", "implementation": "custom"}, {"method": "hqq"}),
     "bnb_dora": ({"method": "dora"}, {"method": "nf4"}),
-    "hqq_dora": ({"method": "dora"}, {"method": "hqq"}),
+    "hqq_dora": ({"method": "dora", "implementation": "custom"}, {"method": "hqq"}),
     "bnb_llama_pro": ({"method": "llama_pro"}, {"method": "nf4"}),
-    "hqq_llama_pro": ({"method": "llama_pro"}, {"method": "hqq"}),
+    "hqq_llama_pro": ({"method": "llama_pro", "implementation": "custom"}, {"method": "hqq"}),
 }
 
 

@@ -145,8 +145,8 @@ class DoRALinear(LoRALinear):
         lora_result = lora_b(lora_a(x))
         if base_result is None:
             base_result = F.linear(x, _base_dense(self.base_layer, x.dtype))
-        elif self.base_layer.bias is not None:
-            base_result = base_result - self.base_layer.bias
+        elif (bias := getattr(self.base_layer, "bias", None)) is not None:
+            base_result = base_result - bias
         return (scale - 1) * base_result + scale * lora_result * scaling
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from turbotune.adapters.lora import _is_quantized
 from turbotune.errors import ConfigError
 from turbotune.expand import new_layers_of
 
@@ -58,6 +59,12 @@ def _is_quantized_param(param: torch.Tensor) -> bool:
     return not param.is_floating_point() or hasattr(param, "quant_state")
 
 
+def _quantized_parts(block: nn.Module) -> list[str]:
+    """Names of the quantized layers (bnb 4-bit, GPTQ, HQQ) or weights inside ``block``."""
+    parts = [n for n, m in block.named_modules() if _is_quantized(m)]
+    return parts + [n for n, p in block.named_parameters() if _is_quantized_param(p)]
+
+
 def apply_llama_pro(model: nn.Module) -> nn.Module:
     """Freeze ``model`` except its new blocks, in place; the model saves as a full checkpoint.
 
@@ -80,12 +87,14 @@ def apply_llama_pro(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     for i in new:
-        for pname, param in layers[i].named_parameters():
-            if _is_quantized_param(param):
-                raise ConfigError(
-                    f"new block {name}.{i} holds a quantized weight ({pname}); keep new blocks "
-                    "out of quantization (the bnb loader skips them for expanded checkpoints)"
-                )
+        quantized = _quantized_parts(layers[i])
+        if quantized:
+            raise ConfigError(
+                f"new block {name}.{i} holds quantized weights ({quantized[0]}); keep new blocks "
+                "out of quantization (the bnb loader skips them for expanded checkpoints; see "
+                "turbotune.adapters.llama_pro.new_block_modules)"
+            )
+        for param in layers[i].parameters():
             param.requires_grad_(True)
     model.__dict__["_turbotune_llama_pro"] = {"layers": name, "new": new}
     if getattr(model, "is_quantized", False):
