@@ -140,7 +140,7 @@ class QuantizationConfig:
     bits: int = 4
     """Bits per weight (GPTQ, HQQ)."""
     group_size: int = 64
-    """Weights per quantization group (GPTQ, HQQ)."""
+    """Weights per quantization group (GPTQ, HQQ, MLX: 32, 64 or 128)."""
 
 
 @functools.cache
@@ -255,7 +255,9 @@ class Config:
     """A name from fsdp_qlora (``qlora``, ``custom_lora``, ``bnb_dora``, ...) that sets
     ``adapter`` and ``quantization`` for you."""
     backend: Literal["auto", "cuda", "cpu", "mps", "mlx"] = "auto"
-    """Compute backend; ``auto`` picks the best available and says why."""
+    """Compute backend (also ``turbotune train --backend NAME``). ``auto``: CUDA, else MPS, else
+    CPU, with the reason printed; MLX (a separate engine: LoRA/4-bit LoRA, no plugins) only by
+    name. See docs/backends.md."""
     source: str = field(default="<defaults>", init=False, repr=False, compare=False)
     """Where this config was read from (set by the loader)."""
 
