@@ -1,0 +1,308 @@
+"""HQQLinear (quant/hqq_linear.py), the HQQ loader plugin and LoRA on an HQQ base.
+
+* the layer's forward and input gradient against ``x W^T + b`` with ``W`` its fp32 dequantization
+  (the flash-attention rule for bf16/fp16: at most 2x the error of the eager low-precision run);
+* no dense weight is saved for backward;
+* turbotune's fused LoRA ops (``ops/lora.py``) on HQQ bases against the unfused LoRA layers:
+  outputs, input gradient and every LoRA gradient, for one projection, a q/k/v group and a gated
+  MLP; and fused vs unfused training losses on the real stories260K model;
+* ``train_type: hqq_lora`` trains the real stories260K model (loss falls) and peft is refused.
+
+Kernels run through the Triton interpreter on CPU (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from turbotune.adapters.lora import LoRALinear
+from turbotune.errors import ConfigError
+from turbotune.ops.lora import lora_mlp, lora_projections
+from turbotune.patches.forwards import projection_of
+from turbotune.quant.hqq_linear import HQQLinear, count_hqq_linears
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def eager_ops(monkeypatch):
+    """Model-level runs take the eager op references on CPU (the interpreter would take minutes);
+    the Triton dequantizer itself is checked against them in test_hqq.py."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _hqq(n_out: int, n_in: int, *, bias: bool = False, seed: int = 0, group: int = 32):
+    torch.manual_seed(seed)
+    linear = nn.Linear(n_in, n_out, bias=bias)
+    if bias:
+        nn.init.normal_(linear.bias, 0.0, 0.1)
+    return HQQLinear.from_linear(linear, 4, group, compute_dtype=torch.float32)
+
+
+def _diff(got: torch.Tensor, want: torch.Tensor) -> str:
+    d = (got.float() - want.float()).abs()
+    return f"max abs diff {d.max().item():.3e}, mean {d.mean().item():.3e}"
+
+
+# ---- the layer ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_and_input_grad_match_dequantized_reference(dtype):
+    layer = _hqq(77, 123, bias=True)  # prime-ish shapes, a short last group (123 = 3 * 32 + 27)
+    weight, bias = layer.dequantize(torch.float32), layer.bias.detach().float()
+    gen = torch.Generator().manual_seed(1)
+    x_master = torch.randn(3, 5, 123, generator=gen).to(dtype).float()
+    grad = torch.randn(3, 5, 77, generator=gen)
+
+    def run(fn, run_dtype):
+        x = x_master.to(run_dtype).detach().requires_grad_()
+        y = fn(x)
+        y.backward(grad.to(y.dtype))
+        return y.detach().float(), x.grad.float()
+
+    ref = run(lambda x: F.linear(x, weight, bias), torch.float32)
+    eager = run(lambda x: F.linear(x, weight.to(dtype), bias.to(dtype)), dtype)
+    ours = run(layer, dtype)
+    for name, got, want, low in zip(("output", "grad_x"), ours, ref, eager):
+        eager_err = (low - want).abs().max().item()
+        bound = 2 * eager_err + 1e-5 * max(1.0, want.abs().max().item())
+        assert (got - want).abs().max().item() <= bound, (
+            f"{dtype} {name}: {_diff(got, want)}, bound {bound:.3e}"
+        )
+
+
+def test_backward_recomputes_the_weight_instead_of_saving_it():
+    layer = _hqq(64, 96)
+    saved = []
+    x = torch.randn(4, 96, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        y = layer(x)
+    y.sum().backward()
+    assert (64, 96) not in saved and (96, 64) not in saved, saved
+    assert torch.allclose(x.grad, layer.dequantize(torch.float32).sum(0).expand(4, 96))
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    layer = _hqq(16, 64)
+    x = torch.randn(2, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, layer(x.bfloat16()))
+
+
+def test_layer_is_a_dequantizable_weight_source():
+    from turbotune.quant.weights import Dequantizable, dense_weight, weight_shape
+
+    layer = _hqq(40, 64)
+    assert isinstance(layer, Dequantizable) and weight_shape(layer) == (40, 64)
+    assert torch.equal(dense_weight(layer, torch.bfloat16), layer.dequantize(torch.bfloat16))
+    assert all(not p.requires_grad for p in layer.parameters())
+    assert {n for n, _ in layer.named_parameters()} == {"W_q", "scale", "zero"}
+
+
+# ---- fused LoRA ops on HQQ bases vs the unfused LoRA layers ----
+
+
+def _lora(base: HQQLinear, seed: int) -> LoRALinear:
+    torch.manual_seed(seed)
+    layer = LoRALinear(base, r=4, alpha=8.0)
+    nn.init.normal_(layer.lora_B["default"].weight, 0.0, 0.05)  # B = 0 would hide its terms
+    return layer
+
+
+def _lora_params(layers) -> list[torch.Tensor]:
+    return [
+        p
+        for layer in layers
+        for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    ]
+
+
+def _run(fn, layers, x_master, grads):
+    x = x_master.clone().requires_grad_()
+    for p in _lora_params(layers):
+        p.grad = None
+    outs = fn(x)
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
+    return (
+        [o.detach().float() for o in outs]
+        + [x.grad.float()]
+        + [p.grad.clone() for p in _lora_params(layers)]
+    )
+
+
+def _assert_fused_matches(fused, unfused, rtol, what):
+    assert len(fused) == len(unfused)
+    for i, (got, want) in enumerate(zip(fused, unfused)):
+        scale = want.abs().max().item()
+        err = (got - want).abs().max().item()
+        assert err <= rtol * max(scale, 1e-6), (
+            f"{what} tensor {i}: {_diff(got, want)} (max |ref| {scale:.3e})"
+        )
+
+
+def test_fused_lora_projections_on_hqq_bases_match_unfused():
+    """q, k, v sharing an input (one stacked dequantization) and o alone: forward, dx, dA, dB."""
+    qkv = [_lora(_hqq(n, 48, seed=i), seed=10 + i) for i, n in enumerate((64, 32, 32))]
+    projections = [projection_of(layer) for layer in qkv]
+    assert all(p is not None for p in projections), "an HQQ base must be fusable"
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 48, generator=gen)
+    grads = [torch.randn(2, 5, n, generator=gen) for n in (64, 32, 32)]
+    unfused = _run(lambda x: [layer(x) for layer in qkv], qkv, x, grads)
+    fused = _run(
+        lambda x: lora_projections(x, [projection_of(layer) for layer in qkv]), qkv, x, grads
+    )
+    _assert_fused_matches(fused, unfused, 1e-5, "q/k/v fp32")
+    single = [qkv[0]]
+    unfused = _run(lambda x: [qkv[0](x)], single, x, grads[:1])
+    fused = _run(lambda x: lora_projections(x, [projection_of(qkv[0])]), single, x, grads[:1])
+    _assert_fused_matches(fused, unfused, 1e-5, "single fp32")
+
+
+def test_fused_lora_mlp_on_hqq_bases_matches_unfused(eager_ops):
+    gate, up = _lora(_hqq(96, 64, seed=1), 11), _lora(_hqq(96, 64, seed=2), 12)
+    down = _lora(_hqq(64, 96, seed=3), 13)
+    layers = [gate, up, down]
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 64, generator=gen)
+    grads = [torch.randn(3, 7, 64, generator=gen)]
+    unfused = _run(lambda x: [down(F.silu(gate(x)) * up(x))], layers, x, grads)
+    fused = _run(lambda x: [lora_mlp(x, *(projection_of(m) for m in layers))], layers, x, grads)
+    _assert_fused_matches(fused, unfused, 1e-5, "mlp fp32")
+
+
+# ---- the plugin on the real model ----
+
+
+def _framework(fused: bool, **quant):
+    from turbotune.framework import AccelerationFramework
+
+    cfg = {
+        "train_type": "hqq_lora",
+        "quantization": {"compute_dtype": "float32", "group_size": 32, **quant},
+        "adapter": {"r": 8, "alpha": 16},
+        "plugins": {"fused_ops": {}} if fused else {},
+    }
+    return AccelerationFramework(cfg, banner=False)
+
+
+def _batches(steps: int, batch: int = 2, seq: int = 32, vocab: int = 512):
+    g = torch.Generator().manual_seed(7)
+    start = torch.randint(0, vocab, (steps, batch, 1), generator=g)
+    stride = torch.randint(1, 4, (steps, batch, 1), generator=g)
+    ids = (start + stride * torch.arange(seq)) % vocab
+    return list(ids)
+
+
+def _train(model, batches, lr=3e-3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    model.train()  # from_pretrained gives eval mode, where attention keeps its unfused path
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_plugin_quantizes_every_linear_but_the_head(stories260k, eager_ops):
+    fw = _framework(False, skip_modules=["down_proj"])
+    model, _ = fw.load_model(str(stories260k))
+    assert count_hqq_linears(model) == 5 * 6  # q, k, v, o, gate, up per layer; down skipped
+    assert (
+        type(model.lm_head) is nn.Linear and type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    )
+    assert not any(p.requires_grad for p in model.parameters())
+    assert "hqq bits=4 group_size=32" in fw.plugin("hqq").describe()
+
+
+def test_hqq_base_fused_training_matches_unfused(stories260k, eager_ops, monkeypatch):
+    from turbotune.patches import forwards
+
+    calls = []  # which fused ops ran (an HQQ base must not fall back to the original forwards)
+    for name in ("lora_projections", "lora_mlp"):
+        real = getattr(forwards, name)
+        monkeypatch.setattr(
+            forwards, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k)
+        )
+
+    def build(fused):
+        fw = _framework(fused)
+        model, peft_config = fw.load_model(str(stories260k))
+        torch.manual_seed(0)
+        model, _ = fw.augment(model, None, peft_config)
+        return model
+
+    batches = _batches(6)
+    ref_model, ours_model = build(False), build(True)
+    assert count_hqq_linears(ours_model) == 35
+    ref, ours = _train(ref_model, batches), _train(ours_model, batches)
+    diffs = [abs(a - b) / b for a, b in zip(ours, ref)]
+    assert max(diffs) < 2e-5, f"losses fused {ours} vs unfused {ref}"
+    # per step and layer: q/k/v as one group and o_proj alone (2 calls), the MLP as one op
+    assert calls.count("lora_projections") == 6 * 5 * 2 and calls.count("lora_mlp") == 6 * 5, calls[
+        :8
+    ]
+    assert ours[-1] < ours[0], ours
+
+
+def test_train_type_hqq_lora_lowers_the_loss(stories260k, shared_data, tmp_path, eager_ops):
+    from turbotune.train.run import run_training
+
+    cfg = {
+        "train_type": "hqq_lora",
+        "model": {"path": str(stories260k)},
+        "data": {"path": str(shared_data / "alpaca" / "alpaca_tiny.json"), "max_length": 64, "max_samples": 32},
+        "quantization": {"compute_dtype": "float32", "group_size": 32},
+        "adapter": {"r": 8, "alpha": 16},
+        "train": {
+            "precision": "fp32", "max_steps": 8, "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2, "lr_scheduler": "constant", "logging_steps": 1,
+            "output_dir": str(tmp_path / "run"), "report_to": [],
+        },
+        "plugins": {"fused_ops": {}},
+    }  # fmt: skip
+    result = run_training(cfg)
+    losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses
+    assert count_hqq_linears(result.trainer.model) == 35
+    assert (result.output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_peft_with_hqq_is_a_clear_error():
+    from turbotune.config import load_config
+    from turbotune.plugins.registry import activate
+
+    cfg = load_config({"quantization": {"method": "hqq"}, "adapter": {"implementation": "peft"}})
+    with pytest.raises(ConfigError, match=r"adapter\.implementation custom"):
+        activate(cfg)
+    cfg = load_config({"train_type": "hqq_lora", "quantization": {"bits": 9}})
+    with pytest.raises(ConfigError, match=r"bits must be 1\.\.8"):
+        activate(cfg)
+    assert load_config({"train_type": "hqq_lora"}).adapter.implementation == "custom"
+
+
+def test_deepcopy_and_state_dict_round_trip():
+    layer = _hqq(24, 64, bias=True)
+    clone = copy.deepcopy(layer)
+    clone.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(clone(x), layer(x))
