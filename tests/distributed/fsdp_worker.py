@@ -1,7 +1,10 @@
-"""One ``turbotune train`` run inside a test's ``torchrun`` (or plain) process.
+"""``turbotune train`` runs inside one ``torchrun`` (or plain) process of a test.
 
-``python fsdp_worker.py CONFIG.json OUT.json``: runs :func:`turbotune.train.run.run_training`
-on the config and, on rank 0, writes ``{"losses": {step: loss}, "grad_norms": {step: norm}}``.
+``python fsdp_worker.py OUT.json CONFIG.json [CONFIG.json ...]`` runs
+:func:`turbotune.train.run.run_training` on each config in turn, in the same processes (the
+imports are paid once), and rank 0 writes one record per config: the losses and gradient norms
+by step, the world size, what low-memory loading did, the fused-op patch counts and how many
+blocks were checkpointed/offloaded.
 """
 
 from __future__ import annotations
@@ -9,32 +12,36 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
 
-def main(cfg_path: str, out_path: str) -> None:
+def _record(result: Any) -> dict[str, Any]:
+    model = result.trainer.model
+    logs = result.trainer.state.log_history
+    patches = model.__dict__.get("_turbotune_patches")
+    stats = model.__dict__.get("_turbotune_load_stats") or {}
+    return {
+        "losses": {int(h["step"]): h["loss"] for h in logs if "loss" in h},
+        "grad_norms": {int(h["step"]): h["grad_norm"] for h in logs if "grad_norm" in h},
+        "world": int(os.environ.get("WORLD_SIZE", "1")),
+        "load_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float))},
+        "patches": dict(patches.counts) if patches is not None else {},
+        "wrapped_blocks": sum("_turbotune_block_wrapped" in m.__dict__ for m in model.modules()),
+        "trainer": type(result.trainer).__name__,
+    }
+
+
+def main(out_path: str, *cfg_paths: str) -> None:
     torch.set_num_threads(1)
     from turbotune.train.run import run_training
 
-    cfg = json.loads(open(cfg_path).read())
-    result = run_training(cfg)
+    records = [_record(run_training(json.loads(Path(p).read_text()))) for p in cfg_paths]
     if int(os.environ.get("RANK", "0")) == 0:
-        logs = result.trainer.state.log_history
-        out = {
-            "losses": {int(h["step"]): h["loss"] for h in logs if "loss" in h},
-            "grad_norms": {int(h["step"]): h["grad_norm"] for h in logs if "grad_norm" in h},
-            "world": int(os.environ.get("WORLD_SIZE", "1")),
-            "load_stats": _load_stats(result.trainer.model),
-        }
-        with open(out_path, "w") as f:
-            json.dump(out, f)
-
-
-def _load_stats(model) -> dict:
-    stats = model.__dict__.get("_turbotune_load_stats") or {}
-    return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+        Path(out_path).write_text(json.dumps(records))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], *sys.argv[2:])
