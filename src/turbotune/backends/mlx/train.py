@@ -18,7 +18,6 @@ is the mean of the step losses since the previous log. Each log is one line of
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from turbotune.backends.mlx import data as mlx_data
 from turbotune.backends.mlx.export import peft_target_modules, save_mlx_adapter, save_peft_adapter
+from turbotune.backends.mlx.metrics import MetricsLog
 from turbotune.backends.mlx.model import (
     DTYPES,
     add_lora,
@@ -52,7 +52,6 @@ __all__ = [
     "save_final", "train_mlx",
 ]  # fmt: skip
 
-GIB = 2**30
 _PRECISION_DTYPE = {
     "fp32": "float32",
     "bf16": "bfloat16",
@@ -173,54 +172,6 @@ def evaluate(run: MLXRun, dataset: Any = None) -> float:
     return total / max(tokens, 1)
 
 
-class _Logger:
-    """Window sums between logs; writes metrics.jsonl and prints the Trainer's compact line."""
-
-    def __init__(self, output_dir: Path, max_steps: int, steps_per_epoch: int):
-        self.path = output_dir / "metrics.jsonl"
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.max_steps, self.steps_per_epoch = max_steps, steps_per_epoch
-        self.history: list[dict[str, float]] = []
-        self._reset(0, time.perf_counter())
-
-    def _reset(self, step: int, now: float) -> None:
-        self.t0, self.step0 = now, step
-        self.losses: list[float] = []
-        self.input_tokens = self.target_tokens = 0
-
-    def add(self, loss: float, input_tokens: int, target_tokens: int) -> None:
-        self.losses.append(loss)
-        self.input_tokens += input_tokens
-        self.target_tokens += target_tokens
-
-    def log(self, step: int, lr: float, grad_norm: float) -> dict[str, float]:
-        now = time.perf_counter()
-        seconds = max(now - self.t0, 1e-9)
-        logs = {
-            "loss": float(np.mean(self.losses)),
-            "learning_rate": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": self.target_tokens / seconds,
-            "input_tokens_per_s": self.input_tokens / seconds,
-            "step_time_s": seconds / max(1, step - self.step0),
-            "peak_mem_gib": mx.get_peak_memory() / GIB,
-            "epoch": step / self.steps_per_epoch,
-        }
-        self.write(step, logs)
-        self._reset(step, now)
-        return logs
-
-    def write(self, step: int, logs: dict[str, float]) -> None:
-        from tqdm.auto import tqdm
-
-        from turbotune.train.metrics import format_log
-
-        self.history.append({"step": step, **logs})
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **logs}) + "\n")
-        tqdm.write(format_log(logs, step=step, max_steps=self.max_steps))
-
-
 def _optimizer(cfg: Config, total: int, per_epoch: int) -> optim.AdamW:
     """AdamW as PyTorch defines it (bias correction on), on the run's schedule."""
     t, hf = cfg.train, cfg.train.hf_args
@@ -247,7 +198,7 @@ def step_gradients(
     return tree_map(lambda x: x / tokens, grads), loss_sum / tokens, tokens
 
 
-def _train_steps(run: MLXRun, logger: _Logger, total: int, per_epoch: int) -> list[float]:
+def _train_steps(run: MLXRun, logger: MetricsLog, total: int, per_epoch: int) -> list[float]:
     """The optimization loop; returns every step's loss."""
     t = run.cfg.train
     optimizer = _optimizer(run.cfg, total, per_epoch)
@@ -270,7 +221,9 @@ def _train_steps(run: MLXRun, logger: _Logger, total: int, per_epoch: int) -> li
             # After the update, the optimizer holds the rate that update used.
             logger.log(step, optimizer.learning_rate.item(), norm.item())
         if t.eval_steps and run.eval_ds is not None and step % t.eval_steps == 0 and step < total:
+            paused = time.perf_counter()
             logger.write(step, {"eval_loss": evaluate(run)})
+            logger.t0 += time.perf_counter() - paused  # evaluation stays out of tokens/s
     return step_losses
 
 
@@ -285,7 +238,7 @@ def fit_mlx(run: MLXRun) -> dict[str, float]:
         len(run.train_ds), t.per_device_train_batch_size, t.gradient_accumulation_steps
     )
     total = mlx_data.total_steps(t.max_steps, t.num_train_epochs, per_epoch)
-    logger = _Logger(Path(t.output_dir), total, per_epoch)
+    logger = MetricsLog(Path(t.output_dir), total, per_epoch)
     mx.reset_peak_memory()
     losses = _train_steps(run, logger, total, per_epoch)
     runtime = time.perf_counter() - started
