@@ -37,6 +37,9 @@ class FusedOpsConfig:
     moe_backend: Literal["auto", "triton", "grouped_mm", "loop"] = "auto"
     """Expert kernels: ``grouped_mm`` (``torch._grouped_mm``; ``auto`` on sm90+ bf16), ``triton``
     (gather/scatter grouped GEMMs; ``auto`` elsewhere on CUDA), ``loop`` (``auto`` on CPU)."""
+    moe_quantize_experts: bool = True
+    """With a 4-bit (bitsandbytes) model, quantize the frozen stacked experts to NF4 as well:
+    transformers 5 leaves them dense (it only quantizes ``nn.Linear``)."""
 
 
 class FusedOpsPlugin(Plugin):
@@ -56,6 +59,10 @@ class FusedOpsPlugin(Plugin):
     ) -> tuple[PreTrainedModel, TrainingArguments | None]:
         from turbotune.patches import apply_patches
 
+        if self.config.moe and self.config.moe_quantize_experts and _is_4bit(model):
+            from turbotune.moe.quant import quantize_experts
+
+            quantize_experts(model)
         patches = apply_patches(model, self.kinds(), moe_backend=self.config.moe_backend)
         model.__dict__["_turbotune_patches"] = patches
         self.patches = patches
@@ -63,3 +70,9 @@ class FusedOpsPlugin(Plugin):
 
     def describe(self) -> str:
         return "kernels: " + ", ".join(self.kinds())
+
+
+def _is_4bit(model: PreTrainedModel) -> bool:
+    from turbotune.quant.bnb import count_4bit_linears
+
+    return bool(getattr(model, "is_loaded_in_4bit", False)) or count_4bit_linears(model) > 0
