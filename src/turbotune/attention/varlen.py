@@ -10,7 +10,8 @@ must stay inside each sequence. Four ways to compute it, chosen at run time:
   ``is_causal``, later releases ``window_size``; grouped-query attention goes through
   ``enable_gqa`` where the signature has it, else k and v are repeated;
 * ``flex`` — FlexAttention with a document mask (block-sparse: blocks across sequences are
-  skipped), compiled on CUDA; any dtype;
+  skipped), compiled on CUDA; any dtype (``auto`` takes it on CUDA only: eagerly it
+  materializes the scores);
 * ``sdpa_loop`` — the exact fallback: ``scaled_dot_product_attention`` on each sequence in turn
   (CPU, fp32, or whatever the others cannot take). Slow for many short sequences on a GPU, but
   exact and it never lets a token see another sequence.
@@ -73,8 +74,8 @@ def _can_run(name: str, q: torch.Tensor, dropout: float, head_dim: int) -> bool:
         return _has_flash_attn() and flash_like
     if name == "varlen":
         return _torch_varlen() is not None and flash_like and dropout == 0.0
-    if name == "flex":
-        return _has_flex() and q.is_cuda and dropout == 0.0
+    if name == "flex":  # runs anywhere, but eagerly (outside CUDA) it materializes the scores
+        return _has_flex() and dropout == 0.0
     return True
 
 
@@ -89,7 +90,7 @@ def resolve_backend(
     head_dim = q.shape[-1] if head_dim is None else head_dim
     if backend == "auto":
         for name in BACKENDS[1:]:
-            if _can_run(name, q, dropout, head_dim):
+            if _can_run(name, q, dropout, head_dim) and (name != "flex" or q.is_cuda):
                 return name
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend '{backend}'; choose from {BACKENDS}")
@@ -158,7 +159,11 @@ def _flash_attn(q, k, v, cu, max_len, scale, window, dropout):
 
 def _torch_varlen_attn(q, k, v, cu, max_len, scale, window):
     varlen_attn, params = _torch_varlen()
-    kwargs: dict = {"scale": scale}
+    kwargs: dict = {}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale != q.shape[-1] ** -0.5:  # torch 2.10 has no scale: fold it into q (linear)
+        q = q * (scale * q.shape[-1] ** 0.5)
     if "window_size" in params:
         kwargs["window_size"] = _window_size(window)
     elif window is not None:
