@@ -49,7 +49,7 @@ def run_overrides(shared: Path, out: Path, quant: str) -> list[str]:
         "data.max_samples=40", "data.eval_ratio=0.2", "data.max_length=64",
         f"quantization.method={quant}", "train.precision=fp32", f"train.max_steps={STEPS}",
         "train.per_device_train_batch_size=4", "train.learning_rate=3e-3",
-        "train.logging_steps=2", f"train.output_dir={out}",
+        "train.logging_steps=2", "train.eval_steps=4", f"train.output_dir={out}",
     ]  # fmt: skip
 
 
@@ -107,7 +107,9 @@ def test_metrics_log_has_the_trainer_metrics(trained):
                 "step_time_s", "peak_mem_gib", "epoch"):  # fmt: skip
         assert all(np.isfinite(x[key]) for x in logs), key
     assert all(x["tokens_per_s"] > 0 and x["peak_mem_gib"] > 0 for x in logs)
-    assert lines[-1]["eval_loss"] == pytest.approx(trained.after)
+    evals = [(x["step"], x["eval_loss"]) for x in lines if "eval_loss" in x]
+    assert [step for step, _ in evals] == [4, STEPS], evals  # eval_steps=4, then the final one
+    assert evals[-1][1] == pytest.approx(trained.after) and lines[-1]["step"] == STEPS
 
 
 def _torch_base(stories260k: Path, weights: dict[str, Any] | None = None):
