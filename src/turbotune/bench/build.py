@@ -9,6 +9,9 @@ copy dropped: the dense model never exists whole, which is what lets a 70B model
 train on identical weights: every tensor is drawn from a generator seeded by ``seed`` and the
 tensor's name, independent of build order and of which layers are quantized.
 
+An :class:`HQQSpec` quantizes the same way with turbotune's HQQ (``quant/hqq.py``) into
+``HQQLinear`` layers, each solved on the device as it is drawn.
+
 Only ``nn.Linear`` modules are quantized (not ``lm_head`` or the names in ``skip_modules``);
 the 3-D expert tensors of transformers 5 MoE blocks stay in the compute dtype, as they do when
 transformers loads such a model with bitsandbytes.
@@ -59,12 +62,38 @@ class QuantSpec:
         return not any(module_name == s or module_name.endswith("." + s) for s in self.skip_modules)
 
 
+@dataclass(frozen=True)
+class HQQSpec:
+    """How linear layers are quantized with turbotune's HQQ (the fields of ``HQQLinear``)."""
+
+    bits: int = 4
+    """Bits per weight (1..8)."""
+    group_size: int = 64
+    """Weights per group along ``in_features``."""
+    compute_dtype: torch.dtype = torch.bfloat16
+    """Dtype of the dequantized weight in the matrix product."""
+    storage_dtype: torch.dtype = torch.uint8
+    """Dtype the packed codes are viewed as."""
+    skip_modules: tuple[str, ...] = ("lm_head",)
+    """Module names (last component or dotted suffix) left unquantized."""
+
+    @classmethod
+    def from_config(cls, q: QuantizationConfig) -> HQQSpec:
+        """The spec of a turbotune ``quantization`` section (method hqq)."""
+        skip = tuple(dict.fromkeys([*q.skip_modules, "lm_head"]))
+        return cls(q.bits, q.group_size, _DTYPES[q.compute_dtype], _DTYPES[q.quant_storage], skip)
+
+    def quantizes(self, module_name: str) -> bool:
+        """Whether the ``nn.Linear`` called ``module_name`` is quantized."""
+        return not any(module_name == s or module_name.endswith("." + s) for s in self.skip_modules)
+
+
 def build_random_model(
     config: PretrainedConfig,
     *,
     device: torch.device,
     dtype: torch.dtype,
-    quant: QuantSpec | None = None,
+    quant: QuantSpec | HQQSpec | None = None,
     seed: int = 0,
     attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
@@ -74,7 +103,8 @@ def build_random_model(
         config: the model's transformers config.
         device: where every parameter and buffer ends up.
         dtype: dtype of the floating parameters that are not quantized.
-        quant: pack the linear layers to 4 bits this way; ``None`` keeps them dense.
+        quant: pack the linear layers to 4 bits this way (bitsandbytes), or quantize them
+            with HQQ (:class:`HQQSpec`); ``None`` keeps them dense.
         seed: base seed; each tensor is drawn with ``seed + crc32(name)``.
         attn_implementation: transformers attention implementation (``sdpa``, ``eager``...).
 
@@ -94,7 +124,7 @@ def build_random_model(
     model.tie_weights()
     std = float(getattr(config, "initializer_range", 0.02) or 0.02)
     materialize(model, device=device, dtype=dtype, quant=quant, seed=seed, std=std)
-    if quant is not None:
+    if isinstance(quant, QuantSpec):
         model.is_loaded_in_4bit = True
     model.config.use_cache = False
     model.train()
@@ -106,7 +136,7 @@ def materialize(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    quant: QuantSpec | None,
+    quant: QuantSpec | HQQSpec | None,
     seed: int,
     std: float,
 ) -> None:
@@ -117,7 +147,8 @@ def materialize(
     made: dict[int, nn.Parameter] = {}
     for name, module in list(model.named_modules()):
         if quant is not None and type(module) is nn.Linear and quant.quantizes(name):
-            _swap_module(model, name, _random_linear4bit(name, module, device, quant, seed, std))
+            make = _random_hqq_linear if isinstance(quant, HQQSpec) else _random_linear4bit
+            _swap_module(model, name, make(name, module, device, quant, seed, std))
             continue
         for pname, param in list(module._parameters.items()):
             if param is None or param.device.type != "meta":
@@ -186,6 +217,29 @@ def _random_linear4bit(
         bias = torch.zeros(dense.out_features, dtype=quant.compute_dtype, device=device)
         layer.bias = nn.Parameter(bias, requires_grad=False)
     layer.requires_grad_(False)
+    return layer
+
+
+def _random_hqq_linear(
+    name: str, dense: nn.Linear, device: torch.device, quant: HQQSpec, seed: int, std: float
+) -> nn.Module:
+    """An ``HQQLinear`` of a random weight, quantized on ``device`` (the dense copy dropped)."""
+    from types import SimpleNamespace
+
+    from turbotune.quant.hqq_linear import HQQLinear
+
+    weight = random_tensor(
+        f"{name}.weight", (dense.out_features, dense.in_features), quant.compute_dtype,
+        device, seed, std,
+    )  # fmt: skip
+    bias = None
+    if dense.bias is not None:
+        bias = torch.zeros(dense.out_features, dtype=quant.compute_dtype, device=device)
+    layer = HQQLinear.from_linear(
+        SimpleNamespace(weight=weight, bias=bias), quant.bits, quant.group_size,
+        compute_dtype=quant.compute_dtype, storage_dtype=quant.storage_dtype,
+    )  # fmt: skip
+    del weight
     return layer
 
 
