@@ -162,3 +162,37 @@ def test_custom_lora_layer_on_gptq_fuses(device):
         diff = (got.float() - want.float()).abs()
         tol = 0.02 * want.float().abs().max() + 1e-3  # bf16 compute on both paths, other order
         assert diff.max() <= tol, f"{label}: max {diff.max():.3e} mean {diff.mean():.3e}"
+
+
+def test_peft_lora_layer_on_gptq_fuses():
+    """peft's LoRA Linear around a GPTQLinear (register_with_peft): the patched forward equals
+    peft's own forward and gradients (x, A, B) in fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    from turbotune.quant.gptq_linear import register_with_peft
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = _gptq_base(40, 96, seed=5)[0]
+            self.norm = torch.nn.LayerNorm(96)  # peft reads the device off a parameter
+
+        def forward(self, x):
+            return self.q_proj(self.norm(x))
+
+    config = register_with_peft(LoraConfig(target_modules=["q_proj"], r=4, lora_alpha=8))
+    layer = get_peft_model(Tiny(), config).base_model.model.q_proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # B = 0 would hide dA
+    assert projection_of(layer) is not None
+    x0 = torch.randn(7, 96)
+    runs = {}
+    for name, fn in (("peft", layer.forward), ("fused", lambda x: lora_linear_forward(layer, x))):
+        layer.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = fn(x)
+        y.square().sum().backward()
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        runs[name] = [y, x.grad, a.grad, b.grad]
+    for label, got, want in zip(("y", "dx", "dA", "dB"), runs["fused"], runs["peft"]):
+        diff = (got - want).abs()
+        assert diff.max() <= 1e-4 * want.abs().max(), f"{label}: max {diff.max():.3e}"

@@ -30,6 +30,8 @@ calls, so FSDP's swapping of the tensors behind the module's attributes is safe.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -42,7 +44,7 @@ from turbotune.quant.gptq_format import (
     packed_length,
 )
 
-__all__ = ["GPTQLinear", "quantize_rtn"]
+__all__ = ["GPTQLinear", "quantize_rtn", "register_with_peft"]
 
 
 def quantize_rtn(
@@ -179,6 +181,16 @@ class GPTQLinear(nn.Module):
         return self._buffers["qweight"]
 
     @property
+    def infeatures(self) -> int:
+        """AutoGPTQ's name of ``in_features`` (peft sizes its adapters by it)."""
+        return self.in_features
+
+    @property
+    def outfeatures(self) -> int:
+        """AutoGPTQ's name of ``out_features``."""
+        return self.out_features
+
+    @property
     def shape(self) -> tuple[int, int]:
         """``(out_features, in_features)`` of the dense weight (``quant.weights.weight_shape``)."""
         return self.out_features, self.in_features
@@ -206,3 +218,21 @@ class GPTQLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}"
         )
+
+
+def register_with_peft(lora_config: Any) -> Any:
+    """Let peft put its LoRA ``Linear`` around :class:`GPTQLinear` targets of ``lora_config``.
+
+    peft's own GPTQ dispatch only knows AutoGPTQ's and GPTQModel's classes; its generic LoRA
+    ``Linear`` works on any base module (it calls ``base_layer(x)`` and reads ``in_features``,
+    ``out_features``, ``qweight``/``weight`` for the device). peft's in-place merge cannot
+    merge into packed integers (dequantize, merge, save instead). Uses peft's (experimental)
+    ``LoraConfig._register_custom_module``.
+
+    Returns:
+        ``lora_config``, modified in place.
+    """
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    lora_config._register_custom_module({GPTQLinear: PeftLoraLinear})
+    return lora_config
