@@ -158,7 +158,7 @@ def choose_backend(
             raise ConfigError(
                 f"backend '{requested}' was requested but is not usable here: {info.detail}"
             )
-        return requested, f"requested ({info.detail})"
+        return requested, f"requested: {info.detail}"
     name = next((n for n in AUTO_ORDER if found[n].available), "cpu")
     skipped = [
         f"{n}: {found[n].detail}"

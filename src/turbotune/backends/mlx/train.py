@@ -29,6 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 import yaml
 from mlx.utils import tree_flatten, tree_map
+from rich.markup import escape
 
 from turbotune.backends.mlx import data as mlx_data
 from turbotune.backends.mlx.export import peft_target_modules, save_mlx_adapter, save_peft_adapter
@@ -264,11 +265,11 @@ def train_mlx(cfg: Config) -> Any:
     from turbotune.train.run import FINAL, TrainResult
 
     _, why = choose_backend("mlx")  # refuses with the reason when MLX is not usable here
-    _say(f"[bold]backend[/] mlx ({why}); [bold]dtype[/] {mlx_dtype(cfg)}")
+    _say(f"[bold]backend[/] mlx ({escape(why)}); [bold]dtype[/] {mlx_dtype(cfg)}")
     run = build_mlx_run(cfg)
     for note in run.notes:
-        _say(f"[bold]mlx[/] {note}")
-    _report_parameters(run.model)
+        _say(f"[bold]mlx[/] {escape(note)}")
+    _report_parameters(run.model, quantized=mlx_quantization(cfg) is not None)
     metrics = fit_mlx(run)
     eval_metrics = {"eval_loss": metrics.pop("eval_loss")} if "eval_loss" in metrics else {}
     if eval_metrics:
@@ -308,8 +309,8 @@ def save_final(run: MLXRun, out: Path) -> None:
     _say(f"[bold]saved[/] adapter (PEFT format) to {out}; mlx-lm format in {out / 'mlx'}")
 
 
-def _report_parameters(model: nn.Module) -> None:
+def _report_parameters(model: nn.Module, *, quantized: bool) -> None:
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    _say(f"[bold]parameters[/] {trainable:,} trainable of {total:,} (stored; 4-bit weights "
-         "count packed)")  # fmt: skip
+    packed = " (4-bit weights counted as stored, packed)" if quantized else ""
+    _say(f"[bold]parameters[/] {trainable:,} trainable of {total:,}{packed}")
