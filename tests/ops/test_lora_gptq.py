@@ -20,14 +20,16 @@ from turbotune.quant.weights import dense_weight, weight_shape
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _gptq_base(out_f: int, in_f: int, seed: int, bits: int = 4, act_order: bool = True):
-    """A GPTQLinear with random codes (group 32, act-order g_idx) and its dense fp32 weight."""
+def _gptq_base(
+    out_f: int, in_f: int, seed: int, bits: int = 4, act_order: bool = True, group: int = 32
+):
+    """A GPTQLinear with random codes (act-order g_idx) and its dense fp32 weight."""
     gen = torch.Generator().manual_seed(seed)
-    groups = -(-in_f // 32)
+    groups = -(-in_f // group)
     q = torch.randint(0, 1 << bits, (out_f, in_f), generator=gen)
     z = torch.randint(1, 1 << bits, (groups, out_f), generator=gen)
     s = (torch.rand(groups, out_f, generator=gen) + 0.5) * (4.0 / (1 << bits)) / in_f**0.5
-    g = default_g_idx(in_f, 32)
+    g = default_g_idx(in_f, group)
     if act_order:
         g = g[torch.randperm(in_f, generator=gen)]
     layer = GPTQLinear.from_tensors(*pack_gptq(q, z, s, g, bits), bits)
@@ -50,7 +52,7 @@ def test_gptq_linear_is_a_weight_source():
     assert torch.equal(buf[3:27], layer.dequantize(torch.bfloat16)) and not buf[:3].any()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float16), ids=str)
 @pytest.mark.parametrize("bias", [False, True])
 def test_lora_linear_on_gptq(parity, device, dtype, bias):
     tokens, in_f, out_f, r, s = 13, 96, 40, 5, 1.7
@@ -196,3 +198,28 @@ def test_peft_lora_layer_on_gptq_fuses():
     for label, got, want in zip(("y", "dx", "dA", "dB"), runs["fused"], runs["peft"]):
         diff = (got - want).abs()
         assert diff.max() <= 1e-4 * want.abs().max(), f"{label}: max {diff.max():.3e}"
+
+
+@pytest.mark.gpu
+def test_lora_mlp_llama8b_gptq_gpu(parity):
+    """Llama-3-8B MLP (4096 tokens, r 16) on 4-bit GPTQ bases, group 128, act-order: output and
+    every gradient vs the unfused reference on the dequantized weights, bf16 and fp16."""
+    m, h, i, r = 4096, 4096, 14336, 16
+    shapes = [(i, h), (i, h), (h, i)]
+    bases = [_gptq_base(o, n, seed=k, group=128) for k, (o, n) in enumerate(shapes)]
+    mods = [b[0].cuda() for b in bases]
+    dense = [b[1].cuda() for b in bases]
+    master = {"x": torch.randn(m, h).requires_grad_()}
+    for k, (o, n) in enumerate(shapes):
+        ad = _adapter(o, n, r, seed=30 + k)
+        master[f"A{k}"], master[f"B{k}"] = ad["A"], ad["B"]
+
+    def ours(x, **t):
+        return lora_mlp(x, *[(mods[k], LoRAWeights(t[f"A{k}"], t[f"B{k}"], 2.0)) for k in range(3)])
+
+    def ref(x, **t):
+        projs = [(dense[k], LoRAWeights(t[f"A{k}"], t[f"B{k}"], 2.0)) for k in range(3)]
+        return lora_mlp_reference(x, *projs)
+
+    for dtype in (torch.bfloat16, torch.float16):
+        parity(ours, ref, master, dtype, torch.device("cuda"))
