@@ -306,3 +306,74 @@ def test_deepcopy_and_state_dict_round_trip():
     clone.load_state_dict(layer.state_dict())
     x = torch.randn(3, 64)
     assert torch.equal(clone(x), layer(x))
+
+
+# ---- GPU, real shapes ----
+
+
+@pytest.mark.gpu
+def test_hqq_linear_real_shape_gpu():
+    """Llama-3.1-8B up projection (4096 -> 14336), bf16: output and input gradient within 2x the
+    error of an eager bf16 run against the fp32 dequantized reference."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4096, 14336, bias=False, device="cuda", dtype=torch.bfloat16)
+    nn.init.normal_(linear.weight, 0.0, 0.02)
+    layer = HQQLinear.from_linear(linear, 4, 64)
+    weight = layer.dequantize(torch.float32)
+    x_master = torch.randn(2048, 4096, device="cuda").bfloat16().float()
+    grad = torch.randn(2048, 14336, device="cuda")
+
+    def run(fn, dtype):
+        x = x_master.to(dtype).requires_grad_()
+        y = fn(x)
+        y.backward(grad.to(dtype))
+        return y.float(), x.grad.float()
+
+    ref = run(lambda x: x @ weight.t(), torch.float32)
+    eager = run(lambda x: x @ weight.bfloat16().t(), torch.bfloat16)
+    ours = run(layer, torch.bfloat16)
+    for name, got, want, low in zip(("output", "grad_x"), ours, ref, eager):
+        bound = 2 * (low - want).abs().max().item() + 1e-5 * want.abs().max().item()
+        assert (got - want).abs().max().item() <= bound, (
+            f"{name}: {_diff(got, want)}, bound {bound:.3e}"
+        )
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    layer.dequantize(torch.bfloat16)
+    start.record()
+    for _ in range(20):
+        layer.dequantize(torch.bfloat16)
+    stop.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(stop) / 20
+    print(f"HQQ 4-bit dequantize 14336x4096 -> bf16: {ms:.3f} ms")
+
+
+@pytest.mark.gpu
+def test_fused_lora_on_hqq_real_shapes_gpu():
+    """q/k/v of Llama-3.1-8B (4096 -> 4096, 1024, 1024) on HQQ bases, bf16: the fused group
+    against the unfused LoRA layers, every output and gradient within 2x the unfused error
+    against an fp32 run of the unfused layers."""
+    shapes = (4096, 1024, 1024)
+    torch.manual_seed(0)
+    layers = []
+    for i, n in enumerate(shapes):
+        linear = nn.Linear(4096, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        nn.init.normal_(linear.weight, 0.0, 0.02)
+        base = HQQLinear.from_linear(linear, 4, 64)
+        layers.append(_lora(base, seed=20 + i))
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 512, 4096, device="cuda", generator=gen).bfloat16().float()
+    grads = [torch.randn(2, 512, n, device="cuda", generator=gen) for n in shapes]
+    ref = _run(lambda x: [layer(x) for layer in layers], layers, x, grads)
+    eager = _run(lambda x: [layer(x) for layer in layers], layers, x.bfloat16(), grads)
+    fused = _run(
+        lambda x: lora_projections(x, [projection_of(layer) for layer in layers]),
+        layers, x.bfloat16(), grads,
+    )  # fmt: skip
+    for i, (got, want, low) in enumerate(zip(fused, ref, eager)):
+        # the project's parity rule: 2x the eager error plus one bf16 ulp at the largest value
+        # (the fused op keeps the LoRA products in bf16 where the unfused layer runs them in fp32)
+        scale = want.abs().max().item()
+        bound = 2 * (low.float() - want.float()).abs().max().item() + 2**-7 * scale
+        err = (got.float() - want.float()).abs().max().item()
+        assert err <= bound, f"tensor {i}: {_diff(got, want)}, bound {bound:.3e}"
