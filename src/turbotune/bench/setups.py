@@ -11,7 +11,8 @@ Hugging Face Trainer drives them):
 * ``hf-qlora``: bitsandbytes NF4 (double quant, bf16 compute) + peft LoRA, *without*
   ``prepare_model_for_kbit_training`` (the GPU notes' reference baseline);
 * ``hf-qlora-kbit``: the same *with* ``prepare_model_for_kbit_training`` (norms, embeddings and
-  head upcast to fp32).
+  head upcast to fp32);
+* ``hf-qdora``: ``hf-qlora`` with peft's DoRA (``use_dora=True``), the ``bnb_dora`` baseline.
 
 A turbotune scenario goes through :class:`~turbotune.framework.AccelerationFramework` exactly as
 ``turbotune train`` does after loading: the loader plugin's post-load step, the precision plan,
@@ -42,6 +43,7 @@ BASELINES: dict[str, str] = {
     "hf-lora": "peft LoRA on a dense base",
     "hf-qlora": "transformers + bitsandbytes NF4 (double quant) + peft, no kbit preparation",
     "hf-qlora-kbit": "hf-qlora with peft's prepare_model_for_kbit_training (fp32 upcasts)",
+    "hf-qdora": "hf-qlora with peft's DoRA (use_dora=True): the bnb_dora baseline",
 }
 
 #: The LoRA settings every scenario shares unless it says otherwise.
@@ -104,7 +106,7 @@ def prepare_baseline(
     if name not in BASELINES:
         raise TurbotuneError(f"unknown baseline '{name}'; built-in: {', '.join(BASELINES)}")
     plan = resolve_precision(s.precision, _backend(device), adapters=name != "hf-full")
-    quant = QuantSpec() if name.startswith("hf-qlora") else None
+    quant = QuantSpec() if name.startswith(("hf-qlora", "hf-qdora")) else None
     dtype = torch.bfloat16 if quant is not None else plan.weight_dtype
     model = build_random_model(
         config, device=device, dtype=dtype, quant=quant, seed=s.seed,
@@ -124,6 +126,7 @@ def prepare_baseline(
         lora = LoraConfig(
             r=s.lora["r"], lora_alpha=s.lora["alpha"], lora_dropout=s.lora["dropout"],
             target_modules=s.lora["target_modules"], bias="none", task_type="CAUSAL_LM",
+            use_dora=name == "hf-qdora",
         )  # fmt: skip
         torch.manual_seed(s.seed)  # adapters start from the same draw in every scenario
         model = get_peft_model(model, lora)
