@@ -91,3 +91,16 @@ def test_real_probes_on_this_machine():
     assert found["mlx"].available == has_mlx, found["mlx"].detail
     if not has_mlx:
         assert "pip install 'turbotune[mlx]'" in found["mlx"].detail
+
+
+@pytest.mark.gpu
+def test_auto_picks_cuda_on_a_gpu_machine():
+    """The real CUDA probe: available with its devices, and chosen by auto."""
+    import torch
+
+    found = detect_backends()
+    assert found["cuda"].available, found["cuda"].detail
+    assert len(found["cuda"].devices) == torch.cuda.device_count()
+    assert "compute capability" in found["cuda"].devices[0]
+    name, why = choose_backend("auto", found)
+    assert name == "cuda" and why.startswith("auto: CUDA"), why
