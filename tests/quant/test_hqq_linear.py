@@ -377,3 +377,31 @@ def test_fused_lora_on_hqq_real_shapes_gpu():
         bound = 2 * (low.float() - want.float()).abs().max().item() + 2**-7 * scale
         err = (got.float() - want.float()).abs().max().item()
         assert err <= bound, f"tensor {i}: {_diff(got, want)}, bound {bound:.3e}"
+
+
+def test_hqq_llama_pro_keeps_new_blocks_dense_and_trains_only_them(
+    stories260k, tmp_path, eager_ops
+):
+    from turbotune.expand import expand_checkpoint
+    from turbotune.framework import AccelerationFramework
+
+    expand_checkpoint(stories260k, tmp_path / "pro", new_blocks=2, progress=False)
+    cfg = {
+        "train_type": "hqq_llama_pro",
+        "quantization": {"compute_dtype": "float32", "group_size": 32},
+    }
+    fw = AccelerationFramework(cfg, banner=False)
+    model, peft_config = fw.load_model(str(tmp_path / "pro"))
+    model, _ = fw.augment(model, None, peft_config)
+    kinds = [type(layer.mlp.down_proj).__name__ for layer in model.model.layers]
+    assert kinds == ["HQQLinear"] * 3 + ["Linear"] + ["HQQLinear"] * 2 + ["Linear"], kinds
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        n.startswith(("model.layers.3.", "model.layers.6.")) for n in trainable
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _train(model, _batches(3))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("model.layers.3.", "model.layers.6.")) for k in changed), (
+        changed
+    )

@@ -4,7 +4,8 @@ Loads a Hugging Face checkpoint in the compute dtype on the CPU, then quantizes 
 with turbotune's own HQQ (``quant/hqq.py``: calibration-free, no ``hqq`` package needed) one at a
 time on the training device, keeping the LM head and ``skip_modules`` dense, and moves the rest
 there. Only ``quantization.bits`` and ``group_size`` matter (groups along ``in_features``; the
-scales and zero points in bf16). LoRA goes through turbotune's own layers
+scales and zero points in bf16). The new blocks of a Llama-Pro expanded checkpoint
+(``hqq_llama_pro``) stay dense, since they train. LoRA goes through turbotune's own layers
 (``adapter.implementation: custom``), which take an ``HQQLinear`` base and fuse with the
 ``fused_ops`` plugin; peft has no layer for this module type.
 """
@@ -45,7 +46,7 @@ class HQQQuantPlugin(Plugin):
                 f"{cfg.source}: HQQ weights cannot be trained in full; use adapter.method lora "
                 "or quantization.method none"
             )
-        if cfg.adapter.implementation != "custom":
+        if cfg.adapter.method in ("lora", "dora") and cfg.adapter.implementation != "custom":
             raise ConfigError(
                 f"{cfg.source}: quantization.method hqq needs adapter.implementation custom "
                 "(turbotune's LoRA layers; peft has no layer for turbotune's HQQLinear), or use "
@@ -70,7 +71,10 @@ class HQQQuantPlugin(Plugin):
         model_cfg = kwargs.pop("model_config", None) or ModelConfig()
         model = load_causal_lm(replace(model_cfg, path=path), compute, **kwargs)
         device = _device()
-        self.quantize(model, device, progress=True)
+        # Llama-Pro (hqq_llama_pro): the blocks `turbotune expand` added train, so stay dense.
+        from turbotune.adapters.llama_pro import new_block_modules
+
+        self.quantize(model, device, progress=True, extra_skip=tuple(new_block_modules(path)))
         model.to(device)
         return self.prepare_loaded(model)
 
@@ -81,16 +85,17 @@ class HQQQuantPlugin(Plugin):
         *,
         progress: bool = False,
         make_weight: Any = None,
+        extra_skip: tuple[str, ...] = (),
     ) -> int:
-        """Swap ``model``'s linears (not the head or ``skip_modules``) for ``HQQLinear`` on
-        ``device``; ``make_weight(name, linear)`` supplies weights instead (the benchmark)."""
+        """Swap ``model``'s linears (not the head, ``skip_modules`` or ``extra_skip``) for
+        ``HQQLinear`` on ``device``; ``make_weight(name, linear)`` supplies weights instead."""
         from turbotune.quant.bnb import DTYPES
         from turbotune.quant.hqq_linear import quantize_linears
 
         c = self.config
         return quantize_linears(
             model, bits=c.bits, group_size=c.group_size, device=device,
-            compute_dtype=DTYPES[c.compute_dtype], skip_modules=_skipped(c),
+            compute_dtype=DTYPES[c.compute_dtype], skip_modules=_skipped(c) + extra_skip,
             storage_dtype=DTYPES[c.quant_storage], progress=progress, make_weight=make_weight,
         )  # fmt: skip
 

@@ -180,7 +180,8 @@ def hqq_linear(x: torch.Tensor, layer: Any, bias: torch.Tensor | None = None) ->
 
 
 def _matches(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
+    """``name`` is a skip entry, ends with ``.<entry>``, or lies inside one (``model.layers.5``)."""
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
 
 
 def quantize_linears(
@@ -210,7 +211,8 @@ def quantize_linears(
             :func:`turbotune.quant.hqq.quantize`.
         device: where the quantized layers live (default: each linear's own device).
         compute_dtype: the layers' default dequantization dtype.
-        skip_modules: names (or dotted suffixes) left dense.
+        skip_modules: names (or dotted suffixes) left dense; a module's name skips every
+            linear inside it.
         progress: show a progress bar.
         make_weight: ``(name, linear) -> dense weight`` to quantize instead of ``linear.weight``
             (the benchmark's random weights drawn on the device).
