@@ -31,6 +31,7 @@ BUILTIN: dict[str, str] = {
     "bnb": "turbotune.plugins.bnb:BnbQuantPlugin",
     "fused_ops": "turbotune.plugins.fused_ops:FusedOpsPlugin",
     "fsdp": "turbotune.plugins.fsdp:FsdpPlugin",
+    "gptq": "turbotune.plugins.gptq:GPTQPlugin",
     "hqq": "turbotune.plugins.hqq:HQQQuantPlugin",
     "multipack": "turbotune.plugins.multipack:MultipackPlugin",
     "padding_free": "turbotune.plugins.padding_free:PaddingFreePlugin",
