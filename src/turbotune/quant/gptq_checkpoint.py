@@ -35,7 +35,13 @@ if TYPE_CHECKING:
 
     from turbotune.quant.gptq_model import QuantizationResult
 
-__all__ = ["gptq_quantization_config", "load_gptq_model", "read_gptq_config", "save_gptq"]
+__all__ = [
+    "dequantize_gptq_model",
+    "gptq_quantization_config",
+    "load_gptq_model",
+    "read_gptq_config",
+    "save_gptq",
+]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -273,3 +279,25 @@ def _assign_dense(
     if still_meta:
         raise TurbotuneError(f"checkpoint lacks tensors of the model: {still_meta[:5]}")
     model.to(device)  # computed buffers (rotary frequencies) follow the weights
+
+
+@torch.no_grad()
+def dequantize_gptq_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace every GPTQLinear of ``model`` by an ``nn.Linear`` holding its dequantized weight
+    in ``dtype``, in place (merging adapters, or a dense reference of the same weights)."""
+    from turbotune.quant.gptq_linear import GPTQLinear
+
+    swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
+    for name, layer in swaps:
+        weight = layer.dequantize(dtype)
+        dense = nn.Linear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None,
+            device=weight.device, dtype=dtype,
+        )  # fmt: skip
+        dense.weight.copy_(weight)
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+        dense.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+    return model

@@ -63,6 +63,10 @@ def load_base_for_merge(base: str, dtype: torch.dtype, quantization: dict[str, A
             ModelConfig(path=base), dtype, quantization_config=bnb_config(quantization)
         )
         return model.dequantize().to(dtype)
+    if method == "gptq":
+        from turbotune.quant.gptq_checkpoint import dequantize_gptq_model, load_gptq_model
+
+        return dequantize_gptq_model(load_gptq_model(base, dtype=dtype), dtype)
     raise TurbotuneError(f"merging adapters trained on a '{method}' base is not supported yet")
 
 
