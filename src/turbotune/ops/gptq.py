@@ -254,11 +254,19 @@ def gptq_dequantize(
     return _dequantize_launch(storage, bits, out)
 
 
-def gptq_forward(x: torch.Tensor, storage: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
-    """``x W^T`` for ``x [M, in]`` (no autograd): fused for few rows, else dequantize + cuBLAS."""
+def gptq_forward(
+    x: torch.Tensor,
+    storage: Sequence[torch.Tensor],
+    bits: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x W^T + bias`` for ``x [M, in]`` (no autograd): fused for few rows, else dequantize +
+    cuBLAS (the bias then rides in the GEMM's epilogue, as ``F.linear`` adds it)."""
+    bias = None if bias is None else bias.to(x.dtype)
     if _fused(x, storage):
-        return _fused_launch(x, storage, bits, transpose=False)
-    return F.linear(x, gptq_dequantize(storage, bits, x.dtype))
+        y = _fused_launch(x, storage, bits, transpose=False)
+        return y if bias is None else y.add_(bias)
+    return F.linear(x, gptq_dequantize(storage, bits, x.dtype), bias)
 
 
 def gptq_input_grad(dy: torch.Tensor, storage: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
@@ -274,9 +282,7 @@ class GPTQLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, bits, qweight, qzeros, scales, g_idx):
         storage = (qweight, qzeros, scales, g_idx)
-        y = gptq_forward(x, storage, bits)
-        if bias is not None:
-            y += bias.to(y.dtype)
+        y = gptq_forward(x, storage, bits, bias)
         ctx.bits, ctx.bias_dtype = bits, None if bias is None else bias.dtype
         ctx.save_for_backward(*storage)
         return y
