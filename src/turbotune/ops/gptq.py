@@ -27,6 +27,7 @@ Formulas (``g = g_idx[k]``, ``z = (stored_zero + 1) mod 2**bits``)::
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 
 import torch
@@ -45,8 +46,9 @@ __all__ = [
 ]
 
 # Largest number of rows (tokens) that takes the fused kernels; above it, dequantize + cuBLAS.
-# Where the crossover lies depends on the GPU: benchmarks/gptq_kernels.py measures it.
-FUSED_MAX_ROWS = 64
+# Where the crossover lies depends on the GPU: benchmarks/gptq_kernels.py measures it, and
+# TURBOTUNE_GPTQ_FUSED_MAX_ROWS overrides it (0: always dequantize + cuBLAS).
+FUSED_MAX_ROWS = int(os.environ.get("TURBOTUNE_GPTQ_FUSED_MAX_ROWS", "64"))
 _DEQUANT_BLOCK = 64  # a 64 x 64 tile per program: 128-byte rows written, 256-byte rows read
 
 
