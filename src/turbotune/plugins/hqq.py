@@ -7,7 +7,9 @@ there. Only ``quantization.bits`` and ``group_size`` matter (groups along ``in_f
 scales and zero points in bf16). The new blocks of a Llama-Pro expanded checkpoint
 (``hqq_llama_pro``) stay dense, since they train. LoRA goes through turbotune's own layers
 (``adapter.implementation: custom``), which take an ``HQQLinear`` base and fuse with the
-``fused_ops`` plugin; peft has no layer for this module type.
+``fused_ops`` plugin; peft has no layer for this module type. Under FSDP2 with mixed precision,
+set ``quantization.quant_storage`` to the gather dtype (the compute dtype): FSDP2 casts every
+gathered parameter, and the packed codes must pass through as bytes.
 """
 
 from __future__ import annotations

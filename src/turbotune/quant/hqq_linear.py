@@ -31,6 +31,9 @@ from turbotune.quant.hqq import HQQParams, HQQWeight, Method, quantize
 __all__ = ["HQQLinear", "HQQLinearFunction", "hqq_linear", "quantize_linears"]
 
 
+_STORAGE = ("W_q", "scale", "zero")
+
+
 class HQQLinear(nn.Module):
     """A frozen ``y = x W^T + b`` whose ``W [out, in]`` is stored HQQ-quantized.
 
@@ -104,6 +107,18 @@ class HQQLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         """``(out_features, in_features)`` of the dense weight (``quant.weights.weight_shape``)."""
         return (self.out_features, self.in_features)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> HQQLinear:
+        """Device moves apply; dtype casts (``model.half()``, ``model.to(bf16)``) skip the
+        quantized format: the packed bytes must never be converted as values, and the zero
+        points of nearly flat groups do not fit fp16. The bias is cast as usual."""
+        kept = {n: self._parameters[n].data for n in _STORAGE}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            param = self._parameters[name]
+            if param.dtype != before.dtype:
+                param.data = before.to(param.device)
+        return self
 
     def quantized(self) -> HQQWeight:
         """The storage as an :class:`HQQWeight` over the current parameter tensors."""
