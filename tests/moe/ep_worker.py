@@ -22,24 +22,27 @@ def _experts(block: torch.nn.Module) -> torch.nn.Module:
     return block.experts
 
 
-def run(rank: int, world: int, port: int, out_dir: str, backend: str) -> None:
+def run(rank: int, world: int, port: int, out_dir: str, backend: str, cuda: bool = False) -> None:
     torch.set_num_threads(1)
     # Eager SwiGLU in the workers: the interpreter is tested elsewhere and slow.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="0")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     try:
-        _check(rank, world, out_dir, backend)
+        _check(rank, world, out_dir, backend, device)
     finally:
         dist.destroy_process_group()
 
 
-def _check(rank: int, world: int, out_dir: str, backend: str) -> None:
-    model = tiny_model("qwen3_moe")  # same seed on every rank: 8 experts, 4 per rank
+def _check(rank: int, world: int, out_dir: str, backend: str, device: torch.device) -> None:
+    model = tiny_model("qwen3_moe").to(device)  # same seed on every rank: 8 experts, 4 per rank
     reference = copy.deepcopy(model)
     block, ref_block = sparse_blocks(model)[0], sparse_blocks(reference)[0]
     hidden = model.config.hidden_size
     gen = torch.Generator().manual_seed(7)
-    xs, grads = torch.randn(2, world * 2, 5, hidden, generator=gen)
+    xs, grads = torch.randn(2, world * 2, 5, hidden, generator=gen).to(device)
     # Reference: every rank's tokens through transformers' full block in one process.
     x_all = xs.clone().requires_grad_()
     ref_block(x_all).backward(grads)
@@ -75,9 +78,9 @@ def _check(rank: int, world: int, out_dir: str, backend: str) -> None:
         loaded = AutoModelForCausalLM.from_pretrained(out_dir)
         loaded_block = sparse_blocks(loaded)[0]
         for name in ("gate_up_proj", "down_proj"):
-            saved = getattr(_experts(loaded_block), name)
+            saved = getattr(_experts(loaded_block), name).to(device)
             _close(f"saved {name} vs gathered", saved, getattr(_experts(block), name), 0.0)
             _close(f"saved {name} vs one-process step", saved, getattr(_experts(ref_block), name))
-        _close("saved layer-1 experts", sparse_blocks(loaded)[1].experts.down_proj,
+        _close("saved layer-1 experts", sparse_blocks(loaded)[1].experts.down_proj.to(device),
                sparse_blocks(reference)[1].experts.down_proj, 0.0)  # fmt: skip
     dist.barrier()

@@ -24,3 +24,11 @@ def test_expert_parallel_two_processes(tmp_path, backend: str) -> None:
     # fork: the ranks inherit the imported torch/transformers (a fresh import costs ~10 s each).
     args = (2, _free_port(), str(tmp_path), backend)
     mp.start_processes(ep_worker.run, args=args, nprocs=2, join=True, start_method="fork")
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.parametrize("backend", ["triton", "loop"])  # fp32 tiny model: no torch._grouped_mm
+def test_expert_parallel_two_gpus_nccl(tmp_path, backend: str) -> None:
+    """The same checks on 2 GPUs with NCCL (spawned: CUDA does not survive a fork)."""
+    args = (2, _free_port(), str(tmp_path), backend, True)
+    mp.start_processes(ep_worker.run, args=args, nprocs=2, join=True, start_method="spawn")
