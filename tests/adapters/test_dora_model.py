@@ -194,3 +194,34 @@ def test_qdora_trains_through_run_training(stories260k, shared_data, tmp_path):
     assert after < before - 0.3, f"training-set loss {before:.4f} (base) -> {after:.4f} (QDoRA)"
     config = json.loads((result.output_dir / "adapter_config.json").read_text())
     assert config["use_dora"] is True
+
+
+def test_hqq_dora_trains_on_the_hqq_base(stories260k):
+    """``train_type: hqq_dora``: turbotune's DoRA layers over the HQQ loader's HQQLinear
+    layers (read through dense_weight); starts as the base model and the loss falls."""
+    from turbotune.framework import AccelerationFramework
+
+    fw = AccelerationFramework(
+        {"train_type": "hqq_dora", "adapter": {"r": 8, "alpha": 16}}, banner=False
+    )
+    model, peft_config = fw.load_model(str(stories260k), dtype=torch.bfloat16)
+    ids = batches(stories260k, 1)[0]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+    torch.manual_seed(0)
+    model, _ = fw.augment(model, None, peft_config)
+    layers = dora_layers(model)
+    assert len(layers) == 35
+    assert {type(m.base_layer).__name__ for m in layers.values()} == {"HQQLinear"}
+    with torch.no_grad():
+        # m starts as the bf16-rounded norm; set to the exact one, DoRA is the identity exactly
+        # ((m / ||W|| - 1) = 0, B = 0): the HQQ weight is read, normed and reused correctly.
+        for layer in layers.values():
+            layer.lora_magnitude_vector["default"].weight.copy_(layer.weight_norm(torch.float32))
+        start = model(input_ids=ids).logits.float()
+    d = (start - before).abs()
+    assert torch.equal(start, before), (
+        f"init logits: max abs diff {d.max():.3e}, mean {d.mean():.3e}"
+    )
+    losses = train(model, batches(stories260k, 8), lr=1e-2)
+    assert min(losses[-3:]) < losses[0] - 0.2, f"loss did not fall: {losses}"

@@ -103,14 +103,15 @@ def _changed(before: dict[str, torch.Tensor], model) -> set[str]:
     return {k for k, v in before.items() if not torch.equal(v, after[k])}
 
 
-@pytest.mark.parametrize("quant", ["none", "nf4"])
+@pytest.mark.parametrize("quant", ["none", "nf4", "hqq"])
 def test_only_new_blocks_train(stories260k, tmp_path, quant):
     from turbotune.framework import AccelerationFramework
 
     if quant == "nf4":
         pytest.importorskip("bitsandbytes")
     expand_checkpoint(stories260k, tmp_path / "pro", new_blocks=2, progress=False)
-    cfg = {"adapter": {"method": "llama_pro"}, "quantization": {"method": quant}}
+    train_type = {"none": None, "nf4": "bnb_llama_pro", "hqq": "hqq_llama_pro"}[quant]
+    cfg = {"adapter": {"method": "llama_pro"}, "train_type": train_type}
     fw = AccelerationFramework(cfg, banner=False)
     model, peft_config = fw.load_model(str(tmp_path / "pro"), dtype=torch.float32)
     assert peft_config is None
@@ -119,10 +120,11 @@ def test_only_new_blocks_train(stories260k, tmp_path, quant):
     assert trainable and all(
         n.startswith(("model.layers.3.", "model.layers.6.")) for n in trainable
     )
-    if quant == "nf4":
-        kinds = {type(model.model.layers[j].mlp.down_proj).__name__ for j in range(7)}
-        assert kinds == {"Linear", "Linear4bit"}, kinds
-        assert type(model.model.layers[3].mlp.down_proj).__name__ == "Linear"
+    if quant != "none":  # old blocks quantized, new ones dense
+        quantized = {"nf4": "Linear4bit", "hqq": "HQQLinear"}[quant]
+        kinds = [type(model.model.layers[j].mlp.down_proj).__name__ for j in range(7)]
+        expected = ["Linear" if j in (3, 6) else quantized for j in range(7)]
+        assert kinds == expected, kinds
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _train_steps(model)
     changed = _changed(before, model)
