@@ -117,6 +117,29 @@ def test_boundaries_from_position_ids_alone():
     assert_same(ref, got)
 
 
+def test_accumulated_micro_batches_equal_one_batch():
+    """Gradient accumulation: two packed micro-batches, each loss summed over its targets and
+    divided by the targets of both (the Trainer's ``num_items_in_batch``), give the gradient of
+    the padded batch holding all the rows."""
+    torch.set_num_threads(1)
+    rows = examples()
+    padded_model = tiny_llama()
+    packed_model = copy.deepcopy(padded_model)
+    use_varlen_attention(packed_model)
+    ref = loss_and_grads(padded_model, PaddedCollator(0)(rows))
+    micro = [PaddingFreeCollator()(rows[:2]), PaddingFreeCollator()(rows[2:])]
+    n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    packed_model.train()
+    packed_model.zero_grad(set_to_none=True)
+    total = torch.zeros(())
+    for batch in micro:
+        loss = packed_model(**batch, num_items_in_batch=torch.tensor(n_items)).loss
+        loss.backward()
+        total = total + loss.detach()
+    grads = {n: p.grad.detach() for n, p in packed_model.named_parameters() if p.requires_grad}
+    assert_same(ref, (total, grads))
+
+
 def test_packed_row_without_varlen_attention_differs():
     """The control: plain causal SDPA over the packed row lets tokens see the previous
     sequences, so the loss changes — the parity above is not an accident."""

@@ -3,7 +3,8 @@
 What is proven: the Trainer really gets the padding-free collator, the packed attention and the
 multipack dataloader; LoRA training through them lowers the held-out loss; and a run stopped
 mid-way through its SECOND epoch and resumed from its checkpoint logs the same losses as a run
-that never stopped (the sampler's epoch reaches it and the skipped batches are the trained ones).
+that never stopped, with gradient accumulation (the sampler's epoch reaches it and the skipped
+micro-batches are the trained ones).
 """
 
 from __future__ import annotations
@@ -87,16 +88,21 @@ def test_padding_free_multipack_training_lowers_the_eval_loss(stories260k, alpac
 
 @pytest.mark.usefixtures("one_thread")
 def test_resume_in_the_second_epoch_repeats_the_same_losses(stories260k, alpaca_tiny, tmp_path):
+    """With gradient accumulation: the Trainer skips 2 micro-batches per optimizer step."""
+
     def run(out: Path, **train: Any):
         callbacks = [StopAfter(train.pop("stop"))] if "stop" in train else []
-        cfg = config(stories260k, alpaca_tiny, out, num_train_epochs=2, **train)
+        cfg = config(
+            stories260k, alpaca_tiny, out, num_train_epochs=2, gradient_accumulation_steps=2,
+            **train,
+        )  # fmt: skip
         return run_training(cfg, callbacks=callbacks).trainer
 
     full = run(tmp_path / "full")
-    per_epoch = len(full.get_train_dataloader())
+    per_epoch = -(-len(full.get_train_dataloader()) // 2)  # optimizer steps per epoch
     total = full.state.global_step
     assert total == 2 * per_epoch and per_epoch >= 3, (per_epoch, total)
-    stop = per_epoch + 2  # inside the second epoch, whose batches differ from the first's
+    stop = per_epoch + 1  # inside the second epoch, whose batches differ from the first's
     run(tmp_path / "cut", stop=stop, save_steps=stop)
     checkpoint = tmp_path / "cut" / f"checkpoint-{stop}"
     assert checkpoint.is_dir()
