@@ -112,3 +112,27 @@ def test_resume_in_the_second_epoch_repeats_the_same_losses(stories260k, alpaca_
     assert got.keys() == want.keys() and want
     diffs = {s: abs(got[s] - want[s]) for s in want}
     assert max(diffs.values()) < 1e-6, f"resumed {got} vs uninterrupted {want}"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_composes_with_nf4_and_fused_ops(stories260k, alpaca_tiny, tmp_path, monkeypatch):
+    """QLoRA (bitsandbytes NF4 on CPU) + fused ops + padding_free logs the losses of the same run
+    padded: the same rows per step (the Trainer's sampler), the same targets, the same mean.
+    The fused ops take their eager references here (TRITON_INTERPRET=0): this checks the wiring;
+    the kernels have their own tests."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    def losses(out: Path, plugins: dict[str, Any]) -> dict[int, float]:
+        cfg = config(stories260k, alpaca_tiny, out, max_steps=3)
+        cfg["data"]["max_samples"] = 24
+        cfg["quantization"] = {"method": "nf4", "compute_dtype": "float32"}
+        cfg["plugins"] = plugins
+        trainer = run_training(cfg).trainer
+        return step_losses(trainer.state.log_history)
+
+    padded = losses(tmp_path / "padded", {"fused_ops": {}})
+    packed = losses(tmp_path / "packed", {"fused_ops": {}, "padding_free": {}})
+    assert padded.keys() == packed.keys() == {1, 2, 3}
+    diffs = {s: abs(padded[s] - packed[s]) for s in padded}
+    assert max(diffs.values()) < 1e-4, f"padded {padded} vs padding-free {packed}"
