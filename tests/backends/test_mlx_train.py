@@ -30,7 +30,7 @@ from turbotune.backends.mlx.train import (  # noqa: E402
     build_mlx_run,
     evaluate,
     fit_mlx,
-    masked_loss,
+    make_loss_and_grad,
     save_final,
     step_gradients,
 )
@@ -210,7 +210,6 @@ def test_converter_refuses_a_directory_that_is_not_an_adapter(tmp_path):
 
 def test_accumulated_micro_batches_equal_one_batch(qlora, shared_data):
     """Loss normalized by the step's target tokens: 2 micro-batches of 2 rows = 1 batch of 4."""
-    import mlx.nn as nn
 
     from turbotune.backends.mlx.data import to_batch
 
@@ -219,7 +218,7 @@ def test_accumulated_micro_batches_equal_one_batch(qlora, shared_data):
     from turbotune.modeling import load_tokenizer
 
     rows = [build_datasets(cfg.data, load_tokenizer(cfg.model))[0][i] for i in range(4)]
-    grad_fn = nn.value_and_grad(qlora.model, masked_loss)
+    grad_fn = make_loss_and_grad(qlora.model)  # compiled, as in training
     g2, loss2, n2 = step_gradients(
         grad_fn, qlora.model, [to_batch(rows[:2], 0), to_batch(rows[2:], 0)]
     )
@@ -230,6 +229,26 @@ def test_accumulated_micro_batches_equal_one_batch(qlora, shared_data):
     for (name, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         diff = np.abs(np.array(a) - np.array(b))
         assert diff.max() < 1e-6 + 1e-4 * np.abs(np.array(a)).max(), (name, diff.max())
+
+
+def test_compiled_gradients_equal_eager(qlora, shared_data):
+    from mlx.utils import tree_flatten
+
+    from turbotune.backends.mlx.data import to_batch
+    from turbotune.data import build_datasets
+    from turbotune.modeling import load_tokenizer
+
+    cfg = load_config({"backend": "mlx"}, run_overrides(shared_data, Path("unused"), "nf4"))
+    batch = to_batch(
+        [build_datasets(cfg.data, load_tokenizer(cfg.model))[0][i] for i in range(3)], 0
+    )
+    eager = make_loss_and_grad(qlora.model, compiled=False)
+    compiled = make_loss_and_grad(qlora.model)
+    (l1, g1), (l2, g2) = (f(qlora.model, batch.inputs, batch.targets) for f in (eager, compiled))
+    assert abs(l1.item() - l2.item()) < 1e-4 * abs(l1.item()), (l1.item(), l2.item())
+    for (name, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
+        diff = np.abs(np.array(a) - np.array(b))
+        assert diff.max() < 1e-6 + 1e-4 * np.abs(np.array(a)).max(), (name, diff.max(), diff.mean())
 
 
 def test_batches_keep_response_only_labels(shared_data, stories260k):

@@ -13,13 +13,15 @@ are clipped to ``max_grad_norm``, AdamW uses bias correction (PyTorch's). The lo
 is the mean of the step losses since the previous log. Each log is one line of
 ``<output_dir>/metrics.jsonl`` with ``loss``, ``learning_rate``, ``grad_norm``,
 ``tokens_per_s``, ``input_tokens_per_s``, ``step_time_s``, ``peak_mem_gib`` (MLX's peak,
-``mx.get_peak_memory``) and ``epoch``. Steps run eagerly (no ``mx.compile``).
+``mx.get_peak_memory``) and ``epoch``. The loss-and-gradient function is compiled
+(``mx.compile``).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,8 @@ from turbotune.backends.support import check_backend_support, mlx_quantization
 from turbotune.config import Config
 
 __all__ = [
-    "MLXRun", "build_mlx_run", "dequantized_base", "evaluate", "fit_mlx", "lora_arrays", "masked_loss", "mlx_dtype",
-    "save_final", "train_mlx",
+    "MLXRun", "build_mlx_run", "dequantized_base", "evaluate", "fit_mlx", "lora_arrays",
+    "make_loss_and_grad", "masked_loss", "mlx_dtype", "save_final", "train_mlx",
 ]  # fmt: skip
 
 _PRECISION_DTYPE = {
@@ -185,6 +187,26 @@ def _optimizer(cfg: Config, total: int, per_epoch: int) -> optim.AdamW:
     )
 
 
+def make_loss_and_grad(model: nn.Module, *, compiled: bool = True) -> Any:
+    """``f(model, inputs, targets) -> (summed loss, grads of the trainable parameters)``.
+
+    Compiled with ``mx.compile`` (one trace per batch shape; batches are padded to multiples
+    of 8, so a run sees a few). The function reads and writes the model's parameters and draws
+    dropout masks, so both the model state and the random state are declared as its inputs
+    and outputs (mlx-lm's trainer does the same).
+    """
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    if not compiled:
+        return loss_and_grad
+    state = [model.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(inputs: mx.array, targets: mx.array) -> tuple[mx.array, Any]:
+        return loss_and_grad(model, inputs, targets)
+
+    return lambda _model, inputs, targets: step(inputs, targets)
+
+
 def step_gradients(
     loss_and_grad: Any, model: nn.Module, micro_batches: list[mlx_data.Batch]
 ) -> tuple[Any, mx.array, int]:
@@ -203,7 +225,7 @@ def _train_steps(run: MLXRun, logger: MetricsLog, total: int, per_epoch: int) ->
     """The optimization loop; returns every step's loss."""
     t = run.cfg.train
     optimizer = _optimizer(run.cfg, total, per_epoch)
-    loss_and_grad = nn.value_and_grad(run.model, masked_loss)
+    loss_and_grad = make_loss_and_grad(run.model)
     batches = mlx_data.iterate_batches(
         run.train_ds, t.per_device_train_batch_size, _pad_id(run.tokenizer), t.seed
     )
