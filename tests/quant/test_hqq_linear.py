@@ -324,7 +324,7 @@ def test_hqq_linear_real_shape_gpu():
     grad = torch.randn(2048, 14336, device="cuda")
 
     def run(fn, dtype):
-        x = x_master.to(dtype).requires_grad_()
+        x = x_master.to(dtype).detach().clone().requires_grad_()  # not x_master itself (fp32)
         y = fn(x)
         y.backward(grad.to(dtype))
         return y.float(), x.grad.float()
