@@ -25,7 +25,7 @@ def one_thread_eager_dequant(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def build(path, implementation: str, plugins=None, quant: str = "nf4", seed: int = 0):
+def build(path, implementation, plugins=None, quant="nf4", seed=0, dtype=torch.bfloat16):
     from turbotune.framework import AccelerationFramework
 
     cfg = {
@@ -34,7 +34,7 @@ def build(path, implementation: str, plugins=None, quant: str = "nf4", seed: int
         "plugins": plugins or {},
     }
     fw = AccelerationFramework(cfg, banner=False)
-    model, peft_config = fw.load_model(str(path), dtype=torch.bfloat16)
+    model, peft_config = fw.load_model(str(path), dtype=dtype)
     torch.manual_seed(seed)
     model, _ = fw.augment(model, None, peft_config)
     return model
@@ -225,3 +225,30 @@ def test_hqq_dora_trains_on_the_hqq_base(stories260k):
     )
     losses = train(model, batches(stories260k, 8), lr=1e-2)
     assert min(losses[-3:]) < losses[0] - 0.2, f"loss did not fall: {losses}"
+
+
+def test_merge_of_a_custom_dora_adapter(stories260k, tmp_path):
+    """``turbotune merge`` folds the saved DoRA adapter into the base (peft's DoRA merge):
+    the merged model's logits equal the adapted model's."""
+    from transformers import AutoModelForCausalLM
+
+    from turbotune.adapters.lora import save_custom_lora
+    from turbotune.train.merge import merge_adapter
+
+    ours = build(stories260k, "custom", quant="none", dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in adapters(ours).values():
+            p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g)).add_(
+                0.05 * torch.randn(p.shape, generator=g)
+            )
+    adapter = save_custom_lora(ours, tmp_path / "adapter", str(stories260k))
+    merged_dir = merge_adapter(adapter, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    ids = batches(stories260k, 1)[0]
+    ours.eval(), merged.eval()
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, merged(input_ids=ids).logits
+    d = (a - b).abs()
+    # fp32 on both sides; merging reorders the sums (W' x vs W x + k s B A x).
+    assert d.max() < 1e-3, f"logits: max abs diff {d.max():.3e}, mean {d.mean():.3e}"
