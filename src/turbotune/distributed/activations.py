@@ -102,6 +102,17 @@ def _apply_offloaded_checkpoint(run, hidden: torch.Tensor):
     return outs
 
 
+def _drop_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Training forwards of a recomputed block run without a KV cache: the recomputation would
+    append its keys/values a second time and attend over both copies (transformers turns the
+    cache off under its own gradient checkpointing for the same reason)."""
+    if kwargs.get("past_key_values") is not None:
+        kwargs["past_key_values"] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
 def wrap_block(block: nn.Module, *, checkpoint: bool, offload: bool) -> None:
     """Make ``block.forward`` checkpointed and/or offloaded (in place; names unchanged).
 
@@ -120,7 +131,8 @@ def wrap_block(block: nn.Module, *, checkpoint: bool, offload: bool) -> None:
         def forward(hidden_states, *args, **kwargs):
             if not torch.is_grad_enabled():
                 return inner(hidden_states, *args, **kwargs)
-            outs = _apply_offloaded_checkpoint(lambda h: inner(h, *args, **kwargs), hidden_states)
+            kw = _drop_cache(kwargs)
+            outs = _apply_offloaded_checkpoint(lambda h: inner(h, *args, **kw), hidden_states)
             return outs if len(outs) > 1 else outs[0]
 
     elif checkpoint:
@@ -130,7 +142,7 @@ def wrap_block(block: nn.Module, *, checkpoint: bool, offload: bool) -> None:
         def forward(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return inner(*args, **kwargs)
-            return torch_checkpoint(inner, *args, use_reentrant=False, **kwargs)
+            return torch_checkpoint(inner, *args, use_reentrant=False, **_drop_cache(kwargs))
 
     else:
 
