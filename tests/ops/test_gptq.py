@@ -97,6 +97,24 @@ def test_forward_and_input_grad_kernels(device, bits, rows):
             assert err.max() <= bound, f"{dtype}: max {err.max():.3e} mean {err.mean():.3e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_split_reduction(device, dtype):
+    """The reduction split over programs (atomic fp32 partial sums) gives the unsplit result
+    up to summation order: both directions, 3-way split, act-order."""
+    storage = _storage(128, 192, 4, act_order=True, seed=11, device=device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 192, generator=gen).to(device, dtype)
+    dy = torch.randn(5, 128, generator=gen).to(device, dtype)
+    w = dequantize_gptq_reference(*storage, 4, dtype).float()
+    for a, transpose, want in ((x, False, x.float() @ w.t()), (dy, True, dy.float() @ w)):
+        split = gptq._fused_launch(a, storage, 4, transpose, split=3)
+        single = gptq._fused_launch(a, storage, 4, transpose, split=1)
+        for got in (split, single):
+            err = (got.float() - want).abs()
+            bound = 2 * torch.finfo(dtype).eps * want.abs().max()
+            assert got.dtype == dtype and err.max() <= bound, f"max {err.max():.3e}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits,rows,bias", [(4, 13, True), (8, 70, False)])
 def test_gptq_linear_forward_and_input_grad(parity, device, dtype, bits, rows, bias):
@@ -188,9 +206,11 @@ def build(kernel, pointers, constexprs):
 for bits in (3, 4):  # 3 bits: the word-crossing path
     build("_dequant_kernel", {**q, "out_ptr": "*bf16"}, {"BITS": bits, "BLOCK_K": 64, "BLOCK_N": 64})
     for t in (False, True):
-        c = {"TRANSPOSE": t, "BITS": bits, "DOT_FP32": False, "BLOCK_M": 16,
-             "BLOCK_N": 64 if t else 32, "BLOCK_K": 32 if t else 64}
-        build("_matmul_kernel", {**q, "a_ptr": "*bf16", "c_ptr": "*bf16"}, c)
+        for split in (False, True):  # split: atomic adds into an fp32 output
+            c = {"TRANSPOSE": t, "BITS": bits, "DOT_FP32": False, "SPLIT": split, "BLOCK_M": 16,
+                 "BLOCK_N": 64 if t else 32, "BLOCK_K": 32 if t else 64}
+            out = "*fp32" if split else "*bf16"
+            build("_matmul_kernel", {**q, "a_ptr": "*bf16", "c_ptr": out}, c)
 print("ok")
 """
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from turbotune.ops._triton import interpreting, tl, triton, use_triton
+from turbotune.ops._triton import interpreting, num_programs_hint, tl, triton, use_triton
 from turbotune.ops.reference import dequantize_gptq_reference
 
 __all__ = [
@@ -107,16 +107,18 @@ def _dequant_kernel(
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, c_ptr, M, N, K,
+    a_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, c_ptr, M, N, K, split_len,
     stride_am, stride_cm, stride_qw, stride_qz, stride_s,
-    TRANSPOSE: tl.constexpr, BITS: tl.constexpr, DOT_FP32: tl.constexpr,
+    TRANSPOSE: tl.constexpr, BITS: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``TRANSPOSE=False``: ``c = a W^T`` (``a [M, K]``, ``c [M, N]``, loop over ``K``).
     ``TRANSPOSE=True``: ``c = a W`` (``a [M, N]``, ``c [M, K]``, loop over ``N``).
 
     W tiles are dequantized to ``a``'s dtype in registers; products accumulate in fp32.
-    ``DOT_FP32`` feeds ``tl.dot`` the same (rounded) values as fp32: the Triton interpreter's
+    Split reduction: program ``(i, j, s)`` sums the loop range ``[s * split_len, (s + 1) *
+    split_len)`` only; with ``SPLIT`` the partial sums are added atomically into an fp32 ``c``
+    (few rows and a narrow output would otherwise leave most SMs idle). ``DOT_FP32`` feeds ``tl.dot`` the same (rounded) values as fp32: the Triton interpreter's
     bf16 ``tl.dot`` returns garbage (Triton 3.9), its fp32 one is exact.
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,7 +128,8 @@ def _matmul_kernel(
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
-        for n0 in range(0, N, BLOCK_N):
+        n_start = tl.program_id(2) * split_len
+        for n0 in range(n_start, tl.minimum(n_start + split_len, N), BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_n[None, :]
@@ -145,7 +148,8 @@ def _matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        for k0 in range(0, K, BLOCK_K):
+        k_start = tl.program_id(2) * split_len
+        for k0 in range(k_start, tl.minimum(k_start + split_len, K), BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
@@ -162,7 +166,11 @@ def _matmul_kernel(
         offs_c = offs_n
         mask_c = mask_n
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_c[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+    c_mask = mask_m[:, None] & mask_c[None, :]
+    if SPLIT:
+        tl.atomic_add(c_ptrs, acc, mask=c_mask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 # ---- launchers ----
@@ -196,24 +204,47 @@ def _dequantize_launch(
     return out
 
 
+def _split(loop_len: int, block: int, programs: int, device: torch.device) -> int:
+    """Ways to split the reduction loop: enough programs for two per SM, each still running
+    at least 4 blocks of the loop."""
+    target = 2 * num_programs_hint(device)
+    return max(1, min(target // max(programs, 1), loop_len // (4 * block)))
+
+
 def _fused_launch(
-    a: torch.Tensor, storage: Sequence[torch.Tensor], bits: int, transpose: bool
+    a: torch.Tensor,
+    storage: Sequence[torch.Tensor],
+    bits: int,
+    transpose: bool,
+    split: int | None = None,
 ) -> torch.Tensor:
-    """``a W^T`` (or ``a W`` when ``transpose``) by the fused kernel; ``a`` is ``[M, *]``."""
+    """``a W^T`` (or ``a W`` when ``transpose``) by the fused kernel; ``a`` is ``[M, *]``.
+
+    ``split`` (default: :func:`_split`) divides the reduction among programs; above 1 the
+    partial sums meet in an fp32 buffer by atomic adds (not bitwise run-to-run reproducible).
+    """
     n_out, n_in = _shape(storage, bits)
     a = a if a.stride(-1) == 1 else a.contiguous()
     m = a.shape[0]
-    c = torch.empty((m, n_in if transpose else n_out), dtype=a.dtype, device=a.device)
+    columns, loop_len = (n_in, n_out) if transpose else (n_out, n_in)
     block_m = max(16, triton.next_power_of_2(m))  # tl.dot needs at least 16 rows
     block_n, block_k = (64, 32) if transpose else (32, 64)
-    columns = n_in if transpose else n_out
-    grid = (triton.cdiv(m, block_m), triton.cdiv(columns, block_k if transpose else block_n))
+    block_col, block_loop = (block_k, block_n) if transpose else (block_n, block_k)
+    grid_mc = (triton.cdiv(m, block_m), triton.cdiv(columns, block_col))
+    if split is None:
+        split = _split(loop_len, block_loop, grid_mc[0] * grid_mc[1], a.device)
+    split_len = triton.cdiv(triton.cdiv(loop_len, split), block_loop) * block_loop
+    grid = (*grid_mc, triton.cdiv(loop_len, split_len))
+    atomic = grid[2] > 1
+    c = torch.empty((m, columns), dtype=a.dtype, device=a.device)
+    target = torch.zeros((m, columns), dtype=torch.float32, device=a.device) if atomic else c
     if c.numel():
         _matmul_kernel[grid](
-            a, *storage, c, m, n_out, n_in, a.stride(0), c.stride(0), *_strides(storage),
-            TRANSPOSE=transpose, BITS=bits, DOT_FP32=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            a, *storage, target, m, n_out, n_in, split_len, a.stride(0), target.stride(0),
+            *_strides(storage), TRANSPOSE=transpose, BITS=bits, DOT_FP32=interpreting(),
+            SPLIT=atomic, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         )  # fmt: skip
-    return c
+    return c.copy_(target) if atomic else c
 
 
 def _fused(a: torch.Tensor, storage: Sequence[torch.Tensor]) -> bool:
