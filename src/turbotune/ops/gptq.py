@@ -6,12 +6,14 @@ between the two. Two strategies, picked per call by the number of rows ``M`` of 
 
 - ``M > FUSED_MAX_ROWS`` (training: thousands of tokens): dequantize ``W`` into a bf16/fp16
   buffer with :func:`gptq_dequantize` (one pass: read ``bits/8`` bytes, write 2 bytes per
-  weight) and hand the matmul to cuBLAS. At 4096 x 14336 the extra pass costs ~0.25 GB of
-  traffic (~0.1 ms on an H100) against ~0.6 ms of tensor-core matmul at 4096 tokens, and no
-  Triton GEMM with dequantization in its inner loop reliably beats cuBLAS there.
+  weight) and hand the matmul to cuBLAS. At 4096 x 14336 the extra pass moves ~0.25 GB
+  (estimated ~0.1 ms on an H100) against ~0.6 ms of tensor-core matmul at 4096 tokens, and a
+  Triton GEMM with dequantization in its inner loop is not reliably faster than cuBLAS there.
 - ``M <= FUSED_MAX_ROWS`` (evaluation, generation, tiny batches): the matmul is bound by reading
   ``W``; the fused kernels read the packed words (4 bits = a quarter of bf16's bytes) and
-  dequantize tiles in registers right before ``tl.dot``, never writing ``W``.
+  dequantize tiles in registers right before ``tl.dot``, never writing ``W``. With few row
+  blocks and a narrow output the reduction is split over programs (fp32 atomic partial sums)
+  so that every SM streams part of ``W``.
 
 The storage layout makes both fused directions cheap: ``qweight [in * bits / 32, out]`` is
 already a ``W^T`` tile source for ``x W^T`` (tiles ``[BLOCK_K, BLOCK_N]``) and is transposed in
