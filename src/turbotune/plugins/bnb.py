@@ -82,4 +82,6 @@ class BnbQuantPlugin(Plugin):
 def _device_map() -> dict[str, Any] | str:
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if torch.backends.mps.is_available():
+        return {"": "mps"}  # bitsandbytes' MPS backend; support.py refuses builds without it
     return {"": "cpu"}
