@@ -134,7 +134,7 @@ def test_gpu_backends_bf16_against_the_fp32_reference(lengths, hq, hk, d):
     grad_out = torch.randn_like(q)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = run(lambda *t: varlen_attention_reference(*t, cu), q32, k32, v32, grad_out.float())
-    eager = run(lambda *t: varlen_attention_reference(*t, cu), q, k, v, grad_out)
+    eager = run(lambda *t: varlen_attention_reference(*t, cu, upcast=False), q, k, v, grad_out)
     for backend in backends:  # flex is compiled on CUDA, so its backward is checked here
         got = run(
             lambda *t, b=backend: varlen_attention(*t, cu, max_len, backend=b), q, k, v, grad_out
@@ -152,5 +152,7 @@ def test_gpu_auto_takes_a_fused_kernel_and_sliding_window():
     q, k, v, cu, max_len = inputs((200, 57, 311), 8, 4, 64, dtype=torch.bfloat16, device="cuda")
     assert resolve_backend("auto", q) in ("flash_attn", "varlen")
     ref = varlen_attention_reference(q.float(), k.float(), v.float(), cu, window=32)
+    eager = varlen_attention_reference(q, k, v, cu, window=32, upcast=False)
     out = varlen_attention(q, k, v, cu, max_len, window=32)
-    assert max_err(out, ref) < 2e-2
+    budget = 2 * max_err(eager, ref) + 1e-3
+    assert max_err(out, ref) <= budget, f"error {max_err(out, ref):.3e} > budget {budget:.3e}"

@@ -3,7 +3,8 @@
 Packed layout: ``T`` tokens of ``n`` sequences back to back, sequence ``i`` spanning
 ``cu_seqlens[i]:cu_seqlens[i + 1]``. Token ``t`` of a sequence attends to tokens ``s <= t`` of
 the SAME sequence (and, with a sliding window ``w``, only to ``s > t - w``, transformers'
-convention); never to another sequence. Softmax in fp32, output in the input dtype.
+convention); never to another sequence. Computed in fp32 (or, for error budgets, in the input
+dtype), output in the input dtype.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def varlen_attention_reference(
     *,
     scale: float | None = None,
     window: int | None = None,
+    upcast: bool = True,
 ) -> torch.Tensor:
     """Causal attention of each packed sequence on its own, by explicit matmuls.
 
@@ -43,6 +45,8 @@ def varlen_attention_reference(
         cu_seqlens: ``(n + 1,)`` cumulative lengths, ``cu_seqlens[-1] == T``.
         scale: score scale; ``D ** -0.5`` when ``None``.
         window: sliding window (keys ``s > t - window``), or ``None``.
+        upcast: compute in fp32 (the reference); ``False`` keeps the input dtype throughout
+            (the "eager low-precision run" that fused kernels' errors are compared with).
 
     Returns:
         ``(T, Hq, Dv)`` in ``q``'s dtype.
@@ -54,9 +58,10 @@ def varlen_attention_reference(
     for start, end in itertools.pairwise(bounds):
         if end == start:
             continue
-        qs = q[start:end].transpose(0, 1).float()  # (Hq, L, D)
-        ks = k[start:end].transpose(0, 1).float().repeat_interleave(groups, dim=0)
-        vs = v[start:end].transpose(0, 1).float().repeat_interleave(groups, dim=0)
+        dtype = torch.float32 if upcast else q.dtype
+        qs = q[start:end].transpose(0, 1).to(dtype)  # (Hq, L, D)
+        ks = k[start:end].transpose(0, 1).to(dtype).repeat_interleave(groups, dim=0)
+        vs = v[start:end].transpose(0, 1).to(dtype).repeat_interleave(groups, dim=0)
         scores = (qs @ ks.transpose(-1, -2)) * scale
         allowed = causal_window_mask(end - start, window, q.device)
         scores = scores.masked_fill(~allowed, float("-inf"))
