@@ -3,11 +3,14 @@
 It provides the training batch sampler (:class:`turbotune.data.multipack.MultipackBatchSampler`)
 through the ``train_batch_sampler`` hook; the Trainer (:class:`turbotune.train.trainer.TurbotuneTrainer`)
 builds the dataloader from it and tells it the epoch. A packed micro-batch is only worth it
-without padding, so it needs the ``padding_free`` plugin (checked in ``augment``).
+without padding, so it needs the ``padding_free`` plugin (checked in ``augment``). With your own
+Trainer: ``DataLoader(dataset, batch_sampler=fw.train_batch_sampler(dataset, args), ...)`` and
+``sampler.set_epoch(epoch)`` at each epoch.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +20,8 @@ from .base import Plugin
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, TrainingArguments
+
+logger = logging.getLogger("turbotune")
 
 VARLEN_IMPLEMENTATIONS = ("turbotune_varlen", "flash_attention_2", "flash_attention_3")
 
@@ -72,6 +77,12 @@ class MultipackPlugin(Plugin):
         self.sampler = MultipackBatchSampler(
             lengths, budget, world_size=world, seed=seed, shuffle=self.config.shuffle
         )
+        logger.info(
+            "multipack: %d samples in %d micro-batches of at most %d tokens (%.1f%% filled), "
+            "%d per rank per epoch",
+            len(lengths), len(self.sampler), budget, 100 * self.sampler.efficiency(),
+            len(self.sampler) // world,
+        )  # fmt: skip
         return self.sampler
 
     def describe(self) -> str:
