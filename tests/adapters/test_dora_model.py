@@ -116,7 +116,14 @@ def test_saved_custom_dora_loads_in_peft(stories260k, tmp_path):
     magnitudes = [k for k in keys if k.endswith("lora_magnitude_vector")]
     assert len(magnitudes) == 35 and len(keys) == 3 * 35, sorted(keys)[:4]
 
+    # Resuming (the Trainer's path for custom layers) reads the same file back exactly.
+    from turbotune.adapters.lora import load_custom_lora
     from turbotune.framework import AccelerationFramework
+
+    fresh = build(stories260k, "custom", seed=9)
+    load_custom_lora(fresh, out)
+    for name, p in adapters(fresh).items():
+        assert torch.equal(p, adapters(ours)[name]), f"reloaded {name} differs"
 
     fw = AccelerationFramework({"quantization": {"method": "nf4"}, "adapter": DORA}, banner=False)
     base, _ = fw.load_model(str(stories260k), dtype=torch.bfloat16)

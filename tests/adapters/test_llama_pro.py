@@ -166,3 +166,53 @@ def test_bnb_llama_pro_through_run_training(stories260k, shared_data, tmp_path):
     new = new_layers_of(json.loads((pro / "config.json").read_text()))
     assert changed and all(k.startswith(tuple(f"model.layers.{i}." for i in new)) for k in changed)
     assert _load(result.output_dir).config.num_hidden_layers == 6
+
+
+def test_expand_cli(stories260k, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "pro"
+    run = subprocess.run(
+        [sys.executable, "-m", "turbotune", "expand", str(stories260k), "--expansion-rate", "0.4",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                         "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "5 -> 7 blocks" in run.stdout and "[3, 6]" in run.stdout, run.stdout
+    assert new_layers_of(json.loads((out / "config.json").read_text())) == [3, 6]
+    again = subprocess.run(
+        [sys.executable, "-m", "turbotune", "expand", str(out), "--new-blocks", "1",
+         "--out", str(tmp_path / "again")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode != 0 and "already" in again.stderr, again.stderr[-2000:]
+
+
+def test_llama_pro_with_fused_ops_matches_unpatched(stories260k, tmp_path):
+    """The fused kernels run the frozen old blocks (plain frozen projections fuse) and leave
+    the trainable new blocks on the eager path: loss and new-block gradients match."""
+    from turbotune.framework import AccelerationFramework
+
+    expand_checkpoint(stories260k, tmp_path / "pro", new_blocks=2, progress=False)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for plugins in ({}, {"fused_ops": {}}):
+        cfg = {"adapter": {"method": "llama_pro"}, "plugins": plugins}
+        fw = AccelerationFramework(cfg, banner=False)
+        model, _ = fw.load_model(str(tmp_path / "pro"), dtype=torch.float32)
+        model, _ = fw.augment(model, None, None)
+        torch.manual_seed(7)
+        with torch.no_grad():  # non-zero output projections: the new blocks must matter
+            for i in (3, 6):
+                model.model.layers[i].mlp.down_proj.weight.normal_(0, 0.02)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+    (loss0, g0), (loss1, g1) = results
+    assert abs(loss0 - loss1) < 1e-4, f"loss {loss0:.6f} vs {loss1:.6f}"
+    for name, g in g0.items():
+        d = (g1[name] - g).abs().max()
+        assert d <= 1e-3 * g.abs().max() + 1e-6, f"grad {name}: max abs diff {d:.3e}"
