@@ -92,9 +92,9 @@ def lora_on_dequantized(path, dtype: str):
 
 
 # fp32: the eager GPTQ forward multiplies by the very dequantized matrix of the reference, so
-# only summation order may differ (measured: equal to ~1e-7). bf16: both sides round the same
-# bf16 weights; differences come from bf16 rounding of differently ordered sums.
-@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 2e-2)])
+# only summation order could differ (measured: identical losses). bf16: both sides use the same
+# bf16 weights; sums are rounded to bf16 in different orders (measured max rel diff 2.6e-3).
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 1e-2)])
 def test_lora_on_gptq_matches_lora_on_dequantized_base(gptq_checkpoint, stories260k, dtype, tol):
     data = text_batches(stories260k, 8)
     ours_model = lora_on_gptq(gptq_checkpoint, dtype)
@@ -139,13 +139,13 @@ def test_merge_of_an_adapter_trained_on_gptq(gptq_checkpoint, stories260k, tmp_p
         expected, got = model(input_ids=ids).logits, merged(input_ids=ids).logits
     d = (got - expected).abs()
     # merging folds B A into W in fp32: only rounding of the folded sum differs
-    assert torch.allclose(got, expected, atol=1e-4), f"max abs diff {d.max():.3g}, mean {d.mean():.3g}"
+    assert torch.allclose(got, expected, atol=1e-4), (
+        f"max abs diff {d.max():.3g}, mean {d.mean():.3g}"
+    )
 
 
 def test_plain_model_is_refused_with_the_command_to_make_one(stories260k):
-    fw = AccelerationFramework(
-        {"quantization": {"method": "gptq"}, "adapter": LORA}, banner=False
-    )
+    fw = AccelerationFramework({"quantization": {"method": "gptq"}, "adapter": LORA}, banner=False)
     with pytest.raises(ConfigError, match="turbotune quantize gptq"):
         fw.load_model(str(stories260k))
 
