@@ -287,17 +287,48 @@ def test_train_type_hqq_lora_lowers_the_loss(stories260k, shared_data, tmp_path,
     assert (result.output_dir / "adapter_model.safetensors").is_file()
 
 
-def test_peft_with_hqq_is_a_clear_error():
+def test_config_errors_and_train_type():
     from turbotune.config import load_config
     from turbotune.plugins.registry import activate
 
-    cfg = load_config({"quantization": {"method": "hqq"}, "adapter": {"implementation": "peft"}})
-    with pytest.raises(ConfigError, match=r"adapter\.implementation custom"):
-        activate(cfg)
     cfg = load_config({"train_type": "hqq_lora", "quantization": {"bits": 9}})
     with pytest.raises(ConfigError, match=r"bits must be 1\.\.8"):
         activate(cfg)
+    cfg = load_config({"quantization": {"method": "hqq"}, "adapter": {"method": "full"}})
+    with pytest.raises(ConfigError, match="cannot be trained in full"):
+        activate(cfg)
     assert load_config({"train_type": "hqq_lora"}).adapter.implementation == "custom"
+
+
+def test_peft_lora_on_hqq_trains_like_the_custom_layers(stories260k, eager_ops):
+    """``adapter.implementation: peft`` on an HQQ base: peft's LoRA layers wrap every HQQLinear
+    (``all-linear`` spelled out) and train with the same losses as turbotune's own (fp32)."""
+    from peft import PeftModel
+
+    def build(implementation):
+        from turbotune.framework import AccelerationFramework
+
+        cfg = {
+            "quantization": {"method": "hqq", "compute_dtype": "float32", "group_size": 32},
+            "adapter": {"r": 8, "alpha": 16, "implementation": implementation},
+        }
+        fw = AccelerationFramework(cfg, banner=False)
+        model, peft_config = fw.load_model(str(stories260k))
+        torch.manual_seed(0)
+        return fw.augment(model, None, peft_config)[0]
+
+    peft_model, custom = build("peft"), build("custom")
+    assert isinstance(peft_model, PeftModel)
+    q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q.base_layer, HQQLinear) and "default" in q.lora_A
+    n_adapted = sum(
+        isinstance(m, HQQLinear) for n, m in peft_model.named_modules() if n.endswith("base_layer")
+    )
+    assert n_adapted == 35
+    batches = _batches(4)
+    ours, ref = _train(peft_model, batches), _train(custom, batches)
+    diffs = [abs(a - b) / b for a, b in zip(ours, ref)]
+    assert max(diffs) < 1e-6, f"peft {ours} vs custom {ref}"
 
 
 def test_deepcopy_and_state_dict_round_trip():

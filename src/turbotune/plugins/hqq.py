@@ -5,11 +5,15 @@ with turbotune's own HQQ (``quant/hqq.py``: calibration-free, no ``hqq`` package
 time on the training device, keeping the LM head and ``skip_modules`` dense, and moves the rest
 there. Only ``quantization.bits`` and ``group_size`` matter (groups along ``in_features``; the
 scales and zero points in bf16). The new blocks of a Llama-Pro expanded checkpoint
-(``hqq_llama_pro``) stay dense, since they train. LoRA goes through turbotune's own layers
-(``adapter.implementation: custom``), which take an ``HQQLinear`` base and fuse with the
-``fused_ops`` plugin; peft has no layer for this module type. Under FSDP2 with mixed precision,
-set ``quantization.quant_storage`` to the gather dtype (the compute dtype): FSDP2 casts every
-gathered parameter, and the packed codes must pass through as bytes.
+(``hqq_llama_pro``) stay dense, since they train. LoRA and DoRA run through turbotune's own
+layers (``adapter.implementation: custom``, what ``hqq_lora`` sets) or through peft: peft has no
+dispatch for turbotune's ``HQQLinear``, so :meth:`HQQQuantPlugin.augment` registers peft's plain
+LoRA ``Linear`` for it (peft's custom-module hook; that layer only calls its base and reads
+``in_features``/``W_q``/``dequantize()``) and spells ``all-linear`` out, since peft's own
+expansion counts ``nn.Linear`` only. Both fuse with the ``fused_ops`` plugin.
+
+Under FSDP2 with mixed precision, set ``quantization.quant_storage`` to the gather dtype (the
+compute dtype): FSDP2 casts every gathered parameter, and the packed codes must pass as bytes.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 
 class HQQQuantPlugin(Plugin):
     name = "hqq"
-    description = "HQQ 1-8 bit base weights (turbotune's calibration-free quantizer), custom LoRA"
+    description = "HQQ 1-8 bit base weights (turbotune's own calibration-free quantizer)"
     config_cls = QuantizationConfig
     section = "quantization"
     order = 10
@@ -47,12 +51,6 @@ class HQQQuantPlugin(Plugin):
             raise ConfigError(
                 f"{cfg.source}: HQQ weights cannot be trained in full; use adapter.method lora "
                 "or quantization.method none"
-            )
-        if cfg.adapter.method in ("lora", "dora") and cfg.adapter.implementation != "custom":
-            raise ConfigError(
-                f"{cfg.source}: quantization.method hqq needs adapter.implementation custom "
-                "(turbotune's LoRA layers; peft has no layer for turbotune's HQQLinear), or use "
-                "train_type: hqq_lora, which sets it"
             )
         if not 1 <= q.bits <= 8:
             raise ConfigError(f"{cfg.source}: quantization.bits must be 1..8 for HQQ, got {q.bits}")
@@ -112,6 +110,8 @@ class HQQQuantPlugin(Plugin):
     ) -> tuple[PreTrainedModel, TrainingArguments | None]:
         if training_args is not None and getattr(training_args, "gradient_checkpointing", False):
             model.enable_input_require_grads()
+        if type(peft_config).__name__ == "LoraConfig":  # the adapter plugin's peft path
+            teach_peft(model, peft_config)
         return model, training_args
 
     def describe(self) -> str:
@@ -120,6 +120,31 @@ class HQQQuantPlugin(Plugin):
             f"hqq bits={c.bits} group_size={c.group_size} compute={c.compute_dtype} "
             f"storage={c.quant_storage} skip={list(_skipped(c))}"
         )
+
+
+def teach_peft(model: torch.nn.Module, config: Any) -> None:
+    """Let peft's ``get_peft_model`` wrap ``model``'s ``HQQLinear`` layers, in place on ``config``.
+
+    Registers peft's LoRA ``Linear`` as the layer for ``HQQLinear`` (peft >= 0.14's
+    ``LoraConfig._register_custom_module``) and replaces ``target_modules="all-linear"`` by the
+    last name components of every ``nn.Linear``/``HQQLinear`` but the output layer.
+    """
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    from turbotune.quant.hqq_linear import HQQLinear
+
+    config._register_custom_module({HQQLinear: PeftLoraLinear})
+    if config.target_modules != "all-linear":
+        return
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    config.target_modules = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, HQQLinear)) and module is not head
+        }
+    )
 
 
 def _skipped(c: QuantizationConfig) -> tuple[str, ...]:
