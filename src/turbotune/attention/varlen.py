@@ -56,6 +56,7 @@ def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+@functools.cache
 def _has_flex() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
