@@ -270,3 +270,50 @@ def test_quantized_base_equals_dequantized_base(kind, dropout):
     for name, o, r in zip(NAMES, run(q_layer, x, grad_out), run(d_layer, x, grad_out)):
         # bf16 outputs: 1 ulp at |y|~2 is 1.6e-2; fp32 adapter grads sum bf16-rounded products.
         assert_close(o, r, f"{kind} dropout={dropout} {name}", rtol=2e-2, atol=2e-2)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while ``fn()`` runs."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_frozen_linear_equals_f_linear_and_saves_no_weight(autocast):
+    """The dropout path's ``W d(x)``: same output and input gradient as ``F.linear`` on the
+    dequantized weight (with and without bf16 autocast), without saving the weight."""
+    from turbotune.adapters.dora import _base_dense, frozen_linear
+
+    base = nf4_linear(64, 48).requires_grad_(False)
+    x = torch.randn(3, 7, 64)
+    grad = torch.randn(3, 7, 48)
+    outs = []
+    for fn in (lambda x: torch.nn.functional.linear(x, _base_dense(base, x.dtype)),
+               lambda x: frozen_linear(x, base)):  # fmt: skip
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = fn(xi)
+        y.backward(grad.to(y.dtype))
+        outs.append((y, xi.grad))
+    for name, o, r in zip(("output", "grad x"), outs[1], outs[0]):
+        assert_same(o, r, f"autocast={autocast} {name}")
+    xi = x.clone().requires_grad_(True)
+    assert _saved_bytes(lambda: frozen_linear(xi, base)) == 0
+
+
+def test_dropout_path_keeps_no_dense_weight_alive():
+    """Under dropout peft saves the dense fp32 weight for backward; the custom layer does not."""
+    base = nf4_linear(256, 192)
+    ref, ours = layer_pair(base, dora_cfg(dropout=0.1), torch.bfloat16)
+    x = torch.randn(2, 3, 256).to(torch.bfloat16).requires_grad_(True)
+    dense = 256 * 192 * 4
+    saved_ref, saved_ours = _saved_bytes(lambda: ref(x)), _saved_bytes(lambda: ours(x))
+    assert saved_ref - saved_ours >= dense, f"saved: peft {saved_ref:,} B, ours {saved_ours:,} B"

@@ -22,7 +22,9 @@ repeats peft's computation op for op, so its numbers are peft's:
   HQQ) work alike.
 * Without dropout (or in eval mode) ``W d(x)`` *is* the base output minus its bias: no second
   matmul. With dropout, peft recomputes ``W d(x)`` from the dequantized weight on the dropped
-  input; so do we (the base output itself always sees the undropped input).
+  input; so do we (the base output itself always sees the undropped input), through
+  :class:`FrozenLinear`, which dequantizes again in backward instead of keeping the dense
+  weight alive (peft's ``F.linear`` keeps it: same numbers, a dense weight per layer less).
 * Scaling ``s`` multiplies the LoRA delta both in the norm and in the output (the reference
   fsdp_qlora DoRA dropped both scaling and dropout).
 * The magnitude starts at the row norm of ``W + s B A`` computed as peft does at creation: with
@@ -49,7 +51,14 @@ from torch import nn
 from turbotune.adapters.lora import ADAPTER, LoRALinear, base_compute_dtype
 from turbotune.quant.weights import dense_weight
 
-__all__ = ["DoRALinear", "DoRAMagnitude", "dora_layers", "native_dtype"]
+__all__ = [
+    "DoRALinear",
+    "DoRAMagnitude",
+    "FrozenLinear",
+    "dora_layers",
+    "frozen_linear",
+    "native_dtype",
+]
 
 
 class DoRAMagnitude(nn.Module):
@@ -78,6 +87,33 @@ def _base_dense(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """``[out, in]`` base weight in ``dtype``, dequantized in its native dtype first (as peft)."""
     native = native_dtype(base) or dtype
     return dense_weight(base, native).to(dtype)
+
+
+class FrozenLinear(torch.autograd.Function):
+    """``x @ W^T`` for a frozen (possibly quantized) base, re-reading ``W`` in backward.
+
+    ``F.linear(x, W)`` would save the dense ``W`` for the input gradient: under dropout peft's
+    DoRA keeps one dense copy of every adapted weight alive until backward (32 GB in fp32 for
+    an 8B model). Here nothing is saved; ``grad_x = grad_y @ W`` dequantizes again.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        ctx.base, ctx.x_dtype = base, x.dtype
+        return F.linear(x, _base_dense(base, x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # Under autocast the forward ran in bf16: W in the gradient's dtype, as autograd would.
+        weight = _base_dense(ctx.base, grad.dtype)
+        return (grad @ weight).to(ctx.x_dtype), None
+
+
+def frozen_linear(x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """``[..., in] -> [..., out]``: the base's bias-free product, nothing saved for backward."""
+    if not x.requires_grad:
+        return F.linear(x, _base_dense(base, x.dtype))
+    return FrozenLinear.apply(x, base)
 
 
 class DoRALinear(LoRALinear):
@@ -144,7 +180,7 @@ class DoRALinear(LoRALinear):
         scale = (magnitude / self.weight_norm(x.dtype)).view(1, -1)
         lora_result = lora_b(lora_a(x))
         if base_result is None:
-            base_result = F.linear(x, _base_dense(self.base_layer, x.dtype))
+            base_result = frozen_linear(x, self.base_layer)
         elif (bias := getattr(self.base_layer, "bias", None)) is not None:
             base_result = base_result - bias
         return (scale - 1) * base_result + scale * lora_result * scaling
