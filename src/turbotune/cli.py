@@ -182,6 +182,23 @@ def cmd_expand(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from turbotune.quant.gptq import GPTQSpec
+    from turbotune.quant.gptq_quantize import quantize_checkpoint
+
+    try:
+        spec = GPTQSpec(args.bits, args.group_size, args.sym, args.desc_act, args.damp)
+    except ValueError as err:
+        raise TurbotuneError(str(err)) from None
+    out = quantize_checkpoint(
+        args.model, args.out, spec, calibration=args.calibration, samples=args.samples,
+        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, device=args.device,
+        dtype=args.dtype, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
+    )  # fmt: skip
+    print(f"GPTQ {args.bits}-bit checkpoint written to {out}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from turbotune.train.merge import generate
 
@@ -249,6 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--new-blocks", type=int, help="number of blocks to add")
     group.add_argument("--expansion-rate", type=float, help="new blocks per original one (0.25)")
     p.add_argument("--out", required=True, help="output directory of the expanded checkpoint")
+    p = verb("quantize", cmd_quantize, "quantize a model and write a standard checkpoint")
+    q = p.add_subparsers(dest="method", required=True, metavar="METHOD").add_parser(
+        "gptq", help="GPTQ (layer by layer, calibrated on text)", description="GPTQ quantization"
+    )
+    q.add_argument("model", help="model directory or Hugging Face id")
+    q.add_argument("--out", required=True, help="output directory of the GPTQ checkpoint")
+    q.add_argument("--calibration", required=True, help="calibration text (.txt, .json, .jsonl)")
+    q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    q.add_argument("--group-size", type=int, default=128, help="columns per group; -1: per row")
+    q.add_argument("--desc-act", action="store_true", help="act-order (columns by Hessian diag)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="(default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric zero points")
+    q.add_argument("--samples", type=int, default=128, help="calibration windows")
+    q.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration window")
+    q.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    q.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", help="where layers are quantized (default: cuda if available)")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    q.add_argument("--gguf-file", help="load the weights from this GGUF file in MODEL")
+    q.add_argument("--tokenizer", help="tokenizer directory (default: MODEL)")
     p = verb("generate", cmd_generate, "complete a prompt with a model, optionally with an adapter")
     p.add_argument("model", help="model id or directory")
     p.add_argument("prompt", help="the prompt text")

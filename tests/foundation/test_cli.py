@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 
 def turbotune(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -89,7 +87,3 @@ def test_train_override_without_equals_is_error():
     assert out.returncode == 2 and "key=value" in out.stderr
 
 
-@pytest.mark.parametrize("verb", ["quantize"])
-def test_verbs_of_later_issues_do_not_exist_yet(verb):
-    out = turbotune(verb)
-    assert out.returncode != 0 and "invalid choice" in out.stderr
