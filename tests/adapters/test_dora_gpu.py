@@ -25,7 +25,7 @@ def _nf4(n_in: int, n_out: int) -> nn.Module:
     return q.cuda().requires_grad_(False)
 
 
-def _layers(base: nn.Module):
+def _layers(base: nn.Module, dropout: float = 0.0):
     """(peft DoRA layer, custom DoRA layer) with equal non-trivial A, B, m."""
     from turbotune.adapters.lora import apply_custom_lora
     from turbotune.adapters.peft_lora import apply_lora, lora_config
@@ -41,7 +41,7 @@ def _layers(base: nn.Module):
             return self.proj(x)
 
     cfg = AdapterConfig(method="dora", implementation="custom", r=16, alpha=16,
-                        target_modules=["proj"])  # fmt: skip
+                        target_modules=["proj"], dropout=dropout)  # fmt: skip
     config = lora_config(cfg)
     config.task_type = None
     ref = apply_lora(Holder(base), config).base_model.model.proj
@@ -104,11 +104,14 @@ def test_custom_dora_is_as_accurate_as_peft(shape, autocast):
         )
 
 
-def test_custom_dora_memory_no_worse_than_peft():
-    base = _nf4(4096, 14336)
-    ref, ours = _layers(base)
-    x = torch.randn(4, 1024, 4096, device="cuda").to(torch.bfloat16)
-    grad_out = torch.randn(4, 1024, 14336, device="cuda").to(torch.bfloat16)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_custom_dora_memory_no_worse_than_peft(dropout):
+    """peft also builds an [in, in] fp32 identity per call (0.8 GB for down_proj) and, under
+    dropout, keeps the dense weight for backward; the custom layer does neither."""
+    base = _nf4(14336, 4096)
+    ref, ours = _layers(base, dropout)
+    x = torch.randn(4, 1024, 14336, device="cuda").to(torch.bfloat16)
+    grad_out = torch.randn(4, 1024, 4096, device="cuda").to(torch.bfloat16)
     peaks = []
     for layer in (ref, ours):
         _run(layer, x, grad_out, True)  # warm-up
