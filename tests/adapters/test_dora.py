@@ -317,3 +317,14 @@ def test_dropout_path_keeps_no_dense_weight_alive():
     dense = 256 * 192 * 4
     saved_ref, saved_ours = _saved_bytes(lambda: ref(x)), _saved_bytes(lambda: ours(x))
     assert saved_ref - saved_ours >= dense, f"saved: peft {saved_ref:,} B, ours {saved_ours:,} B"
+
+
+def test_reset_magnitude_restores_the_creation_value():
+    base = nf4_linear(64, 48)
+    layer = DoRALinear(base, r=4, alpha=8)
+    m = layer.lora_magnitude_vector["default"].weight
+    start = m.detach().clone()
+    with torch.no_grad():
+        m.fill_(3.0)
+    layer.reset_magnitude()
+    assert_same(m.detach(), start, "magnitude after reset")

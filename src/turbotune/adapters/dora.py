@@ -155,6 +155,13 @@ class DoRALinear(LoRALinear):
         total = weight.to(a.device) + self.scaling[ADAPTER] * delta
         return torch.linalg.norm(total, dim=1).to(total.dtype).to(dtype)
 
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """Set the magnitude to its creation value for the current base and A, B (for loaders
+        that create layers on the meta device and fill the base weight later)."""
+        magnitude = self.lora_magnitude_vector[ADAPTER].weight
+        magnitude.copy_(self._initial_magnitude(magnitude.dtype))
+
     def weight_norm(self, dtype: torch.dtype) -> torch.Tensor:
         """``||W + s B A||`` per output row in ``dtype``, detached. Returns ``[out]``."""
         a, b = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
