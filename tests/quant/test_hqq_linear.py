@@ -524,3 +524,24 @@ def test_hqq_linear_works_without_triton():
         timeout=300,
     )  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_round_trip_linears_gives_the_base_training_saw():
+    """For merging: a dense model whose linears hold exactly what HQQLinear computes with."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from turbotune.quant.hqq_linear import quantize_linears, round_trip_linears
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    dense = LlamaForCausalLM(config)
+    quantized = copy.deepcopy(dense)
+    assert quantize_linears(quantized, bits=4, group_size=32, compute_dtype=torch.float32) == 7
+    assert round_trip_linears(dense, bits=4, group_size=32) == 7
+    layer = quantized.model.layers[0].mlp.up_proj
+    assert torch.equal(dense.model.layers[0].mlp.up_proj.weight, layer.dequantize(torch.float32))
+    ids = torch.randint(0, 64, (2, 9))
+    assert torch.allclose(dense(ids).logits, quantized(ids).logits, atol=1e-5)

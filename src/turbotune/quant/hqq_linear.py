@@ -28,7 +28,14 @@ from torch import nn
 
 from turbotune.quant.hqq import HQQParams, HQQWeight, Method, quantize
 
-__all__ = ["HQQLinear", "HQQLinearFunction", "hqq_linear", "quantize_linears"]
+__all__ = [
+    "HQQLinear",
+    "HQQLinearFunction",
+    "count_hqq_linears",
+    "hqq_linear",
+    "quantize_linears",
+    "round_trip_linears",
+]
 
 
 _STORAGE = ("W_q", "scale", "zero")
@@ -269,6 +276,35 @@ def _made(
     if bias is not None and bias.is_meta:  # a model built on the meta device: zero bias
         bias = torch.zeros(dense.out_features, device=weight.device)
     return _Holder(weight, bias)
+
+
+def round_trip_linears(
+    model: nn.Module,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    axis: int = 1,
+    skip_modules: tuple[str, ...] | list[str] = ("lm_head",),
+    meta_dtype: torch.dtype = torch.bfloat16,
+) -> int:
+    """Replace the weight of every linear :func:`quantize_linears` would quantize by its HQQ
+    round trip, in place and dense: the base as HQQ training saw it (to merge an adapter into).
+
+    Returns:
+        How many weights were replaced.
+    """
+    skip = tuple(skip_modules)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    count = 0
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and module is not head and not _matches(name, skip):
+            weight = module.weight
+            q = quantize(weight.detach(), bits, group_size, axis, meta_dtype=meta_dtype)
+            with torch.no_grad():
+                weight.copy_(q.dequantize(weight.dtype))
+            count += 1
+    return count
 
 
 class _Holder:
