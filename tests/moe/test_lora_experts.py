@@ -1,5 +1,6 @@
 """LoRA with MoE: peft LoRA on attention and, through ``target_parameters``, on the stacked
-experts (one rank-r pair per expert). Patched vs unpatched: loss and every LoRA gradient."""
+experts (one rank-r pair per expert). Patched (LoRA as grouped rank-r products) vs unpatched
+(peft's merged stacks in transformers' experts): loss and every LoRA gradient."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tests.moe.tiny import tiny_model
 
+from turbotune.moe import patch as patch_module
+from turbotune.moe.experts import moe_experts
 from turbotune.patches import apply_patches
 
 
@@ -30,9 +33,10 @@ def _grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     }
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_lora_on_experts_matches(family: str, monkeypatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # eager SwiGLU: speed; kernels tested elsewhere
+@pytest.mark.parametrize(("family", "backend"), [("mixtral", "grouped_mm"), ("qwen3_moe", "loop")])
+def test_lora_on_experts_matches(family: str, backend: str, monkeypatch) -> None:
+    # Eager SwiGLU for speed; the Triton kernels' LoRA products: test_kernels.py.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 64, (2, 7), generator=gen)
@@ -40,9 +44,18 @@ def test_lora_on_experts_matches(family: str, monkeypatch) -> None:
     model = _lora_model(family)
     loss, grads = _grads(model, batch)
     assert any("experts" in n and "lora_A" in n for n in grads), sorted(grads)
-    patches = apply_patches(model, ["moe"], moe_backend="grouped_mm")
+    patches = apply_patches(model, ["moe"], moe_backend=backend)
     assert patches.counts["moe"] == 2
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["gate_up_lora"] is not None, kwargs["down_lora"] is not None))
+        return moe_experts(*args, **kwargs)
+
+    monkeypatch.setattr(patch_module, "moe_experts", recording)
     p_loss, p_grads = _grads(model, batch)
+    # peft's factor proxy was read: the LoRA ran as grouped rank-r products, no merged stack.
+    assert calls == [(True, True)] * 2, calls
     assert abs(p_loss - loss) <= 1e-5, f"loss {p_loss} vs {loss}"
     for name, g in grads.items():
         d = (p_grads[name] - g).abs()

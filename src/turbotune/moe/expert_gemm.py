@@ -11,7 +11,8 @@ backend only decides how the grouped products run:
 Two layouts cover an expert MLP. ``gather`` reads tokens (``[T, K]``, row ``order[s] // k``)
 and writes sorted rows: the gate/up projection. ``scatter`` reads sorted rows and writes slot
 order (row ``order[s]`` of ``[T * k, N]``): the down projection, so the caller combines the k
-slots of a token with a reshape, not an index. The weight may be a dense ``[E, N, K]`` tensor or a
+slots of a token with a reshape, not an index (``sorted``: sorted rows in and out, for the
+rank-r products of expert LoRA). The weight may be a dense ``[E, N, K]`` tensor or a
 quantized stack (``.dequantize(dtype)``, e.g. NF4): it is dequantized in forward and again in
 backward, so a dense copy never outlives the product; a frozen or quantized weight gets no
 gradient (QLoRA), and its weight-gradient product is skipped.
@@ -26,7 +27,7 @@ import torch
 from turbotune.moe.plan import ExpertPlan
 
 Backend = Literal["triton", "grouped_mm", "loop"]
-Layout = Literal["gather", "scatter"]
+Layout = Literal["gather", "scatter", "sorted"]
 
 
 def _dense(weight: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -111,17 +112,17 @@ class ExpertGEMM(torch.autograd.Function):
 def _triton_backward(ctx, grad, a, w, need_a: bool, need_w: bool):
     from turbotune.moe import grouped_gemm as k
 
-    plan, gather = ctx.plan, ctx.layout == "gather"
+    plan, gather, scatter = ctx.plan, ctx.layout == "gather", ctx.layout == "scatter"
     grad_a = grad_w = None
     if need_a:
         grad_a = k.gmm_launch(
             grad, w, plan, ctx.table, transpose=True, a_gather=False, c_scatter=gather,
-            gather_index=None if gather else plan.order,
+            gather_index=plan.order if scatter else None,
         )  # fmt: skip
         if gather:  # slot rows -> sum over each token's k slots
             grad_a = grad_a.view(-1, plan.top_k, grad_a.shape[1]).sum(1)
     if need_w:
-        grad_w = k.wgrad_launch(grad, a, plan, ctx.weight, a_gather=gather, g_gather=not gather)
+        grad_w = k.wgrad_launch(grad, a, plan, ctx.weight, a_gather=gather, g_gather=scatter)
     return grad_a, grad_w
 
 
@@ -143,11 +144,12 @@ def expert_gemm(
     """One expert projection (see the module note).
 
     Args:
-        a: ``[T, K]`` tokens (``gather``) or ``[S, K]`` sorted rows (``scatter``).
+        a: ``[T, K]`` tokens (``gather``) or ``[S, K]`` sorted rows (``scatter``, ``sorted``).
         weight: ``[E, N, K]`` tensor (transformers' ``[experts, out, in]`` layout) or a quantized
             stack with ``.dequantize(dtype)``.
         plan: :func:`~turbotune.moe.plan.plan_experts` of the routing.
-        layout: ``gather`` (sorted ``[S, N]`` out) or ``scatter`` (slot-order ``[T * k, N]`` out).
+        layout: ``gather`` (sorted ``[S, N]`` out), ``scatter`` (slot-order ``[T * k, N]`` out) or
+            ``sorted`` (sorted in, sorted out).
         backend: ``triton``, ``grouped_mm`` or ``loop``.
 
     Returns:

@@ -13,15 +13,29 @@ weight stacks and the routing weights (hence the router) through autograd.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from turbotune.moe.expert_gemm import Backend, expert_gemm
-from turbotune.moe.plan import plan_experts
+from turbotune.moe.plan import ExpertPlan, plan_experts
 from turbotune.ops._triton import use_triton
 
 BackendChoice = Literal["auto", "triton", "grouped_mm", "loop"]
+
+
+class ExpertLoRA(NamedTuple):
+    """One LoRA pair per expert of a stack ``W [E, N, K]``: ``W + scale * lhs @ rhs``.
+
+    Attributes:
+        lhs: ``[E, N, r]`` (peft's B per expert).
+        rhs: ``[E, r, K]`` (peft's A per expert).
+        scale: ``alpha / r`` (or the rsLoRA scale).
+    """
+
+    lhs: torch.Tensor
+    rhs: torch.Tensor
+    scale: float
 
 
 def resolve_backend(backend: BackendChoice, hidden: torch.Tensor) -> Backend:
@@ -62,6 +76,8 @@ def moe_experts(
     *,
     activation: str | Callable[..., Any] = "silu",
     backend: BackendChoice = "auto",
+    gate_up_lora: ExpertLoRA | None = None,
+    down_lora: ExpertLoRA | None = None,
 ) -> torch.Tensor:
     """The experts of one MoE layer on routed tokens.
 
@@ -73,6 +89,8 @@ def moe_experts(
         down: ``[E, H, I]`` stacked down weights, or a quantized stack.
         activation: ``"silu"`` (fused SwiGLU) or a callable applied to the gate.
         backend: see :func:`resolve_backend`.
+        gate_up_lora, down_lora: per-expert LoRA of the stacks, computed as two grouped rank-r
+            products beside the frozen base product (the merged stack never exists).
 
     Returns:
         ``[T, H]`` tensor of ``hidden.dtype``.
@@ -81,9 +99,23 @@ def moe_experts(
     chosen = resolve_backend(backend, hidden)
     plan = plan_experts(top_k_index, num_experts)
     gate_up_rows = expert_gemm(hidden, gate_up, plan, layout="gather", backend=chosen)
+    if gate_up_lora is not None:
+        gate_up_rows = gate_up_rows + _lora(hidden, gate_up_lora, plan, "gather", chosen)
     h = gated_activation(gate_up_rows, activation)
     slots = expert_gemm(h, down, plan, layout="scatter", backend=chosen)
+    if down_lora is not None:
+        slots = slots + _lora(h, down_lora, plan, "scatter", chosen)
     return combine_slots(slots, top_k_weights, hidden.dtype)
+
+
+def _lora(a: torch.Tensor, lora: ExpertLoRA, plan: ExpertPlan, layout: str, backend: str):
+    """``scale * (a_e @ rhs_e^T) @ lhs_e^T`` per expert: down to rank r on the input's layout,
+    back up on the output's (``gather``: tokens in, sorted out; ``scatter``: sorted in, slots out)."""
+    first, second = ("gather", "sorted") if layout == "gather" else ("sorted", "scatter")
+    # peft's factors are permuted views; the grouped products want row-major stacks (small).
+    rhs, lhs = lora.rhs.to(a.dtype).contiguous(), lora.lhs.to(a.dtype).contiguous()
+    low = expert_gemm(a, rhs, plan, layout=first, backend=backend) * lora.scale
+    return expert_gemm(low, lhs, plan, layout=second, backend=backend)
 
 
 def len_experts(stack: Any) -> int:

@@ -7,7 +7,9 @@ The replacement takes the call transformers makes, ``experts(hidden, top_k_index
 top_k_weights)``, and runs :func:`turbotune.moe.experts.moe_experts` on the module's stacked
 ``gate_up_proj``/``down_proj`` — the parameters themselves, or what peft's ``target_parameters``
 LoRA makes of them while it is active (the merged ``W + s * B A`` per expert), or a quantized
-stack put there by :func:`turbotune.moe.quant.quantize_experts`. Layouts the kernels do not cover
+stack put there by :func:`turbotune.moe.quant.quantize_experts`. With peft's factor proxy (one
+adapter) the LoRA runs as grouped rank-r products beside the frozen base (:func:`stack_of`).
+Layouts the kernels do not cover
 (biases, transposed or interleaved stacks, no gate, expert parallelism of transformers) keep the
 original forward.
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-from turbotune.moe.experts import BackendChoice, moe_experts
+from turbotune.moe.experts import BackendChoice, ExpertLoRA, moe_experts
 
 
 def supports(module: torch.nn.Module) -> bool:
@@ -33,8 +35,18 @@ def supports(module: torch.nn.Module) -> bool:
         and d.get("is_concatenated", True)
         and not d.get("has_post_expert_norm", False)
         and not d.get("_is_expert_parallel", False)
-        and hasattr(module, "gate_up_proj")
-        and hasattr(module, "down_proj")
+        and _has_stack(module, "gate_up_proj")
+        and _has_stack(module, "down_proj")
+    )
+
+
+def _has_stack(module: torch.nn.Module, name: str) -> bool:
+    # Not hasattr: on a peft-parametrized stack that would build the merged weight.
+    parametrizations = module._modules.get("parametrizations")
+    return (
+        name in module._parameters
+        or name in module._modules
+        or (parametrizations is not None and name in parametrizations)
     )
 
 
@@ -54,12 +66,35 @@ def experts_forward(backend: BackendChoice = "auto") -> Callable[..., torch.Tens
             return self._turbotune_original_forward(
                 hidden_states, top_k_index, top_k_weights, *args, **kwargs
             )
+        gate_up, gate_up_lora = stack_of(self, "gate_up_proj")
+        down, down_lora = stack_of(self, "down_proj")
         return moe_experts(
-            hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+            hidden_states, top_k_index, top_k_weights, gate_up, down,
             activation=activation_of(self), backend=backend,
+            gate_up_lora=gate_up_lora, down_lora=down_lora,
         )  # fmt: skip
 
     return forward
+
+
+def stack_of(module: torch.nn.Module, name: str) -> tuple[Any, ExpertLoRA | None]:
+    """The base stack and its per-expert LoRA factors.
+
+    While a peft ``target_parameters`` adapter is active on the stack, peft parametrizes it as
+    ``W + s * lhs @ rhs`` with a factors proxy (one adapter, not low precision): the base ``W``
+    and the factors are returned, so the LoRA runs as grouped rank-r products and the merged
+    stack is never built. Any other parametrization: the stack as the module exposes it.
+    """
+    parametrizations = module._modules.get("parametrizations")
+    plist = (
+        parametrizations[name]
+        if parametrizations is not None and name in parametrizations
+        else None
+    )
+    if plist is not None and len(plist) == 1 and type(plist[0]).__name__ == "_LoraFactorsProxy":
+        proxy = plist[0]
+        return plist.original, ExpertLoRA(proxy.lhs, proxy.rhs, float(proxy.scaling))
+    return getattr(module, name), None
 
 
 def moe_lm_output(
