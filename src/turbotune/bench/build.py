@@ -11,6 +11,9 @@ tensor's name, independent of build order and of which layers are quantized.
 
 An :class:`HQQSpec` quantizes the same way with turbotune's HQQ (``quant/hqq.py``) into
 ``HQQLinear`` layers, each solved on the device as it is drawn.
+A :class:`GPTQBenchSpec` packs each drawn weight into a ``GPTQLinear`` (the standard GPTQ
+layout) by round-to-nearest on the device: throughput does not depend on the codes, and GPTQ
+proper needs calibration activations a random model does not have.
 
 Only ``nn.Linear`` modules are quantized (not ``lm_head`` or the names in ``skip_modules``);
 the 3-D expert tensors of transformers 5 MoE blocks stay in the compute dtype, as they do when
@@ -88,12 +91,38 @@ class HQQSpec:
         return not any(module_name == s or module_name.endswith("." + s) for s in self.skip_modules)
 
 
+@dataclass(frozen=True)
+class GPTQBenchSpec:
+    """How linear layers are packed into ``GPTQLinear`` (GPTQ checkpoint layout)."""
+
+    bits: int = 4
+    """Bits per weight (2, 3, 4, 8)."""
+    group_size: int = 128
+    """Input columns per group; -1: one group per row."""
+    desc_act: bool = False
+    """Act-order layout: ``g_idx`` randomly permuted (scales gathered per input row)."""
+    compute_dtype: torch.dtype = torch.bfloat16
+    """Dtype of the bias and of the non-quantized modules."""
+    skip_modules: tuple[str, ...] = ("lm_head",)
+    """Module names (last component or dotted suffix) left unquantized."""
+
+    @classmethod
+    def from_config(cls, q: QuantizationConfig, desc_act: bool = False) -> GPTQBenchSpec:
+        """The spec of a turbotune ``quantization`` section (method gptq)."""
+        skip = tuple(dict.fromkeys([*q.skip_modules, "lm_head"]))
+        return cls(q.bits, q.group_size, desc_act, _DTYPES[q.compute_dtype], skip)
+
+    def quantizes(self, module_name: str) -> bool:
+        """Whether the ``nn.Linear`` called ``module_name`` is quantized."""
+        return not any(module_name == s or module_name.endswith("." + s) for s in self.skip_modules)
+
+
 def build_random_model(
     config: PretrainedConfig,
     *,
     device: torch.device,
     dtype: torch.dtype,
-    quant: QuantSpec | HQQSpec | None = None,
+    quant: QuantSpec | HQQSpec | GPTQBenchSpec | None = None,
     seed: int = 0,
     attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
@@ -136,7 +165,7 @@ def materialize(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    quant: QuantSpec | HQQSpec | None,
+    quant: QuantSpec | HQQSpec | GPTQBenchSpec | None,
     seed: int,
     std: float,
 ) -> None:
@@ -148,6 +177,8 @@ def materialize(
     for name, module in list(model.named_modules()):
         if quant is not None and type(module) is nn.Linear and quant.quantizes(name):
             make = _random_hqq_linear if isinstance(quant, HQQSpec) else _random_linear4bit
+            if isinstance(quant, GPTQBenchSpec):
+                make = _random_gptq_linear
             _swap_module(model, name, make(name, module, device, quant, seed, std))
             continue
         for pname, param in list(module._parameters.items()):
@@ -241,6 +272,33 @@ def _random_hqq_linear(
     )  # fmt: skip
     del weight
     return layer
+
+
+def _random_gptq_linear(
+    name: str, dense: nn.Linear, device: torch.device, quant: GPTQBenchSpec, seed: int, std: float
+) -> nn.Module:
+    """A ``GPTQLinear`` of a random weight, packed on ``device`` (the dense copy dropped)."""
+    from turbotune.quant.gptq import GPTQSpec, rtn_quantize
+    from turbotune.quant.gptq_format import pack_gptq
+    from turbotune.quant.gptq_linear import GPTQLinear
+
+    weight = random_tensor(
+        f"{name}.weight", (dense.out_features, dense.in_features), quant.compute_dtype,
+        device, seed, std,
+    )  # fmt: skip
+    q, _ = rtn_quantize(weight, GPTQSpec(bits=quant.bits, group_size=quant.group_size))
+    del weight
+    g_idx = q.g_idx
+    if quant.desc_act:
+        gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+        g_idx = g_idx[torch.randperm(g_idx.numel(), generator=gen)]
+    storage = pack_gptq(q.codes.to(device), q.zeros.to(device), q.scales, g_idx, quant.bits)
+    bias = None
+    if dense.bias is not None:
+        bias = torch.zeros(dense.out_features, dtype=quant.compute_dtype, device=device)
+    return GPTQLinear.from_tensors(
+        *(t.to(device) for t in storage), quant.bits, bias=bias, group_size=quant.group_size
+    )
 
 
 def _swap_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from turbotune.bench.build import HQQSpec, QuantSpec, build_random_model
+from turbotune.bench.build import GPTQBenchSpec, HQQSpec, QuantSpec, build_random_model
 from turbotune.errors import TurbotuneError
 
 if TYPE_CHECKING:
@@ -179,11 +179,11 @@ def prepare_turbotune(
     plan = resolve_precision(cfg.train.precision, backend, adapters=cfg.adapter.method != "full")
     fw = AccelerationFramework(cfg)
     q = cfg.quantization
-    if q.method == "gptq":
-        raise TurbotuneError(f"the bench cannot build random {q.method} weights yet")
     quant = QuantSpec.from_config(q) if q.method in ("nf4", "fp4") else None
     if q.method == "hqq":
         quant = HQQSpec.from_config(q)  # solved layer by layer on the device as it is drawn
+    if q.method == "gptq":
+        quant = GPTQBenchSpec.from_config(q)  # packed layer by layer (RTN codes, GPTQ layout)
     if quant is not None:
         dtype = quant.compute_dtype  # as the 4-bit loader: non-quantized modules in compute dtype
     elif cfg.model.dtype != "auto":

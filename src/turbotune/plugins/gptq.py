@@ -48,7 +48,7 @@ class GPTQPlugin(Plugin):
         return q
 
     def load_model(self, path: str, **kwargs: Any) -> PreTrainedModel:
-        from turbotune.quant.bnb import DTYPES, prepare_for_training
+        from turbotune.quant.bnb import DTYPES
         from turbotune.quant.gptq_checkpoint import load_gptq_model, read_gptq_config
 
         if read_gptq_config(path) is None:
@@ -59,6 +59,12 @@ class GPTQPlugin(Plugin):
             )
         device = _device(kwargs.get("device_map"))
         model = load_gptq_model(path, dtype=DTYPES[self.config.compute_dtype], device=device)
+        return self.prepare_loaded(model)
+
+    def prepare_loaded(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The post-load step (frozen base, optional upcast): also for bench-built models."""
+        from turbotune.quant.bnb import prepare_for_training
+
         return prepare_for_training(model, upcast_fp32=self.config.upcast_fp32)
 
     def augment(
