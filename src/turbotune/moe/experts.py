@@ -112,6 +112,9 @@ def _lora(a: torch.Tensor, lora: ExpertLoRA, plan: ExpertPlan, layout: str, back
     """``scale * (a_e @ rhs_e^T) @ lhs_e^T`` per expert: down to rank r on the input's layout,
     back up on the output's (``gather``: tokens in, sorted out; ``scatter``: sorted in, slots out)."""
     first, second = ("gather", "sorted") if layout == "gather" else ("sorted", "scatter")
+    rank_bytes = lora.rhs.shape[1] * a.element_size()
+    if backend == "grouped_mm" and a.is_cuda and rank_bytes % 16:
+        backend = "triton"  # cuBLAS/CUTLASS grouped GEMMs want 16-byte strides (rank % 8 in bf16)
     # peft's factors are permuted views; the grouped products want row-major stacks (small).
     rhs, lhs = lora.rhs.to(a.dtype).contiguous(), lora.lhs.to(a.dtype).contiguous()
     low = expert_gemm(a, rhs, plan, layout=first, backend=backend) * lora.scale
