@@ -432,7 +432,7 @@ def test_checkpointing_gives_adapter_gradients(stories260k):
 
 @pytest.mark.parametrize(
     "adapter, match",
-    [({"method": "dora"}, "supports method lora"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    [({"method": "llama_pro"}, "turbotune expand"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
      ({"target_modules": ["nothing_here"]}, "matches no module"), ({"target_modules": ["mlp"]}, "LlamaMLP")],
 )  # fmt: skip
 def test_unsupported_options_are_config_errors(stories260k, adapter, match):
