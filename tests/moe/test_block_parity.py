@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.moe.tiny import FAMILIES, sparse_blocks, tiny_model
+from tests.moe.tiny import FAMILIES, TRITON, sparse_blocks, tiny_model
 
 from turbotune.patches import apply_patches
 
@@ -40,7 +40,7 @@ def _compare(got: dict, want: dict, atol: float) -> None:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "triton"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", TRITON])
 def test_block_matches_transformers(family: str, backend: str) -> None:
     torch.set_num_threads(1)
     model = tiny_model(family)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.moe.tiny import TRITON, needs_interpreter
 
 from turbotune.moe.expert_gemm import expert_gemm
 from turbotune.moe.experts import ExpertLoRA, moe_experts
@@ -26,6 +27,7 @@ def _diff(name: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> None
     assert d.max() <= atol, f"{name}: max abs diff {d.max():.3e} mean {d.mean():.3e}"
 
 
+@needs_interpreter
 @pytest.mark.parametrize("layout", ["gather", "scatter", "sorted"])
 @pytest.mark.parametrize(("tokens", "k_in", "n_out", "experts", "k", "skew"), [
     (37, 24, 20, 5, 2, True), (3, 16, 16, 4, 1, False), (29, 33, 17, 7, 3, True),
@@ -50,6 +52,7 @@ def test_expert_gemm_triton(layout, tokens, k_in, n_out, experts, k, skew) -> No
         assert plan.counts[-1] == 0 and results["loop"][2][-1].abs().max() == 0
 
 
+@needs_interpreter
 def test_frozen_weight_gets_no_gradient() -> None:
     """QLoRA-style frozen stacks: the weight-gradient product is skipped, inputs still get one."""
     index = _routing(9, 4, 2, seed=0, skew=False)
@@ -74,7 +77,7 @@ class _Stack:
         return self.dense.to(dtype)
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "triton"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", TRITON])
 def test_dequantizable_stacks(backend: str) -> None:
     """Stacks behind ``.dequantize`` are dequantized in forward and again in backward only."""
     index = _routing(11, 4, 2, seed=3, skew=True)
@@ -92,7 +95,7 @@ def test_dequantizable_stacks(backend: str) -> None:
     _diff("grad_weights", weights.grad, ref_w.grad, 1e-4)
 
 
-@pytest.mark.parametrize("backend", ["loop", "triton"])
+@pytest.mark.parametrize("backend", ["loop", TRITON])
 def test_expert_lora_as_grouped_products(backend: str) -> None:
     """Per-expert LoRA as rank-r grouped products equals the experts on the merged stacks
     ``W + s * lhs @ rhs`` (output and the gradients of input and of the four factors)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.moe.tiny import sparse_blocks, tiny_model
+from tests.moe.tiny import TRITON, sparse_blocks, tiny_model
 
 from turbotune.moe.quant import NF4ExpertStack, quantize_experts
 from turbotune.patches import apply_patches
@@ -27,7 +27,7 @@ def test_stack_roundtrip_matches_bitsandbytes() -> None:
     assert sqnr > 18, f"NF4 SQNR {sqnr:.1f} dB"  # NF4 on Gaussian weights: ~20 dB
 
 
-@pytest.mark.parametrize("backend", ["loop", "triton"])
+@pytest.mark.parametrize("backend", ["loop", TRITON])
 def test_quantized_experts_match_dequantized_transformers(backend: str) -> None:
     torch.set_num_threads(1)
     model = tiny_model("mixtral").requires_grad_(False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import (
     GraniteMoeConfig,
@@ -13,6 +14,15 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+
+from turbotune.ops._triton import use_triton
+
+# The Triton kernels run on CPU tensors only through the interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1 on machines without CUDA); a GPU machine runs them in tests/moe/test_gpu.py.
+needs_interpreter = pytest.mark.skipif(
+    not use_triton(torch.zeros(1)), reason="CPU Triton needs TRITON_INTERPRET=1"
+)
+TRITON = pytest.param("triton", marks=needs_interpreter)
 
 _COMMON = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -41,6 +41,10 @@ class ExpertLoRA(NamedTuple):
 def resolve_backend(backend: BackendChoice, hidden: torch.Tensor) -> Backend:
     """``auto``: ``grouped_mm`` for CUDA bf16 where ``torch._grouped_mm`` exists (CUTLASS), the
     Triton kernels for other CUDA dtypes (and on CPU under ``TRITON_INTERPRET=1``), else the loop."""
+    if backend == "triton" and not use_triton(hidden):
+        raise ValueError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        raise ValueError(f"torch {torch.__version__} has no torch._grouped_mm")
     if backend != "auto":
         return backend
     if hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
