@@ -10,7 +10,7 @@ import torch.distributed as dist
 from tests.moe.tiny import sparse_blocks, tiny_model
 from transformers import AutoModelForCausalLM
 
-from turbotune.moe.expert_parallel import gather_experts, shard_experts
+from turbotune.moe.expert_parallel import expert_parameters, gather_experts, shard_experts
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 2e-5) -> None:
@@ -39,6 +39,7 @@ def run(rank: int, world: int, port: int, out_dir: str, backend: str, cuda: bool
 def _check(rank: int, world: int, out_dir: str, backend: str, device: torch.device) -> None:
     model = tiny_model("qwen3_moe").to(device)  # same seed on every rank: 8 experts, 4 per rank
     reference = copy.deepcopy(model)
+    pristine = copy.deepcopy(model)
     block, ref_block = sparse_blocks(model)[0], sparse_blocks(reference)[0]
     hidden = model.config.hidden_size
     gen = torch.Generator().manual_seed(7)
@@ -50,6 +51,7 @@ def _check(rank: int, world: int, out_dir: str, backend: str, device: torch.devi
 
     patches = shard_experts(model, backend=backend)
     assert patches.counts == {"moe_ep": 2}
+    assert len(expert_parameters(model)) == 4  # 2 layers x (gate_up, down): FSDP2's ignored set
     local = 8 // world
     assert _experts(block).gate_up_proj.shape[0] == local
     x = xs[mine].clone().requires_grad_()
@@ -71,6 +73,7 @@ def _check(rank: int, world: int, out_dir: str, backend: str, device: torch.devi
             for name in ("gate_up_proj", "down_proj"):
                 p = getattr(_experts(m), name)
                 p -= 0.5 * p.grad
+    _check_average_grads(pristine, block, xs[mine], grads[mine], world, backend)
     patches.undo()
     gather_experts(model)
     if rank == 0:
@@ -84,3 +87,13 @@ def _check(rank: int, world: int, out_dir: str, backend: str, device: torch.devi
         _close("saved layer-1 experts", sparse_blocks(loaded)[1].experts.down_proj.to(device),
                sparse_blocks(reference)[1].experts.down_proj, 0.0)  # fmt: skip
     dist.barrier()
+
+
+def _check_average_grads(pristine, block, x, grad, world: int, backend: str) -> None:
+    """``shard_experts(average_grads=True)``: the shard gradients divided by the group size."""
+    shard_experts(pristine, backend=backend, average_grads=True)
+    averaged = sparse_blocks(pristine)[0]
+    averaged(x).backward(grad)
+    for name in ("gate_up_proj", "down_proj"):
+        want = getattr(block.experts, name).grad / world
+        _close(f"averaged grad {name}", getattr(averaged.experts, name).grad, want)

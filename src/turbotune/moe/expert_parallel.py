@@ -21,7 +21,8 @@ other parameters are replicated and need the usual data-parallel reduction (DDP/
 (CPU) and NCCL both implement ``all_to_all_single`` with uneven splits (gloo checked on torch
 2.13). Saving: :func:`gather_experts` rebuilds the full stacks (``all_gather``) so
 ``save_pretrained`` writes the Hugging Face layout. Combining with FSDP2 (experts sharded by EP,
-the rest by FSDP) is not wired yet.
+the rest by FSDP) is not wired yet: FSDP2 must skip :func:`expert_parameters` (its
+``ignored_params``), and ``average_grads`` makes the shards' gradients the mean FSDP2 uses.
 """
 
 from __future__ import annotations
@@ -122,11 +123,23 @@ def _experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard_experts(
-    model: torch.nn.Module, group: Any = None, *, backend: BackendChoice = "auto"
+    model: torch.nn.Module,
+    group: Any = None,
+    *,
+    backend: BackendChoice = "auto",
+    average_grads: bool = False,
 ) -> PatchSet:
     """Keep this rank's slice of every experts stack and route through all-to-all.
 
     Every rank must hold the same full model (same seed or checkpoint) when this is called.
+
+    Args:
+        model: a model of a family with ``experts`` in the patch table.
+        group: the expert-parallel group (default: the world).
+        backend: the expert kernels (:func:`turbotune.moe.resolve_backend`).
+        average_grads: divide the expert-shard gradients by the group size, matching the
+            mean over ranks that DDP/FSDP2 apply to the replicated parameters (a shard's gradient
+            is already the sum over every rank's tokens).
 
     Returns:
         the :class:`PatchSet` of the replaced forwards (``undo()`` restores the forwards; the
@@ -142,10 +155,24 @@ def shard_experts(
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(module, name)
             shard = full.detach()[rank * local : (rank + 1) * local].clone()
-            setattr(module, name, torch.nn.Parameter(shard, requires_grad=full.requires_grad))
+            param = torch.nn.Parameter(shard, requires_grad=full.requires_grad)
+            if average_grads and param.requires_grad:
+                param.register_hook(lambda g, w=world: g / w)
+            setattr(module, name, param)
         module._turbotune_ep = {"num_experts": num_experts, "group": group}
         patches.bind(module, "moe_ep", _ep_forward(backend))
     return patches
+
+
+def expert_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The expert shards :func:`shard_experts` left on this rank: what FSDP2 must not shard or
+    reduce (``fully_shard(..., ignored_params=...)``) when it wraps the rest of the model."""
+    return {
+        getattr(module, name)
+        for module in _experts_modules(model)
+        if hasattr(module, "_turbotune_ep")
+        for name in ("gate_up_proj", "down_proj")
+    }
 
 
 def gather_experts(model: torch.nn.Module, group: Any = None) -> None:
