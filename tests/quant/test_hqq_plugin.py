@@ -132,7 +132,7 @@ def test_config_errors_and_train_type():
     assert load_config({"train_type": "hqq_lora"}).adapter.implementation == "custom"
 
 
-def test_peft_lora_on_hqq_trains_like_the_custom_layers(stories260k):
+def test_peft_lora_on_hqq_trains_like_the_custom_layers(stories260k, tmp_path):
     """``adapter.implementation: peft`` on an HQQ base: peft's LoRA layers wrap every HQQLinear
     (``all-linear`` spelled out) and train with the same losses as turbotune's own (fp32)."""
     from peft import PeftModel
@@ -161,6 +161,15 @@ def test_peft_lora_on_hqq_trains_like_the_custom_layers(stories260k):
     ours, ref = _train(peft_model, batches), _train(custom, batches)
     diffs = [abs(a - b) / b for a, b in zip(ours, ref)]
     assert max(diffs) < 1e-6, f"peft {ours} vs custom {ref}"
+    # saved as a peft adapter (targets spelled out) that loads on the dense base
+    from transformers import AutoModelForCausalLM
+
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    dense = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(dense, str(tmp_path / "adapter"))
+    assert sorted(loaded.peft_config["default"].target_modules) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj",
+    ]  # fmt: skip
 
 
 def test_hqq_llama_pro_keeps_new_blocks_dense_and_trains_only_them(stories260k, tmp_path):
