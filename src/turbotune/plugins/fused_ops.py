@@ -59,7 +59,7 @@ class FusedOpsPlugin(Plugin):
     ) -> tuple[PreTrainedModel, TrainingArguments | None]:
         from turbotune.patches import apply_patches
 
-        if self.config.moe and self.config.moe_quantize_experts and _is_4bit(model):
+        if self.config.moe and self.config.moe_quantize_experts and _moe_in_4bit(model):
             from turbotune.moe.quant import quantize_experts
 
             quantize_experts(model)
@@ -72,7 +72,12 @@ class FusedOpsPlugin(Plugin):
         return "kernels: " + ", ".join(self.kinds())
 
 
-def _is_4bit(model: PreTrainedModel) -> bool:
-    from turbotune.quant.bnb import count_4bit_linears
-
-    return bool(getattr(model, "is_loaded_in_4bit", False)) or count_4bit_linears(model) > 0
+def _moe_in_4bit(model: PreTrainedModel) -> bool:
+    """An MoE model whose linears are bitsandbytes 4-bit (checked by class name: bitsandbytes
+    need not be installed when the model is not quantized)."""
+    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if family is None or not family.experts:
+        return False
+    return bool(getattr(model, "is_loaded_in_4bit", False)) or any(
+        type(m).__name__ == "Linear4bit" for m in model.modules()
+    )
