@@ -73,11 +73,13 @@ def main() -> None:
     rtn = copy.deepcopy(model)
     start = time.perf_counter()
     rtn_quantize_model(rtn, spec)
-    rows.append(("RTN", perplexity(rtn, eval_batches), time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    rows.append(("RTN", perplexity(rtn, eval_batches), seconds))
     del rtn
     start = time.perf_counter()
     quantize_model(model, calib_batches, spec, device="cpu")
-    rows.append(("GPTQ", perplexity(model, eval_batches), time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    rows.append(("GPTQ", perplexity(model, eval_batches), seconds))
     report = render(args, spec, rows, len(calib), len(held_out))
     print(report)
     if args.out:
