@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from turbotune.errors import ConfigError
+
 __all__ = [
     "CONFIG_KEY",
     "ExpansionPlan",
@@ -73,13 +75,13 @@ def plan_expansion(
         The plan; the copy of group ``k`` follows original block ``ceil((k+1) N / P) - 1``.
     """
     if (new_blocks is None) == (expansion_rate is None):
-        raise ValueError("give exactly one of new_blocks and expansion_rate")
+        raise ConfigError("give exactly one of new_blocks and expansion_rate")
     if new_blocks is None:
         if expansion_rate <= 0:
-            raise ValueError(f"expansion_rate must be positive, got {expansion_rate}")
+            raise ConfigError(f"expansion_rate must be positive, got {expansion_rate}")
         new_blocks = max(1, round(num_layers * expansion_rate))
     if not 1 <= new_blocks <= num_layers:
-        raise ValueError(f"new_blocks must be in [1, {num_layers}], got {new_blocks}")
+        raise ConfigError(f"new_blocks must be in [1, {num_layers}], got {new_blocks}")
     after = {-(-(k + 1) * num_layers // new_blocks) - 1 for k in range(new_blocks)}
     sources, new = [], []
     for i in range(num_layers):
@@ -110,16 +112,20 @@ def _expanded_config(config: dict[str, Any], plan: ExpansionPlan, source: str) -
         if isinstance(value, list) and len(value) == n and key != "architectures":
             out[key] = [value[i] for i in plan.sources]
     out["num_hidden_layers"] = plan.num_layers
-    previous = new_layers_of(config)
-    if previous:
-        raise ValueError(
-            f"{source} is already expanded (new layers {previous}); expand the original"
-        )
+    _check_not_expanded(config, source)
     out[CONFIG_KEY] = {
         **(config.get(CONFIG_KEY) or {}),
         "llama_pro": {"new_layers": list(plan.new), "original_layers": n, "source": source},
     }
     return out
+
+
+def _check_not_expanded(config: dict[str, Any], source: str) -> None:
+    previous = new_layers_of(config)
+    if previous:
+        raise ConfigError(
+            f"{source} is already expanded (new layers {previous}); expand the original"
+        )
 
 
 def _shards(model_dir: Path) -> tuple[list[str], bool]:
@@ -129,7 +135,7 @@ def _shards(model_dir: Path) -> tuple[list[str], bool]:
         return sorted(set(weight_map.values())), True
     if (model_dir / "model.safetensors").is_file():
         return ["model.safetensors"], False
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    raise ConfigError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
 def _expand_shard(tensors: dict[str, Any], plan: ExpansionPlan) -> dict[str, Any]:
@@ -180,8 +186,9 @@ def expand_checkpoint(
     src = _local_dir(model)
     out = Path(out_dir)
     if any((out / f).exists() for f in _WEIGHT_FILES):
-        raise FileExistsError(f"{out} already holds a checkpoint")
+        raise ConfigError(f"{out} already holds a checkpoint; choose another --out")
     config = json.loads((src / "config.json").read_text())
+    _check_not_expanded(config, str(model))
     plan = plan_expansion(config["num_hidden_layers"], new_blocks, expansion_rate)
     shards, indexed = _shards(src)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from turbotune.errors import ConfigError
 from turbotune.expand import expand_checkpoint, new_layers_of, plan_expansion
 
 
@@ -33,7 +34,7 @@ def test_plan_spreads_new_blocks_evenly():
     assert uneven.sources == (0, 1, 2, 2, 3, 4, 4) and uneven.new == (3, 6)
     assert plan_expansion(4, new_blocks=4).sources == (0, 0, 1, 1, 2, 2, 3, 3)
     for bad in ({"new_blocks": 0}, {"new_blocks": 6}, {"expansion_rate": -1.0}, {}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             plan_expansion(5, **bad)
 
 
@@ -84,7 +85,7 @@ def test_config_lists_follow_the_blocks():
     config = {"num_hidden_layers": 3, "layer_types": ["a", "b", "c"], "architectures": ["X"]}
     out = _expanded_config(config, plan_expansion(3, new_blocks=1), "src")
     assert out["layer_types"] == ["a", "b", "c", "c"] and out["architectures"] == ["X"]
-    with pytest.raises(ValueError, match="already expanded"):
+    with pytest.raises(ConfigError, match="already expanded"):
         _expanded_config(out, plan_expansion(4, new_blocks=1), "again")
 
 
@@ -168,26 +169,20 @@ def test_bnb_llama_pro_through_run_training(stories260k, shared_data, tmp_path):
     assert _load(result.output_dir).config.num_hidden_layers == 6
 
 
-def test_expand_cli(stories260k, tmp_path):
-    import subprocess
-    import sys
+def test_expand_cli(stories260k, tmp_path, capsys):
+    from turbotune.cli import main
 
     out = tmp_path / "pro"
-    run = subprocess.run(
-        [sys.executable, "-m", "turbotune", "expand", str(stories260k), "--expansion-rate", "0.4",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
-                                                         "CUDA_VISIBLE_DEVICES": ""},
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "5 -> 7 blocks" in run.stdout and "[3, 6]" in run.stdout, run.stdout
+    assert main(["expand", str(stories260k), "--expansion-rate", "0.4", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "5 -> 7 blocks" in said and "[3, 6]" in said, said
     assert new_layers_of(json.loads((out / "config.json").read_text())) == [3, 6]
-    again = subprocess.run(
-        [sys.executable, "-m", "turbotune", "expand", str(out), "--new-blocks", "1",
-         "--out", str(tmp_path / "again")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert again.returncode != 0 and "already" in again.stderr, again.stderr[-2000:]
+    # User errors are one line, not a traceback: expanding twice, an occupied --out.
+    assert main(["expand", str(out), "--new-blocks", "1", "--out", str(tmp_path / "again")]) == 2
+    assert "already expanded" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()  # refused before anything was written
+    assert main(["expand", str(stories260k), "--new-blocks", "1", "--out", str(out)]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
 
 
 def test_llama_pro_with_fused_ops_matches_unpatched(stories260k, tmp_path):
