@@ -216,7 +216,9 @@ def test_unsupported_model_is_named():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(UnsupportedModelError, match=r"'gpt2'.*supported: granite, llama"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"'gpt2'.*supported: granite, granitemoe, llama"
+    ):
         apply_patches(model)
 
 
