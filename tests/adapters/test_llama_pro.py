@@ -167,6 +167,16 @@ def test_bnb_llama_pro_through_run_training(stories260k, shared_data, tmp_path):
     new = new_layers_of(json.loads((pro / "config.json").read_text()))
     assert changed and all(k.startswith(tuple(f"model.layers.{i}." for i in new)) for k in changed)
     assert _load(result.output_dir).config.num_hidden_layers == 6
+    # Resuming: the saved new blocks go back into a fresh 4-bit model (old blocks untouched).
+    from turbotune.adapters.llama_pro import llama_pro_params, load_llama_pro
+    from turbotune.framework import AccelerationFramework
+
+    fw = AccelerationFramework({"train_type": "bnb_llama_pro"}, banner=False)
+    fresh, _ = fw.load_model(str(pro), dtype=torch.bfloat16)
+    fresh, _ = fw.augment(fresh, None, None)
+    load_llama_pro(fresh, result.output_dir)
+    for key, param in llama_pro_params(fresh).items():
+        assert torch.equal(param, saved[key].to(param.dtype)), f"resumed {key} differs"
 
 
 def test_expand_cli(stories260k, tmp_path, capsys):

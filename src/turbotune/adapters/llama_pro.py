@@ -32,6 +32,7 @@ __all__ = [
     "apply_llama_pro",
     "is_llama_pro_model",
     "llama_pro_state_dict",
+    "load_llama_pro",
     "new_block_modules",
     "save_llama_pro",
 ]
@@ -112,8 +113,7 @@ def llama_pro_state_dict(
     model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
     """The new blocks' parameters by checkpoint key, on the CPU (FSDP2 shards gathered)."""
-    record = model.__dict__["_turbotune_llama_pro"]
-    prefixes = tuple(f"{record['layers']}.{i}." for i in record["new"])
+    prefixes = _new_prefixes(model)
     source = state_dict if state_dict is not None else dict(model.named_parameters())
     out = {}
     for key, tensor in source.items():
@@ -151,6 +151,45 @@ def save_llama_pro(
     if missing:
         raise RuntimeError(f"llama_pro save: {sorted(missing)[:3]} not in the source checkpoint")
     return out
+
+
+def load_llama_pro(model: nn.Module, checkpoint_dir: str | Path) -> None:
+    """Copy the new blocks' tensors of a saved checkpoint into ``model`` (resuming).
+
+    Only the new blocks are read, so this works when the old blocks are 4-bit in the model and
+    dense in the file (where ``load_state_dict`` of the whole file cannot). FSDP2: every rank
+    calls it and keeps its shard.
+    """
+    from safetensors import safe_open
+
+    params = llama_pro_params(model)
+    found = set()
+    for path in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f, torch.no_grad():
+            for key in params.keys() & set(f.keys()):
+                param, value = params[key], f.get_tensor(key)
+                if hasattr(param, "device_mesh"):  # FSDP2 DTensor: keep this rank's shard
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(
+                        value.to(param.device), param.device_mesh, param.placements
+                    )
+                param.copy_(value.to(param.dtype))
+                found.add(key)
+    missing = params.keys() - found
+    if missing:
+        raise ValueError(f"{checkpoint_dir}: no saved value for {sorted(missing)[:3]}")
+
+
+def llama_pro_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The new blocks' parameters by checkpoint key."""
+    prefixes = _new_prefixes(model)
+    return {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
+
+
+def _new_prefixes(model: nn.Module) -> tuple[str, ...]:
+    record = model.__dict__["_turbotune_llama_pro"]
+    return tuple(f"{record['layers']}.{i}." for i in record["new"])
 
 
 def _save_pretrained(
