@@ -196,3 +196,44 @@ def test_hqq_llama_pro_keeps_new_blocks_dense_and_trains_only_them(stories260k, 
     assert changed and all(k.startswith(("model.layers.3.", "model.layers.6.")) for k in changed), (
         changed
     )
+
+
+def test_streamed_load_equals_from_pretrained_then_quantize(stories260k, tmp_path):
+    """The loader reads the checkpoint tensor by tensor, quantizing as it goes; the model is the
+    one from_pretrained + quantize_linears gives (storage, dense tensors, tied head, logits)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from turbotune.config import ModelConfig, QuantizationConfig
+    from turbotune.modeling import load_causal_lm
+    from turbotune.plugins.hqq import HQQQuantPlugin
+    from turbotune.quant.hqq_load import stream_hqq_checkpoint
+
+    cpu = torch.device("cpu")
+    plugin = HQQQuantPlugin(
+        QuantizationConfig(method="hqq", compute_dtype="float32", group_size=32)
+    )
+    streamed = plugin.stream(str(stories260k), cpu, "sdpa", ())
+    assert streamed is not None and count_hqq_linears(streamed) == 35
+    ref = load_causal_lm(ModelConfig(path=str(stories260k)), torch.float32)
+    plugin.quantize(ref, cpu)
+    ours, want = streamed.state_dict(), ref.state_dict()
+    assert ours.keys() == want.keys()
+    for key, tensor in want.items():
+        got = ours[key]
+        assert got.dtype == tensor.dtype and torch.equal(
+            got.view(torch.uint8), tensor.view(torch.uint8)
+        ), key
+    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight  # tied, as in the config
+    assert streamed.config.name_or_path == str(stories260k) and not streamed.training
+    ids = torch.randint(0, 512, (2, 12))
+    assert torch.equal(streamed(ids).logits, ref(ids).logits)
+    # a checkpoint whose names are not the model's (here: one extra tensor) is left to from_pretrained
+    odd = tmp_path / "odd"
+    shutil.copytree(stories260k, odd)
+    state = load_file(str(odd / "model.safetensors"))
+    save_file({**state, "extra.weight": torch.zeros(2)}, str(odd / "model.safetensors"))
+    kw = dict(compute_dtype=torch.float32, device=cpu, make_layer=None, skip_modules=("lm_head",))
+    assert stream_hqq_checkpoint(str(odd), **kw) is None
+    assert stream_hqq_checkpoint(str(tmp_path / "missing"), **kw) is None

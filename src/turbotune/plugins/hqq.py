@@ -1,9 +1,10 @@
 """The HQQ loader plugin: ``quantization.method: hqq`` (``train_type: hqq_lora``).
 
-Loads a Hugging Face checkpoint in the compute dtype on the CPU, then quantizes its linear layers
-with turbotune's own HQQ (``quant/hqq.py``: calibration-free, no ``hqq`` package needed) one at a
-time on the training device, keeping the LM head and ``skip_modules`` dense, and moves the rest
-there. Only ``quantization.bits`` and ``group_size`` matter (groups along ``in_features``; the
+Loads a Hugging Face checkpoint and quantizes its linear layers with turbotune's own HQQ
+(``quant/hqq.py``: calibration-free, no ``hqq`` package needed) one at a time on the training
+device, keeping the LM head and ``skip_modules`` dense. A local safetensors checkpoint is
+streamed (``quant/hqq_load.py``: one tensor in host memory at a time); any other goes through
+``from_pretrained`` on the CPU first. Only ``quantization.bits`` and ``group_size`` matter (groups along ``in_features``; the
 scales and zero points in bf16). The new blocks of a Llama-Pro expanded checkpoint
 (``hqq_llama_pro``) stay dense, since they train. LoRA and DoRA run through turbotune's own
 layers (``adapter.implementation: custom``, what ``hqq_lora`` sets) or through peft: peft has no
@@ -19,6 +20,7 @@ compute dtype): FSDP2 casts every gathered parameter, and the packed codes must 
 from __future__ import annotations
 
 import os
+import types
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,6 +63,7 @@ class HQQQuantPlugin(Plugin):
     def load_model(self, path: str, **kwargs: Any) -> PreTrainedModel:
         from dataclasses import replace
 
+        from turbotune.adapters.llama_pro import new_block_modules
         from turbotune.config import ModelConfig
         from turbotune.modeling import load_causal_lm
         from turbotune.quant.bnb import DTYPES
@@ -69,14 +72,41 @@ class HQQQuantPlugin(Plugin):
         kwargs.pop("dtype", None)  # non-quantized modules stay in the compute dtype
         kwargs.pop("device_map", None)  # loaded on the CPU, quantized onto the device
         model_cfg = kwargs.pop("model_config", None) or ModelConfig()
-        model = load_causal_lm(replace(model_cfg, path=path), compute, **kwargs)
         device = _device()
         # Llama-Pro (hqq_llama_pro): the blocks `turbotune expand` added train, so stay dense.
-        from turbotune.adapters.llama_pro import new_block_modules
-
-        self.quantize(model, device, progress=True, extra_skip=tuple(new_block_modules(path)))
-        model.to(device)
+        extra_skip = tuple(new_block_modules(path))
+        model = None
+        if not kwargs and not (model_cfg.gguf_file or model_cfg.trust_remote_code):
+            model = self.stream(path, device, model_cfg.attn_implementation, extra_skip)
+        if model is None:  # a checkpoint only from_pretrained reads: whole on the CPU first
+            model = load_causal_lm(replace(model_cfg, path=path), compute, **kwargs)
+            self.quantize(model, device, progress=True, extra_skip=extra_skip)
+            model.to(device)
         return self.prepare_loaded(model)
+
+    def stream(
+        self, path: str, device: torch.device, attn_implementation: str, extra_skip: tuple[str, ...]
+    ) -> PreTrainedModel | None:
+        """Quantize while reading the checkpoint (``quant/hqq_load.py``), or ``None``."""
+        from turbotune.quant.bnb import DTYPES
+        from turbotune.quant.hqq_linear import HQQLinear
+        from turbotune.quant.hqq_load import stream_hqq_checkpoint
+
+        c = self.config
+        compute = DTYPES[c.compute_dtype]
+
+        def make_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> HQQLinear:
+            holder = types.SimpleNamespace(weight=weight, bias=bias)
+            return HQQLinear.from_linear(
+                holder, c.bits, c.group_size, compute_dtype=compute,
+                storage_dtype=DTYPES[c.quant_storage],
+            )  # fmt: skip
+
+        return stream_hqq_checkpoint(
+            path, compute_dtype=compute, device=device, make_layer=make_layer,
+            skip_modules=_skipped(c) + extra_skip, attn_implementation=attn_implementation,
+            progress=True,
+        )  # fmt: skip
 
     def quantize(
         self,
@@ -84,11 +114,10 @@ class HQQQuantPlugin(Plugin):
         device: torch.device,
         *,
         progress: bool = False,
-        make_weight: Any = None,
         extra_skip: tuple[str, ...] = (),
     ) -> int:
         """Swap ``model``'s linears (not the head, ``skip_modules`` or ``extra_skip``) for
-        ``HQQLinear`` on ``device``; ``make_weight(name, linear)`` supplies weights instead."""
+        ``HQQLinear`` on ``device``."""
         from turbotune.quant.bnb import DTYPES
         from turbotune.quant.hqq_linear import quantize_linears
 
@@ -96,7 +125,7 @@ class HQQQuantPlugin(Plugin):
         return quantize_linears(
             model, bits=c.bits, group_size=c.group_size, device=device,
             compute_dtype=DTYPES[c.compute_dtype], skip_modules=_skipped(c) + extra_skip,
-            storage_dtype=DTYPES[c.quant_storage], progress=progress, make_weight=make_weight,
+            storage_dtype=DTYPES[c.quant_storage], progress=progress,
         )  # fmt: skip
 
     def prepare_loaded(self, model: PreTrainedModel) -> PreTrainedModel:

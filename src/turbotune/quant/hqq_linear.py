@@ -220,7 +220,6 @@ def quantize_linears(
     meta_dtype: torch.dtype = torch.bfloat16,
     storage_dtype: torch.dtype = torch.uint8,
     progress: bool = False,
-    make_weight: Callable[[str, nn.Linear], torch.Tensor] | None = None,
 ) -> int:
     """Replace every ``nn.Linear`` of ``model`` (but the skipped ones) by an :class:`HQQLinear`.
 
@@ -236,8 +235,6 @@ def quantize_linears(
         skip_modules: names (or dotted suffixes) left dense; a module's name skips every
             linear inside it.
         progress: show a progress bar.
-        make_weight: ``(name, linear) -> dense weight`` to quantize instead of ``linear.weight``
-            (the benchmark's random weights drawn on the device).
 
     Returns:
         How many layers were quantized.
@@ -255,27 +252,16 @@ def quantize_linears(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         dense = getattr(parent, child)
-        source = dense if make_weight is None else _made(name, dense, make_weight, device)
         layer = HQQLinear.from_linear(
-            source, bits, group_size, axis, method=method, params=params,
+            dense, bits, group_size, axis, method=method, params=params,
             compute_dtype=compute_dtype, device=device, meta_dtype=meta_dtype,
             storage_dtype=storage_dtype,
         )  # fmt: skip
         setattr(parent, child, layer)
-        del dense, source
+        del dense
         bar.update(1)
     bar.close()
     return len(names)
-
-
-def _made(
-    name: str, dense: nn.Linear, make_weight: Callable[..., torch.Tensor], device: Any
-) -> _Holder:
-    weight = make_weight(name, dense)
-    bias = dense.bias
-    if bias is not None and bias.is_meta:  # a model built on the meta device: zero bias
-        bias = torch.zeros(dense.out_features, device=weight.device)
-    return _Holder(weight, bias)
 
 
 def round_trip_linears(
@@ -305,16 +291,6 @@ def round_trip_linears(
                 weight.copy_(q.dequantize(weight.dtype))
             count += 1
     return count
-
-
-class _Holder:
-    """A stand-in linear: a weight and a bias, nothing else (``from_linear`` reads only those)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self.bias = weight, bias
 
 
 def _progress(total: int, enabled: bool) -> Any:
