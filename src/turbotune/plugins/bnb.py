@@ -53,9 +53,11 @@ class BnbQuantPlugin(Plugin):
             kwargs["device_map"] = _device_map()
         quantization = bnb_config(self.config)
         # Blocks added by `turbotune expand` (Llama-Pro) train, so they stay in the compute dtype.
+        # Plain module names: every transformers version's matcher takes them as a prefix at a
+        # module boundary (some also let "layers.3" keep "layers.30" dense: memory, not results).
         from turbotune.adapters.llama_pro import new_block_modules
 
-        quantization.llm_int8_skip_modules += [f"{m}." for m in new_block_modules(path)]
+        quantization.llm_int8_skip_modules += new_block_modules(path)
         model = load_causal_lm(
             replace(model_cfg, path=path),
             compute,
