@@ -93,7 +93,7 @@ def _train_steps(model, n: int = 3) -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(1)
     for _ in range(n):
-        ids = torch.randint(0, 512, (2, 24), generator=g)
+        ids = torch.randint(0, 512, (2, 24), generator=g).to(model.device)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -221,3 +221,20 @@ def test_llama_pro_with_fused_ops_matches_unpatched(stories260k, tmp_path):
     for name, g in g0.items():
         d = (g1[name] - g).abs().max()
         assert d <= 1e-3 * g.abs().max() + 1e-6, f"grad {name}: max abs diff {d:.3e}"
+
+
+@pytest.mark.gpu
+def test_bnb_llama_pro_keeps_new_blocks_dense_on_gpu(stories260k, tmp_path):
+    """The GPU machine's transformers applies bitsandbytes' skip list with its own matcher:
+    the new blocks must still load dense (else apply_llama_pro refuses them)."""
+    pytest.importorskip("bitsandbytes")
+    from turbotune.framework import AccelerationFramework
+
+    expand_checkpoint(stories260k, tmp_path / "pro", new_blocks=2, progress=False)
+    fw = AccelerationFramework({"train_type": "bnb_llama_pro"}, banner=False)
+    model, _ = fw.load_model(str(tmp_path / "pro"), dtype=torch.bfloat16)
+    model, _ = fw.augment(model, None, None)
+    kinds = [type(model.model.layers[j].mlp.down_proj).__name__ for j in range(7)]
+    assert kinds == ["Linear" if j in (3, 6) else "Linear4bit" for j in range(7)], kinds
+    assert model.device.type == "cuda"
+    _train_steps(model, 1)
