@@ -100,11 +100,14 @@ def moe_experts(
         ``[T, H]`` tensor of ``hidden.dtype``.
     """
     num_experts = gate_up.shape[0] if isinstance(gate_up, torch.Tensor) else len_experts(gate_up)
-    chosen = resolve_backend(backend, hidden)
+    # Compute in the stacks' dtype, as transformers does (an fp32 input under autocast would
+    # otherwise upcast whole bf16 / dequantized stacks).
+    x = hidden.to(getattr(gate_up, "dtype", hidden.dtype))
+    chosen = resolve_backend(backend, x)
     plan = plan_experts(top_k_index, num_experts)
-    gate_up_rows = expert_gemm(hidden, gate_up, plan, layout="gather", backend=chosen)
+    gate_up_rows = expert_gemm(x, gate_up, plan, layout="gather", backend=chosen)
     if gate_up_lora is not None:
-        gate_up_rows = gate_up_rows + _lora(hidden, gate_up_lora, plan, "gather", chosen)
+        gate_up_rows = gate_up_rows + _lora(x, gate_up_lora, plan, "gather", chosen)
     h = gated_activation(gate_up_rows, activation)
     slots = expert_gemm(h, down, plan, layout="scatter", backend=chosen)
     if down_lora is not None:
