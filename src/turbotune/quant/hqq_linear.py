@@ -33,6 +33,7 @@ __all__ = [
     "HQQLinearFunction",
     "count_hqq_linears",
     "hqq_linear",
+    "quantizable_linears",
     "quantize_linears",
     "round_trip_linears",
 ]
@@ -201,6 +202,19 @@ def hqq_linear(x: torch.Tensor, layer: Any, bias: torch.Tensor | None = None) ->
 # --- whole models ------------------------------------------------------------------------------
 
 
+def quantizable_linears(model: nn.Module, skip_modules: tuple[str, ...] | list[str]) -> list[str]:
+    """Names of the ``nn.Linear`` modules HQQ quantizes: all but the output embedding layer and
+    those :func:`_matches` ``skip_modules``."""
+    skip = tuple(skip_modules)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and module is not head and not _matches(name, skip)
+    ]
+
+
 def _matches(name: str, skip: tuple[str, ...]) -> bool:
     """``name`` is a skip entry, ends with ``.<entry>``, or lies inside one (``model.layers.5``)."""
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
@@ -239,14 +253,7 @@ def quantize_linears(
     Returns:
         How many layers were quantized.
     """
-    skip = tuple(skip_modules)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    names = [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and module is not head and not _matches(name, skip)
-    ]
+    names = quantizable_linears(model, skip_modules)
     bar = _progress(len(names), progress)
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -279,18 +286,13 @@ def round_trip_linears(
     Returns:
         How many weights were replaced.
     """
-    skip = tuple(skip_modules)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    count = 0
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and module is not head and not _matches(name, skip):
-            weight = module.weight
-            q = quantize(weight.detach(), bits, group_size, axis, meta_dtype=meta_dtype)
-            with torch.no_grad():
-                weight.copy_(q.dequantize(weight.dtype))
-            count += 1
-    return count
+    names = quantizable_linears(model, skip_modules)
+    for name in names:
+        weight = model.get_submodule(name).weight
+        q = quantize(weight.detach(), bits, group_size, axis, meta_dtype=meta_dtype)
+        with torch.no_grad():
+            weight.copy_(q.dequantize(weight.dtype))
+    return len(names)
 
 
 def _progress(total: int, enabled: bool) -> Any:

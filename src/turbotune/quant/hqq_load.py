@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from turbotune.quant.hqq_linear import HQQLinear, _matches
+from turbotune.quant.hqq_linear import HQQLinear, quantizable_linears
 
 __all__ = ["stream_hqq_checkpoint"]
 
@@ -81,12 +81,7 @@ def stream_hqq_checkpoint(
     params = dict(model.named_parameters())  # tied weights appear once
     if set(keys) != set(params):
         return None
-    head = model.get_output_embeddings()
-    quantized = {
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and module is not head and not _matches(name, skip_modules)
-    }
+    quantized = set(quantizable_linears(model, skip_modules))
     _fill(model, keys, quantized, compute_dtype, device, make_layer, progress)
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
