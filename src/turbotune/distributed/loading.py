@@ -100,17 +100,18 @@ class RandomSource:
     Args:
         seed: base seed.
         std: standard deviation of matrices (vectors such as norm weights are ones).
+        dtype: dtype the values are drawn in (bf16 halves the transient of a 70B matrix).
     """
 
-    def __init__(self, seed: int = 0, std: float = 0.02):
-        self.seed, self.std = seed, std
+    def __init__(self, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32):
+        self.seed, self.std, self.dtype = seed, std, dtype
 
     def get(self, key: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         if len(shape) == 1:
             return torch.ones(shape, device=device)
         gen = torch.Generator(device=device)
         gen.manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
-        return torch.randn(shape, generator=gen, device=device) * self.std
+        return torch.randn(shape, generator=gen, device=device, dtype=self.dtype).mul_(self.std)
 
 
 # --- building ------------------------------------------------------------------------------------
