@@ -67,8 +67,8 @@ class ShardedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.autocast is None:
             return self.module(*args, **kwargs)
-        device = next(iter(self.module.parameters())).device.type
-        device = "cuda" if torch.cuda.is_available() and device != "cpu" else device
+        # The compute device (sharded parameters may live on the CPU under CPU offload).
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         with torch.autocast(device, dtype=self.autocast):
             return self.module(*args, **kwargs)
 
