@@ -153,3 +153,32 @@ def test_custom_lora_resumes_exactly(stories260k, alpaca_tiny, tmp_path):
         s: v for s, v in step_losses(resumed.trainer.state.log_history).items() if s > SAVE_EVERY
     }
     _assert_same(got, want, "custom LoRA resume")
+
+
+def test_llama_pro_on_a_4bit_base_resumes_exactly(stories260k, alpaca_tiny, tmp_path):
+    """``bnb_llama_pro``: 4-bit old blocks, dense new ones; the checkpoint holds the whole model,
+    and resuming reads back only the new blocks (a full state-dict load cannot: 4-bit)."""
+    pytest.importorskip("bitsandbytes")
+    from turbotune.expand import expand_checkpoint
+
+    from .conftest import one_thread
+
+    pro = tmp_path / "pro"
+    expand_checkpoint(stories260k, pro, new_blocks=1, progress=False)
+
+    def config(out):
+        cfg = _config(pro, alpaca_tiny, out)
+        cfg.pop("adapter", None)
+        cfg["train_type"] = "bnb_llama_pro"
+        cfg["train"]["learning_rate"] = 1e-2
+        return cfg
+
+    with one_thread():
+        full = run_training(config(tmp_path / "full"))
+        run_training(config(tmp_path / "cut"), callbacks=[StopAfter(SAVE_EVERY)])
+        resumed = run_training(config(tmp_path / "cut"), ["train.resume_from_checkpoint=latest"])
+    want = {s: v for s, v in step_losses(full.trainer.state.log_history).items() if s > SAVE_EVERY}
+    got = {
+        s: v for s, v in step_losses(resumed.trainer.state.log_history).items() if s > SAVE_EVERY
+    }
+    _assert_same(got, want, "Llama-Pro (4-bit old blocks) resume")

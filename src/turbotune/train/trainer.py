@@ -227,11 +227,16 @@ class TurbotuneTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # turbotune's own LoRA layers (adapter.implementation: custom) save in the PEFT format
         # but are not a PeftModel, which the Trainer's loader would require.
+        from turbotune.adapters.llama_pro import is_llama_pro_model, load_llama_pro
         from turbotune.adapters.lora import is_custom_lora_model, load_custom_lora
 
         target = model if model is not None else self.model
         if is_custom_lora_model(target):
             return load_custom_lora(target, resume_from_checkpoint)
+        # Llama-Pro trains only its new blocks; the old ones may be 4-bit in the model and were
+        # saved in another form, so only the new blocks are read back.
+        if is_llama_pro_model(target):
+            return load_llama_pro(target, resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _save_checkpoint(self, model, trial):
