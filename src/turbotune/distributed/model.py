@@ -8,6 +8,7 @@ loading): nothing but :func:`shard_model` may read its values.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +149,7 @@ def shard_model(
     """
     from turbotune.distributed.env import build_mesh, device_for, init_distributed
     from turbotune.distributed.loading import materialize
+    from turbotune.distributed.memory import memory_report
     from turbotune.distributed.shard import apply_fsdp
 
     info = init_distributed(backend)
@@ -158,9 +160,17 @@ def shard_model(
         model.to(device if not config.cpu_offload else "cpu")
     apply_fsdp(model, config, plan, mesh)
     if source is not None:
-        stats = materialize(model, source, torch.device("cpu") if config.cpu_offload else device,
-                            seed=seed)  # fmt: skip
+        store = torch.device("cpu") if config.cpu_offload else device
+        stats = materialize(model, source, store, seed=seed)
+        stats.update(memory_report())
         model.__dict__["_turbotune_load_stats"] = stats
+        if info.is_main:
+            gpu = f", GPU peak {stats['gpu_peak_gib']:.2f} GiB" if "gpu_peak_gib" in stats else ""
+            print(
+                f"low-memory loading: {stats['tensors']} tensors in {stats['seconds']:.1f}s; "
+                f"host peak {stats['host_peak_gib']:.2f} GiB{gpu}",
+                file=sys.stderr,
+            )
     return model
 
 
