@@ -135,3 +135,22 @@ def test_not_a_gptq_checkpoint_is_refused(stories260k):
     assert read_gptq_config(stories260k) is None
     with pytest.raises(TurbotuneError, match="no GPTQ quantization_config"):
         load_gptq_model(stories260k)
+
+
+def test_checkpoint_without_g_idx_loads_with_the_default_order(stories260k, tmp_path):
+    """Older checkpoints without act-order may omit ``g_idx``: it is ``c // group_size``."""
+    from safetensors.torch import load_file, save_file
+
+    model = load_fp32(stories260k)
+    spec = GPTQSpec(bits=8, group_size=32)
+    result = quantize_model(model, story_batches(stories260k, 2), spec, progress=False)
+    save_gptq(model, result, tmp_path, dtype=torch.float32)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    stripped = {k: v for k, v in tensors.items() if not k.endswith(".g_idx")}
+    assert len(stripped) < len(tensors)
+    save_file(stripped, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_gptq_model(tmp_path, dtype=torch.float32)
+    ids = story_batches(stories260k, 1, offset=40_000)[0]
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), max_diff(got, expected)

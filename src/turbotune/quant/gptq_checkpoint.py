@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from turbotune.errors import TurbotuneError
-from turbotune.quant.gptq_format import pack_gptq
+from turbotune.quant.gptq_format import default_g_idx, pack_gptq
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -249,9 +249,12 @@ def _swap_linear(
     old = getattr(holder, child)
     if not isinstance(old, nn.Linear):
         raise TurbotuneError(f"checkpoint quantizes '{name}', which is a {type(old).__name__}")
-    parts = [tensors.pop(f"{name}.{s}").to(device) for s in QUANT_SUFFIXES]
-    bias = tensors.pop(f"{name}.bias", None)
     bits, group_size = layout
+    parts = [tensors.pop(f"{name}.{s}", None) for s in QUANT_SUFFIXES]
+    if parts[3] is None:  # some older checkpoints without act-order omit g_idx
+        parts[3] = default_g_idx(parts[0].shape[0] * 32 // bits, group_size)
+    parts = [t.to(device) for t in parts]
+    bias = tensors.pop(f"{name}.bias", None)
     layer = GPTQLinear.from_tensors(
         *parts,
         bits,
