@@ -113,8 +113,10 @@ def test_expert_lora_bf16(backend: str, rank: int) -> None:
     factors = [torch.randn(experts, *s, device="cuda", generator=gen) * 0.05 for s in shapes]
 
     def run(grouped: bool, dtype: torch.dtype):
-        xs = x.to(dtype).requires_grad_()
-        fs = [f.to(dtype).requires_grad_() for f in factors]
+        # Fresh leaves: ``.to(float32)`` of an fp32 tensor is the tensor itself, and making it
+        # require grad would turn the later bf16 copies into non-leaves without ``.grad``.
+        xs = x.to(dtype).detach().clone().requires_grad_()
+        fs = [f.to(dtype).detach().clone().requires_grad_() for f in factors]
         gu, dn, w = gate_up.to(dtype), down.to(dtype), weights.to(dtype)
         if grouped:
             out = moe_experts(xs, index, w, gu, dn, backend=backend,
