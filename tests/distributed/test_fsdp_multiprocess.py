@@ -56,12 +56,11 @@ def _sharded(cfg: dict[str, Any], **distributed: Any) -> dict[str, Any]:
 
 
 def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "PYTHONUNBUFFERED": "1",
-    }
+    # Kernels take their eager fallbacks: interpreted Triton costs minutes per step here, and the
+    # kernels are checked against their references elsewhere. What runs sharded is the patched
+    # model (its replaced forwards and autograd functions), which is what FSDP could break.
+    keys = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, **keys, "TRITON_INTERPRET": "0"}
 
 
 def _start(tmp: Path, name: str, configs: list[dict[str, Any]], nproc: int) -> tuple[Any, Path]:
