@@ -115,7 +115,8 @@ def _assert_same_steps(got: dict, ref: dict, rel: float, steps: list[str] | None
 def test_two_processes_equal_one(stories260k, alpaca_tiny, tmp_path):
     """peft LoRA on the fp32 base (full_shard, no_shard), and LoRA on the 4-bit base loaded
     tensor by tensor into NF4 storage (with the fused kernels, per-block checkpointing and
-    offload, hybrid_shard), against one process (bitsandbytes 4-bit for the latter)."""
+    offload, hybrid_shard), and peft LoRA with padding-free batches, against one process
+    (bitsandbytes 4-bit for the 4-bit runs)."""
     lora = _config(stories260k, alpaca_tiny, tmp_path / "lora")
     qlora = _config(
         stories260k, alpaca_tiny, tmp_path / "qlora",
@@ -124,6 +125,8 @@ def test_two_processes_equal_one(stories260k, alpaca_tiny, tmp_path):
     )  # fmt: skip
     fused = json.loads(json.dumps(qlora))
     fused["plugins"] = {"fused_ops": {}}
+    packed = json.loads(json.dumps(lora))
+    packed["plugins"] = {"padding_free": {}}
     runs = [
         _sharded(lora, low_memory_loading=False),
         _sharded(lora, low_memory_loading=False, strategy="no_shard"),
@@ -131,17 +134,16 @@ def test_two_processes_equal_one(stories260k, alpaca_tiny, tmp_path):
         _sharded(
             fused, strategy="hybrid_shard", activation_checkpointing=True, activation_offload=True
         ),
+        _sharded(packed, low_memory_loading=False),
     ]
     for i, cfg in enumerate(runs):
         cfg["train"]["output_dir"] += f"-fsdp{i}"
     proc, out = _start(tmp_path, "parity", runs, nproc=2)
     try:
-        ref_lora, ref_qlora = _reference(lora), _reference(qlora)
+        ref_lora, ref_qlora, ref_packed = _reference(lora), _reference(qlora), _reference(packed)
     finally:
         got = _finish(proc, out)
-    assert [g["world"] for g in got] == [2, 2, 2, 2] and {g["trainer"] for g in got} == {
-        "FsdpTrainer"
-    }
+    assert [g["world"] for g in got] == [2] * 5 and {g["trainer"] for g in got} == {"FsdpTrainer"}
     _assert_same_steps(got[0], ref_lora, rel=1e-5)
     _assert_same_steps(got[1], ref_lora, rel=1e-5)
     # Our quantizer packs exactly as bitsandbytes without nested scales (test_nf4_storage.py).
@@ -149,6 +151,7 @@ def test_two_processes_equal_one(stories260k, alpaca_tiny, tmp_path):
     _assert_same_steps(got[2], ref_qlora, rel=1e-5)
     assert got[3]["patches"].get("lora", 0) > 0 and got[3]["wrapped_blocks"] == 5
     _assert_same_steps(got[3], ref_qlora, rel=1e-4)
+    _assert_same_steps(got[4], ref_packed, rel=1e-5)  # padding-free batches
     saved = tmp_path / "qlora-fsdp2" / "final" / "adapter_model.safetensors"
     assert saved.is_file() and (saved.parent / "adapter_config.json").is_file()
 

@@ -67,6 +67,13 @@ def check_storage(model: nn.Module, param_dtype: torch.dtype | None) -> None:
     """Refuse 4-bit storage whose dtype the mixed-precision policy would convert."""
     from turbotune.distributed.nf4 import NF4Linear
 
+    if param_dtype is not None:  # the policy would convert integer storage of any format
+        for name, param in model.named_parameters():
+            if not param.dtype.is_floating_point:
+                raise ConfigError(
+                    f"{name}: {param.dtype} storage would be converted to {param_dtype} by FSDP2's "
+                    "mixed precision; store packed weights in the gather dtype"
+                )
     for name, module in model.named_modules():
         if isinstance(module, NF4Linear) and param_dtype not in (None, module.packed.dtype):
             raise ConfigError(
