@@ -17,7 +17,7 @@ import argparse
 import csv
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -81,31 +81,58 @@ def _cases(x, dy, storage, bits, dense, nf4) -> dict[str, Callable[[], object]]:
     return cases
 
 
-def _rows(name, out_f, in_f, bits, tokens_list, dtype, reps, act_order) -> list[dict]:
-    """One row per token count for one projection shape (storage built once)."""
+def _error(err: BaseException) -> str:
+    """A table cell for a variant that failed: the exception's type and first line."""
+    lines = str(err).strip().splitlines()
+    return f"error: {type(err).__name__}: {lines[0][:160] if lines else ''}"
+
+
+def _timed(fn: Callable[[], object], reps: int) -> float | str:
+    """``_time_us(fn)``, or an error cell: one failing variant must not end the table."""
+    try:
+        return _time_us(fn, reps)
+    except Exception as err:  # reported in the row; the next variant still runs
+        print(f"# {_error(err)}", file=sys.stderr, flush=True)
+        return _error(err)
+
+
+def _rows(name, out_f, in_f, bits, tokens_list, dtype, reps, act_order) -> Iterator[dict]:
+    """One row per token count for one projection shape (storage built once); a shape whose
+    setup fails gives one error row."""
     from turbotune.ops import gptq
     from turbotune.ops.nf4 import dequantize_nf4
 
-    storage = _gptq_storage(out_f, in_f, bits, 128, act_order)
-    dense = gptq.gptq_dequantize(storage, bits, dtype)
-    nf4 = _nf4(dense)
+    head = {"shape": f"{name} {out_f}x{in_f}", "bits": bits}
+    try:
+        storage = _gptq_storage(out_f, in_f, bits, 128, act_order)
+        dense = gptq.gptq_dequantize(storage, bits, dtype)
+    except Exception as err:  # e.g. out of memory: report and go on to the next shape
+        yield {**head, "error": _error(err)}
+        return
+    try:
+        nf4 = _nf4(dense)
+    except Exception as err:  # NF4 is a comparison column only
+        print(f"# nf4 skipped for {head['shape']}: {_error(err)}", file=sys.stderr, flush=True)
+        nf4 = None
     packed_bytes = sum(t.numel() * t.element_size() for t in storage)
-    t_deq = _time_us(lambda: gptq.gptq_dequantize(storage, bits, dtype), reps)
-    common = {
-        "shape": f"{name} {out_f}x{in_f}", "bits": bits, "dequant_us": t_deq,
-        "dequant_GBps": (packed_bytes + dense.numel() * dense.element_size()) / t_deq / 1e3,
-    }  # fmt: skip
+    t_deq = _timed(lambda: gptq.gptq_dequantize(storage, bits, dtype), reps)
+    dense_bytes = dense.numel() * dense.element_size()
+    gbps = (packed_bytes + dense_bytes) / t_deq / 1e3 if isinstance(t_deq, float) else t_deq
+    common = {**head, "dequant_us": t_deq, "dequant_GBps": gbps}
     if nf4 is not None:
-        common["nf4_dequant_us"] = _time_us(lambda: dequantize_nf4(nf4, dtype=dtype), reps)
-    rows = []
+        common["nf4_dequant_us"] = _timed(lambda: dequantize_nf4(nf4, dtype=dtype), reps)
     for tokens in tokens_list:
-        x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
-        dy = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
-        cases = _cases(x, dy, storage, bits, dense, nf4)
         row = {**common, "tokens": tokens}
-        row.update({f"{key}_us": _time_us(fn, reps) for key, fn in cases.items()})
-        rows.append(row)
-    return rows
+        try:
+            x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
+            dy = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
+        except Exception as err:
+            yield {**row, "error": _error(err)}
+            continue
+        cases = _cases(x, dy, storage, bits, dense, nf4)
+        row.update({f"{key}_us": _timed(fn, reps) for key, fn in cases.items()})
+        del x, dy
+        yield row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,21 +152,30 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"# GPTQ kernels on {torch.cuda.get_device_name()}, {args.dtype}, "
           f"act_order={args.act_order}, median of {args.reps}, times in us")  # fmt: skip
-    for bits in args.bits:
-        for name, out_f, in_f in SHAPES:
-            for row in _rows(
-                name, out_f, in_f, bits, args.tokens, dtype, args.reps, args.act_order
-            ):
-                rows.append(row)
-                print(" | ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in row.items()), flush=True)  # fmt: skip
-    if args.csv:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-    return 0
+    try:
+        for bits in args.bits:
+            for name, out_f, in_f in SHAPES:
+                for row in _rows(
+                    name, out_f, in_f, bits, args.tokens, dtype, args.reps, args.act_order
+                ):
+                    rows.append(row)
+                    print(" | ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in row.items()), flush=True)  # fmt: skip
+    finally:  # the rows measured so far are kept, whatever stopped the run
+        if args.csv and rows:
+            _write_csv(args.csv, rows)
+    failed = sum(isinstance(v, str) and v.startswith("error") for r in rows for v in r.values())
+    if failed:
+        print(f"# {failed} variant(s) failed: see the error cells", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -229,3 +229,177 @@ def test_kernels_compile_for_sm90():
         [sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
+
+
+# ---- fused kernel configs: shared memory (the H100 benchmark once asked for 1 MB at 4096 rows) ----
+
+H100_SHARED, A100_SHARED = 232448, 166912  # max shared memory per block, bytes
+# (arch, max shared, SMs) of the GPUs the selection must fit
+ARCHS = {"sm_90": (90, H100_SHARED, 132), "sm_80": (80, A100_SHARED, 108)}
+# benchmarks/gptq_kernels.py: Llama-3-8B (out, in); rows: every fused count and its --tokens
+BENCH_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+BENCH_ROWS = [*range(1, 65), 256, 4096]
+
+
+def _compile_jobs(arch: str, shapes, rows_list, bits_list) -> list[dict]:
+    """The distinct ``_matmul_kernel`` compilations the launcher makes for these shapes: the
+    config :func:`gptq.fused_config` picks for the arch's shared memory and the split the plan
+    takes for its SM count. Act-order and the group size are data (``g_idx``, scale rows), not
+    compile parameters. Ints are specialized as Triton does at launch (``% 16 == 0``); ``M``
+    is left plain (it takes every value)."""
+    _, max_shared, sms = ARCHS[arch]
+    jobs = {}
+    for out_f, in_f in shapes:
+        for rows in rows_list:
+            for bits in bits_list:
+                for t in (False, True):
+                    config = gptq.fused_config(rows, t, max_shared)
+                    cols, loop = (in_f, out_f) if t else (out_f, in_f)
+                    plan = gptq.fused_plan(rows, cols, loop, config, t, sms)
+                    ints = {"N": out_f, "K": in_f, "split_len": plan.split_len,
+                            "stride_am": loop, "stride_cm": cols, "stride_qw": out_f,
+                            "stride_qz": out_f * bits // 32, "stride_s": out_f}  # fmt: skip
+                    job = {"arch": arch, "config": config._asdict(), "transpose": t, "bits": bits,
+                           "split": plan.grid[2] > 1,
+                           "aligned": sorted(k for k, v in ints.items() if v % 16 == 0)}  # fmt: skip
+                    jobs[repr(job)] = job
+    return list(jobs.values())
+
+
+SHARED_SCRIPT = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from turbotune.ops import gptq
+
+fn = gptq._matmul_kernel
+out = []
+for job in json.load(sys.stdin):
+    c = job["config"]
+    constexprs = {"TRANSPOSE": job["transpose"], "BITS": job["bits"], "DOT_FP32": False,
+                  "SPLIT": job["split"], "BLOCK_M": c["block_m"], "BLOCK_N": c["block_n"],
+                  "BLOCK_K": c["block_k"]}
+    ptrs = {"a_ptr": "*bf16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
+            "g_idx_ptr": "*i32", "c_ptr": "*fp32" if job["split"] else "*bf16"}
+    sig = {n: "constexpr" if n in constexprs else ptrs.get(n, "i32") for n in fn.arg_names}
+    aligned = set(ptrs) | set(job["aligned"])  # torch allocations are 16-byte aligned
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in aligned}
+    arch = int(job["arch"][3:])
+    options = {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs),
+                            target=GPUTarget("cuda", arch, 32), options=options)
+    out.append(kernel.metadata.shared)
+print(json.dumps(out))
+"""
+
+
+def _compiled_shared(jobs: list[dict]) -> list[int]:
+    """``metadata.shared`` of each job compiled ahead of time (no GPU needed), in a subprocess
+    without TRITON_INTERPRET (this process decorated the kernels for the interpreter)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", SHARED_SCRIPT], input=json.dumps(jobs), env=env,
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _assert_shared_fits(jobs: list[dict]) -> None:
+    """Each compiled config fits its GPU and stays under ``shared_bytes_bound`` (the bound the
+    selection trusts on GPUs and Triton versions not compiled here)."""
+    bad = []
+    for job, shared in zip(jobs, _compiled_shared(jobs), strict=True):
+        config = gptq.FusedConfig(**job["config"])
+        bound = gptq.shared_bytes_bound(config, job["transpose"])
+        limit = ARCHS[job["arch"]][1]
+        if not shared <= min(bound, limit):
+            bad.append(f"{job}: shared {shared} B, bound {bound}, limit {limit}")
+    assert not bad, "\n".join(bad)
+
+
+def test_fused_config_fits_shared_memory_fast():
+    """sm_90 compile of the config that failed on the H100 (dy W, down 4096 x 14336, 4096 rows:
+    1 MB of shared memory) and of the largest dispatcher one (64 rows)."""
+    jobs = _compile_jobs("sm_90", [(4096, 14336)], [64, 4096], [4])
+    assert {j["config"]["block_m"] for j in jobs} == {64, 128}
+    _assert_shared_fits([j for j in jobs if j["transpose"]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_fused_configs_fit_shared_memory_benchmark_shapes(arch):
+    """Every fused compilation of benchmarks/gptq_kernels.py (Llama-3-8B shapes, rows 1..64,
+    256, 4096, bits 4 and 8, both directions, split or not) fits the H100 / A100."""
+    _assert_shared_fits(_compile_jobs(arch, BENCH_SHAPES, BENCH_ROWS, [4, 8]))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_fused_config_selection(transpose):
+    """Row blocks stop at 128 (more rows: more blocks); the bound fits the limit; a smaller
+    limit shrinks stages, then rows."""
+    for rows in (1, 17, 64, 65, 4096, 100_000):
+        for limit in (A100_SHARED, H100_SHARED):
+            config = gptq.fused_config(rows, transpose, limit)
+            assert config.block_m == min(128, max(16, 1 << (rows - 1).bit_length())), config
+            assert gptq.shared_bytes_bound(config, transpose) <= limit
+        small = gptq.fused_config(rows, transpose, 60_000)
+        assert gptq.shared_bytes_bound(small, transpose) <= 60_000
+        assert (small.block_m, small.num_stages) < (config.block_m, config.num_stages)
+
+
+class _ShrinkingGPU:
+    """``_matmul_kernel`` behind a GPU that has less shared memory than any bound promises:
+    launches above ``max_block_m`` rows or ``max_stages`` stages raise Triton's own
+    ``OutOfResources`` (as ``_init_handles`` does on a GPU; the interpreter never would)."""
+
+    def __init__(self, kernel, max_block_m: int, max_stages: int) -> None:
+        self.kernel, self.max_block_m, self.max_stages = kernel, max_block_m, max_stages
+        self.tried: list[tuple[int, int]] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.tried.append((kwargs["BLOCK_M"], kwargs["num_stages"]))
+            if kwargs["BLOCK_M"] > self.max_block_m or kwargs["num_stages"] > self.max_stages:
+                from triton.runtime.errors import OutOfResources
+
+                raise OutOfResources(1073664, 232448, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_fused_launch_retries_smaller_configs(device, monkeypatch, fits):
+    """OutOfResources at launch: smaller configs until one runs, remembered for the next call
+    (one launch); none runs: dequantize + matmul with a warning. Results equal the reference."""
+    pytest.importorskip("triton")
+    storage = _storage(64, 96, 4, act_order=True, seed=9, device=device)
+    gpu = _ShrinkingGPU(gptq._matmul_kernel, 16 if fits else 0, 1)
+    monkeypatch.setattr(gptq, "_matmul_kernel", gpu)
+    monkeypatch.setattr(gptq, "_CONFIGS", {})
+    x = torch.randn(40, 96, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    w = dequantize_gptq_reference(*storage, 4, torch.bfloat16).float()
+    want = x.float() @ w.t()
+    for call in range(2):
+        gpu.tried.clear()
+        if fits:
+            got = gptq._fused_launch(x, storage, 4, transpose=False)
+        else:
+            with pytest.warns(RuntimeWarning, match="dequantize"):
+                got = gptq._fused_launch(x, storage, 4, transpose=False)
+        err = (got.float() - want).abs()
+        assert err.max() <= 2 * 2.0**-8 * want.abs().max(), f"max {err.max():.3e}"
+        if fits:  # 64 rows x 3, 2, 1 stages, 32 x 3, 2, 1, 16 x 3, 2, 1: the last one runs
+            assert gpu.tried == ([(64, 3), (64, 2), (64, 1), (32, 3), (32, 2), (32, 1), (16, 3),
+                                  (16, 2), (16, 1)] if call == 0 else [(16, 1)])  # fmt: skip
+        else:
+            assert len(gpu.tried) == 9 and not gptq._CONFIGS

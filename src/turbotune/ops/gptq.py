@@ -21,6 +21,11 @@ registers for ``dy W``. Act-order is free: scales and zeros are gathered through
 input row, whatever its order. Dequantization is ``(q - z) * s`` in fp32 rounded once to the
 output dtype: bit-identical to ``ops.reference.dequantize_gptq_reference``.
 
+Fused tiles hold at most 128 rows (more rows: more row blocks). The config (tiles, pipeline
+stages) is the largest whose shared-memory bound (:func:`shared_bytes_bound`, checked against
+sm_90 / sm_80 compiles in the tests) fits the device; a launch that still raises
+``OutOfResources`` retries smaller configs and remembers the one that runs.
+
 Formulas (``g = g_idx[k]``, ``z = (stored_zero + 1) mod 2**bits``)::
 
     W[n, k] = s[g, n] * (q[k, n] - z[g, n])      y = x W^T (+ b)      dx = dy W
@@ -30,7 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +45,28 @@ import torch.nn.functional as F
 from turbotune.ops._triton import interpreting, num_programs_hint, tl, triton, use_triton
 from turbotune.ops.reference import dequantize_gptq_reference
 
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # no Triton: the fused kernels never launch
+
+    class OutOfResources(Exception):  # Triton's name
+        """Stand-in for Triton's error when Triton is absent."""
+
+
 __all__ = [
+    "A100_MAX_SHARED",
     "FUSED_MAX_ROWS",
+    "FusedConfig",
+    "FusedPlan",
     "GPTQLinearFunction",
+    "fused_config",
+    "fused_plan",
     "gptq_dequantize",
     "gptq_forward",
     "gptq_input_grad",
     "gptq_linear",
+    "max_shared_memory",
+    "shared_bytes_bound",
 ]
 
 # Largest number of rows (tokens) that takes the fused kernels; above it, dequantize + cuBLAS.
@@ -52,6 +74,14 @@ __all__ = [
 # TURBOTUNE_GPTQ_FUSED_MAX_ROWS overrides it (0: always dequantize + cuBLAS).
 FUSED_MAX_ROWS = int(os.environ.get("TURBOTUNE_GPTQ_FUSED_MAX_ROWS", "64"))
 _DEQUANT_BLOCK = 64  # a 64 x 64 tile per program: 128-byte rows written, 256-byte rows read
+# Fused kernel tiles: at most 128 rows per program (more rows: more row blocks), 3 pipeline
+# stages (Triton's default on sm_80/sm_90). Shared memory per block: A100 164 KiB (the default
+# where the device cannot be asked), H100 227 KiB.
+_MAX_BLOCK_M = 128
+_NUM_STAGES = 3
+A100_MAX_SHARED = 166912
+_MAX_SHARED: dict[int, int] = {}  # device index -> max shared memory per block
+_CONFIGS: dict[tuple, FusedConfig] = {}  # (device, dtype, bits, transpose, row block) -> config
 
 
 @triton.jit
@@ -206,11 +236,137 @@ def _dequantize_launch(
     return out
 
 
-def _split(loop_len: int, block: int, programs: int, device: torch.device) -> int:
+def _split(loop_len: int, block: int, programs: int, sms: int) -> int:
     """Ways to split the reduction loop: enough programs for two per SM, each still running
     at least 4 blocks of the loop."""
-    target = 2 * num_programs_hint(device)
-    return max(1, min(target // max(programs, 1), loop_len // (4 * block)))
+    return max(1, min(2 * sms // max(programs, 1), loop_len // (4 * block)))
+
+
+class FusedConfig(NamedTuple):
+    """Compile-time launch parameters of ``_matmul_kernel``."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+class FusedPlan(NamedTuple):
+    """One launch: its config, grid ``(row blocks, column blocks, splits)`` and the reduction
+    length of each split (a multiple of the loop block)."""
+
+    config: FusedConfig
+    grid: tuple[int, int, int]
+    split_len: int
+
+
+def _row_block(rows: int) -> int:
+    """Rows per program: all of them up to ``_MAX_BLOCK_M`` (``tl.dot`` needs 16 or more); more
+    rows take more row blocks, never a bigger tile (4096 rows in one tile wanted 1 MB of shared
+    memory)."""
+    return min(_MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
+
+
+def _candidates(rows: int, transpose: bool) -> list[FusedConfig]:
+    """Configs from the fastest to the smallest: fewer stages first, then halved row blocks."""
+    block_n, block_k = (64, 32) if transpose else (32, 64)
+    out, block_m = [], _row_block(rows)
+    while block_m >= 16:
+        out += [FusedConfig(block_m, block_n, block_k, 4, st) for st in (_NUM_STAGES, 2, 1)]
+        block_m //= 2
+    return out
+
+
+def shared_bytes_bound(config: FusedConfig, transpose: bool, element_size: int = 2) -> int:
+    """Upper bound of the shared memory ``_matmul_kernel`` needs with ``config``.
+
+    Per pipeline stage: the ``a`` tile, and per weight of the ``W`` tile its qweight and qzeros
+    words, its fp16 scale and the dequantized value (what the software pipeliner may buffer);
+    plus the fp32 accumulator once (layout conversion in the epilogue). Triton 3.9 needs about
+    a quarter of this and Triton 3.6 at most half (1 MB at 4096 rows, where the bound says
+    2.7 MB); tests/ops/test_gptq.py checks the bound against sm_90 / sm_80 compiles.
+    """
+    block_col, block_loop = (
+        (config.block_k, config.block_n) if transpose else (config.block_n, config.block_k)
+    )
+    weight_bytes = config.block_n * config.block_k * (4 + 4 + 2 + element_size)
+    stage = config.block_m * block_loop * element_size + weight_bytes
+    return config.num_stages * stage + config.block_m * block_col * 4
+
+
+def fused_config(
+    rows: int, transpose: bool, max_shared: int = A100_MAX_SHARED, element_size: int = 2
+) -> FusedConfig:
+    """The config the fused kernel starts with for ``rows`` rows: the first of
+    :func:`_candidates` whose :func:`shared_bytes_bound` fits ``max_shared`` bytes."""
+    return _fitting(rows, transpose, max_shared, element_size)[0]
+
+
+def _fitting(rows: int, transpose: bool, max_shared: int, element_size: int) -> list[FusedConfig]:
+    candidates = _candidates(rows, transpose)
+    fits = [c for c in candidates if shared_bytes_bound(c, transpose, element_size) <= max_shared]
+    return fits or candidates[-1:]  # nothing provably fits: the smallest, and let it try
+
+
+def fused_plan(
+    rows: int,
+    columns: int,
+    loop_len: int,
+    config: FusedConfig,
+    transpose: bool,
+    sms: int,
+    split: int | None = None,
+) -> FusedPlan:
+    """Grid and split of one fused launch (``columns``: outputs per row, ``loop_len``: the
+    reduction length); ``split`` defaults to :func:`_split` for ``sms`` streaming processors."""
+    block_col, block_loop = (
+        (config.block_k, config.block_n) if transpose else (config.block_n, config.block_k)
+    )
+    grid_mc = (triton.cdiv(rows, config.block_m), triton.cdiv(columns, block_col))
+    if split is None:
+        split = _split(loop_len, block_loop, grid_mc[0] * grid_mc[1], sms)
+    split_len = triton.cdiv(triton.cdiv(loop_len, split), block_loop) * block_loop
+    return FusedPlan(config, (*grid_mc, triton.cdiv(loop_len, split_len)), split_len)
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory per block (bytes, opt-in maximum) of ``device``; the A100's where it cannot
+    be asked (CPU, interpreter)."""
+    if device.type != "cuda" or interpreting():
+        return A100_MAX_SHARED
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _MAX_SHARED:
+        try:
+            props = triton.runtime.driver.active.utils.get_device_properties(index)
+            _MAX_SHARED[index] = int(props["max_shared_mem"])
+        except Exception:  # any driver trouble: stay conservative
+            _MAX_SHARED[index] = A100_MAX_SHARED
+    return _MAX_SHARED[index]
+
+
+def _fused_run(
+    a: torch.Tensor,
+    storage: Sequence[torch.Tensor],
+    bits: int,
+    transpose: bool,
+    config: FusedConfig,
+    split: int | None,
+) -> torch.Tensor:
+    n_out, n_in = _shape(storage, bits)
+    m = a.shape[0]
+    columns, loop_len = (n_in, n_out) if transpose else (n_out, n_in)
+    plan = fused_plan(m, columns, loop_len, config, transpose, num_programs_hint(a.device), split)
+    atomic = plan.grid[2] > 1
+    c = torch.empty((m, columns), dtype=a.dtype, device=a.device)
+    target = torch.zeros((m, columns), dtype=torch.float32, device=a.device) if atomic else c
+    _matmul_kernel[plan.grid](
+        a, *storage, target, m, n_out, n_in, plan.split_len, a.stride(0), target.stride(0),
+        *_strides(storage), TRANSPOSE=transpose, BITS=bits, DOT_FP32=interpreting(),
+        SPLIT=atomic, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return c.copy_(target) if atomic else c
 
 
 def _fused_launch(
@@ -224,29 +380,35 @@ def _fused_launch(
 
     ``split`` (default: :func:`_split`) divides the reduction among programs; above 1 the
     partial sums meet in an fp32 buffer by atomic adds (not bitwise run-to-run reproducible).
+    The config is the first of :func:`_candidates` that fits the device's shared memory by
+    :func:`shared_bytes_bound`; should the compiler still report ``OutOfResources``, the next
+    smaller one is tried, the one that works is remembered per (device, dtype, bits,
+    direction, row block), and if none works ``W`` is dequantized and cuBLAS multiplies.
     """
     n_out, n_in = _shape(storage, bits)
     a = a if a.stride(-1) == 1 else a.contiguous()
     m = a.shape[0]
     columns, loop_len = (n_in, n_out) if transpose else (n_out, n_in)
-    block_m = max(16, triton.next_power_of_2(m))  # tl.dot needs at least 16 rows
-    block_n, block_k = (64, 32) if transpose else (32, 64)
-    block_col, block_loop = (block_k, block_n) if transpose else (block_n, block_k)
-    grid_mc = (triton.cdiv(m, block_m), triton.cdiv(columns, block_col))
-    if split is None:
-        split = _split(loop_len, block_loop, grid_mc[0] * grid_mc[1], a.device)
-    split_len = triton.cdiv(triton.cdiv(loop_len, split), block_loop) * block_loop
-    grid = (*grid_mc, triton.cdiv(loop_len, split_len))
-    atomic = grid[2] > 1
-    c = torch.empty((m, columns), dtype=a.dtype, device=a.device)
-    target = torch.zeros((m, columns), dtype=torch.float32, device=a.device) if atomic else c
-    if c.numel():
-        _matmul_kernel[grid](
-            a, *storage, target, m, n_out, n_in, split_len, a.stride(0), target.stride(0),
-            *_strides(storage), TRANSPOSE=transpose, BITS=bits, DOT_FP32=interpreting(),
-            SPLIT=atomic, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        )  # fmt: skip
-    return c.copy_(target) if atomic else c
+    if m * columns == 0 or loop_len == 0:
+        return torch.zeros((m, columns), dtype=a.dtype, device=a.device)
+    key = (a.device, a.dtype, bits, transpose, _row_block(m))
+    tries = _fitting(m, transpose, max_shared_memory(a.device), a.element_size())
+    if key in _CONFIGS:
+        tries = tries[tries.index(_CONFIGS[key]) :] if _CONFIGS[key] in tries else tries
+    for config in tries:
+        try:
+            c = _fused_run(a, storage, bits, transpose, config, split)
+        except OutOfResources:
+            continue
+        _CONFIGS[key] = config
+        return c
+    warnings.warn(
+        f"GPTQ fused kernel: no config fits this GPU for {m} rows; dequantize + matmul instead",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    w = gptq_dequantize(storage, bits, a.dtype)
+    return a @ w if transpose else F.linear(a, w)
 
 
 def _fused(a: torch.Tensor, storage: Sequence[torch.Tensor]) -> bool:
