@@ -403,3 +403,25 @@ def test_fused_launch_retries_smaller_configs(device, monkeypatch, fits):
                                   (16, 2), (16, 1)] if call == 0 else [(16, 1)])  # fmt: skip
         else:
             assert len(gpu.tried) == 9 and not gptq._CONFIGS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [64, 256, 4096])
+def test_fused_kernel_many_rows_gpu(rows):
+    """The fused kernel at the rows the benchmark forces (4096 asked 1 MB of shared memory on
+    the H100): runs on this GPU, both directions, vs fp32 matmuls of the dequantized W."""
+    storage = _storage(4096, 14336, 4, 128, act_order=True, seed=6, device="cuda")
+    assert gptq.shared_bytes_bound(gptq.fused_config(rows, True), True) <= (
+        gptq.max_shared_memory(torch.device("cuda"))
+    )
+    w = dequantize_gptq_reference(*storage, 4, torch.bfloat16).float()
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 14336, device="cuda", generator=gen).bfloat16()
+    dy = torch.randn(rows, 4096, device="cuda", generator=gen).bfloat16()
+    for a, transpose, want in ((x, False, x.float() @ w.t()), (dy, True, dy.float() @ w)):
+        got = gptq._fused_launch(a, storage, 4, transpose)
+        err = (got.float() - want).abs()
+        bound = 4 * 2.0**-8 * want.abs().max()  # bf16 output rounding, fp32 accumulation
+        assert err.max() <= bound, (
+            f"transpose={transpose}: max {err.max():.3e} mean {err.mean():.3e}"
+        )
