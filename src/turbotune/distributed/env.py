@@ -83,7 +83,10 @@ def init_distributed(backend: str = "auto") -> WorldInfo:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
+    # CUDA worlds also get gloo for CPU tensors: with FSDP2's CPU offload the gradients live on
+    # the host, and collectives over them (the global norm of gradient clipping) need it.
+    backend_spec = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend_spec, **kwargs)
     return info
 
 

@@ -32,6 +32,9 @@ class BnbQuantPlugin(Plugin):
         q = cfg.quantization
         if q.method not in ("nf4", "fp4"):
             return None
+        distributed = getattr(cfg, "distributed", None)
+        if distributed is not None and distributed.enabled:
+            return None  # FSDP2 runs quantize through turbotune.distributed (shardable storage)
         if cfg.adapter.method == "full":
             raise ConfigError(
                 f"{cfg.source}: 4-bit weights cannot be trained in full; use adapter.method lora "
