@@ -33,8 +33,10 @@ class BnbQuantPlugin(Plugin):
         if q.method not in ("nf4", "fp4"):
             return None
         distributed = getattr(cfg, "distributed", None)
-        if distributed is not None and distributed.enabled:
-            return None  # FSDP2 runs quantize through turbotune.distributed (shardable storage)
+        if distributed is not None and distributed.enabled and distributed.low_memory_loading:
+            # FSDP2's low-memory loading quantizes into turbotune's shardable NF4 storage itself;
+            # without it, bitsandbytes loads the model and its layers are converted afterwards.
+            return None
         if cfg.adapter.method == "full":
             raise ConfigError(
                 f"{cfg.source}: 4-bit weights cannot be trained in full; use adapter.method lora "
