@@ -7,10 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from turbotune.config import QuantizationConfig
-from turbotune.errors import ConfigError
-
-from .base import Plugin, Requirement
+from .base import Requirement
+from .quantized import QuantizedBasePlugin
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, TrainingArguments
@@ -18,31 +16,21 @@ if TYPE_CHECKING:
     from turbotune.config import Config
 
 
-class BnbQuantPlugin(Plugin):
+class BnbQuantPlugin(QuantizedBasePlugin):
     name = "bnb"
     description = "4-bit NF4/FP4 base weights through bitsandbytes (QLoRA), no fp32 upcasting"
-    config_cls = QuantizationConfig
-    section = "quantization"
     requires = (Requirement("bitsandbytes", "bitsandbytes", extra="bnb"),)
-    order = 10
-    loads_model = True
+    methods = ("nf4", "fp4")
+    label = "4-bit"
 
     @classmethod
-    def section_of(cls, cfg: Config) -> QuantizationConfig | None:
-        q = cfg.quantization
-        if q.method not in ("nf4", "fp4"):
-            return None
+    def serves(cls, cfg: Config) -> bool:
+        # FSDP2's low-memory loading quantizes into turbotune's shardable NF4 storage itself;
+        # without it, bitsandbytes loads the model and its layers are converted afterwards.
         distributed = getattr(cfg, "distributed", None)
-        if distributed is not None and distributed.enabled and distributed.low_memory_loading:
-            # FSDP2's low-memory loading quantizes into turbotune's shardable NF4 storage itself;
-            # without it, bitsandbytes loads the model and its layers are converted afterwards.
-            return None
-        if cfg.adapter.method == "full":
-            raise ConfigError(
-                f"{cfg.source}: 4-bit weights cannot be trained in full; use adapter.method lora "
-                "(QLoRA) or quantization.method none"
-            )
-        return q
+        return not (
+            distributed is not None and distributed.enabled and distributed.low_memory_loading
+        )
 
     def load_model(self, path: str, **kwargs: Any) -> PreTrainedModel:
         from dataclasses import replace

@@ -16,36 +16,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from turbotune.config import QuantizationConfig
 from turbotune.errors import ConfigError
 
-from .base import Plugin
+from .quantized import QuantizedBasePlugin
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, TrainingArguments
 
-    from turbotune.config import Config
 
-
-class GPTQPlugin(Plugin):
+class GPTQPlugin(QuantizedBasePlugin):
     name = "gptq"
     description = "GPTQ checkpoints (standard layout) as frozen LoRA bases, Triton GPTQ kernels"
-    config_cls = QuantizationConfig
-    section = "quantization"
-    order = 10
-    loads_model = True
-
-    @classmethod
-    def section_of(cls, cfg: Config) -> QuantizationConfig | None:
-        q = cfg.quantization
-        if q.method != "gptq":
-            return None
-        if cfg.adapter.method == "full":
-            raise ConfigError(
-                f"{cfg.source}: GPTQ weights cannot be trained in full; use adapter.method lora "
-                "or quantization.method none"
-            )
-        return q
+    methods = ("gptq",)
+    label = "GPTQ"
 
     def load_model(self, path: str, **kwargs: Any) -> PreTrainedModel:
         from turbotune.quant.bnb import DTYPES

@@ -28,7 +28,7 @@ import torch
 from turbotune.config import QuantizationConfig
 from turbotune.errors import ConfigError
 
-from .base import Plugin
+from .quantized import QuantizedBasePlugin
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, TrainingArguments
@@ -36,29 +36,19 @@ if TYPE_CHECKING:
     from turbotune.config import Config
 
 
-class HQQQuantPlugin(Plugin):
+class HQQQuantPlugin(QuantizedBasePlugin):
     name = "hqq"
     description = "HQQ 1-8 bit base weights (turbotune's own calibration-free quantizer)"
-    config_cls = QuantizationConfig
-    section = "quantization"
-    order = 10
-    loads_model = True
+    methods = ("hqq",)
+    label = "HQQ"
 
     @classmethod
-    def section_of(cls, cfg: Config) -> QuantizationConfig | None:
+    def check(cls, cfg: Config) -> None:
         q = cfg.quantization
-        if q.method != "hqq":
-            return None
-        if cfg.adapter.method == "full":
-            raise ConfigError(
-                f"{cfg.source}: HQQ weights cannot be trained in full; use adapter.method lora "
-                "or quantization.method none"
-            )
         if not 1 <= q.bits <= 8:
             raise ConfigError(f"{cfg.source}: quantization.bits must be 1..8 for HQQ, got {q.bits}")
         if q.group_size < 1:
             raise ConfigError(f"{cfg.source}: quantization.group_size must be positive")
-        return q
 
     def load_model(self, path: str, **kwargs: Any) -> PreTrainedModel:
         from dataclasses import replace
