@@ -237,3 +237,37 @@ def test_streamed_load_equals_from_pretrained_then_quantize(stories260k, tmp_pat
     kw = dict(compute_dtype=torch.float32, device=cpu, make_layer=None, skip_modules=("lm_head",))
     assert stream_hqq_checkpoint(str(odd), **kw) is None
     assert stream_hqq_checkpoint(str(tmp_path / "missing"), **kw) is None
+
+
+def test_merge_of_an_adapter_trained_on_hqq(stories260k, shared_data, tmp_path):
+    """``turbotune merge`` of an hqq_lora adapter: the base is rebuilt as training saw it (the HQQ
+    round trip of every quantized weight), so the merged model gives the trained model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from turbotune.train.merge import merge_adapter
+    from turbotune.train.run import run_training
+
+    cfg = {
+        "train_type": "hqq_lora",
+        "model": {"path": str(stories260k)},
+        "data": {"path": str(shared_data / "alpaca" / "alpaca_tiny.json"), "max_length": 64, "max_samples": 16},
+        "quantization": {"compute_dtype": "float32", "group_size": 32},
+        "adapter": {"r": 8, "alpha": 16},
+        "train": {
+            "precision": "fp32", "max_steps": 3, "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2, "output_dir": str(tmp_path / "run"), "report_to": [],
+        },
+    }  # fmt: skip
+    result = run_training(cfg)
+    trained = result.trainer.model.eval()
+    merged_dir = merge_adapter(result.output_dir, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    ids = torch.arange(1, 33).view(1, 32)
+    with torch.no_grad():
+        want, got = trained(input_ids=ids).logits, merged(input_ids=ids).logits
+        dense = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32)
+        unquantized = dense(input_ids=ids).logits
+    d = (got - want).abs().max().item()
+    assert d < 1e-4, f"merged vs trained HQQ model: max abs diff {d:.3g}"
+    # The tolerance is tight for these logits: the dense base alone is orders of magnitude off.
+    assert (unquantized - want).abs().max().item() > 100 * max(d, 1e-6)

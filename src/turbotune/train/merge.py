@@ -67,7 +67,29 @@ def load_base_for_merge(base: str, dtype: torch.dtype, quantization: dict[str, A
         from turbotune.quant.gptq_checkpoint import dequantize_gptq_model, load_gptq_model
 
         return dequantize_gptq_model(load_gptq_model(base, dtype=dtype), dtype)
+    if method == "hqq":
+        return _hqq_round_trip(base, dtype, quantization)
     raise TurbotuneError(f"merging adapters trained on a '{method}' base is not supported yet")
+
+
+def _hqq_round_trip(base: str, dtype: torch.dtype, quantization: dict[str, Any]):
+    """The dense base with every weight HQQ training quantized replaced by its round trip."""
+    from turbotune.adapters.llama_pro import new_block_modules
+    from turbotune.config import ModelConfig
+    from turbotune.modeling import load_causal_lm
+    from turbotune.quant.bnb import DTYPES
+    from turbotune.quant.hqq_linear import round_trip_linears
+
+    compute = DTYPES[quantization.get("compute_dtype", "bfloat16")]
+    model = load_causal_lm(ModelConfig(path=base), compute)
+    skip = [*quantization.get("skip_modules", ["lm_head"]), "lm_head", *new_block_modules(base)]
+    round_trip_linears(
+        model,
+        bits=int(quantization.get("bits", 4)),
+        group_size=int(quantization.get("group_size", 64)),
+        skip_modules=list(dict.fromkeys(skip)),
+    )
+    return model.to(dtype)
 
 
 def merge_adapter(
