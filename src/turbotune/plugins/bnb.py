@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .base import Requirement
-from .quantized import QuantizedBasePlugin
+from .quantized import QuantizedBasePlugin, load_device
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, TrainingArguments
+    from transformers import PreTrainedModel
 
     from turbotune.config import Config
 
@@ -37,13 +34,14 @@ class BnbQuantPlugin(QuantizedBasePlugin):
 
         from turbotune.config import ModelConfig
         from turbotune.modeling import load_causal_lm
-        from turbotune.quant.bnb import DTYPES, bnb_config, prepare_for_training
+        from turbotune.quant.bnb import DTYPES, bnb_config
 
         compute = DTYPES[self.config.compute_dtype]
         kwargs.pop("dtype", None)  # non-quantized modules stay in the compute dtype
         model_cfg = kwargs.pop("model_config", None) or ModelConfig()
         if "device_map" not in kwargs:
-            kwargs["device_map"] = _device_map()
+            device = load_device(mps=True)
+            kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
         quantization = bnb_config(self.config)
         # Blocks added by `turbotune expand` (Llama-Pro) train, so they stay in the compute dtype.
         # Plain module names: every transformers version's matcher takes them as a prefix at a
@@ -57,14 +55,7 @@ class BnbQuantPlugin(QuantizedBasePlugin):
             quantization_config=quantization,
             **kwargs,
         )
-        return prepare_for_training(model, upcast_fp32=self.config.upcast_fp32)
-
-    def augment(
-        self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
-    ) -> tuple[PreTrainedModel, TrainingArguments | None]:
-        if training_args is not None and getattr(training_args, "gradient_checkpointing", False):
-            model.enable_input_require_grads()
-        return model, training_args
+        return self.prepare_loaded(model)
 
     def describe(self) -> str:
         c = self.config
@@ -72,11 +63,3 @@ class BnbQuantPlugin(QuantizedBasePlugin):
             f"{c.method} double_quant={c.double_quant} compute={c.compute_dtype} "
             f"storage={c.quant_storage} upcast_fp32={c.upcast_fp32} skip={c.skip_modules}"
         )
-
-
-def _device_map() -> dict[str, Any] | str:
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    if torch.backends.mps.is_available():
-        return {"": "mps"}  # bitsandbytes' MPS backend; support.py refuses builds without it
-    return {"": "cpu"}

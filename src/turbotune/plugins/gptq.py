@@ -11,17 +11,16 @@ checkpoint, not from this section. Adapters come from the adapter plugin as for 
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from turbotune.errors import ConfigError
 
-from .quantized import QuantizedBasePlugin
+from .quantized import QuantizedBasePlugin, load_device
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, TrainingArguments
+    from transformers import PreTrainedModel
 
 
 class GPTQPlugin(QuantizedBasePlugin):
@@ -40,24 +39,13 @@ class GPTQPlugin(QuantizedBasePlugin):
                 "(no quantization_config with quant_method gptq in config.json); make one with "
                 "`turbotune quantize gptq MODEL --out DIR`"
             )
-        device = _device(kwargs.get("device_map"))
+        device = _device_of(kwargs.get("device_map"))
         model = load_gptq_model(path, dtype=DTYPES[self.config.compute_dtype], device=device)
         return self.prepare_loaded(model)
 
-    def prepare_loaded(self, model: PreTrainedModel) -> PreTrainedModel:
-        """The post-load step (frozen base, optional upcast): also for bench-built models."""
-        from turbotune.quant.bnb import prepare_for_training
-
-        return prepare_for_training(model, upcast_fp32=self.config.upcast_fp32)
-
-    def augment(
-        self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
-    ) -> tuple[PreTrainedModel, TrainingArguments | None]:
-        if training_args is not None and getattr(training_args, "gradient_checkpointing", False):
-            model.enable_input_require_grads()
-        if peft_config is not None and hasattr(peft_config, "_register_custom_module"):
+    def prepare_peft(self, model: PreTrainedModel, peft_config: Any) -> None:
+        if hasattr(peft_config, "_register_custom_module"):  # peft's LoraConfig
             prepare_peft_config(model, peft_config)
-        return model, training_args
 
     def describe(self) -> str:
         c = self.config
@@ -81,10 +69,9 @@ def prepare_peft_config(model: torch.nn.Module, peft_config: Any) -> Any:
     return peft_config
 
 
-def _device(device_map: Any) -> str:
+def _device_of(device_map: Any) -> torch.device:
+    """The device a ``{"": where}`` device map names, else :func:`load_device`'s choice."""
     if isinstance(device_map, dict) and "" in device_map:
         where = device_map[""]
-        return f"cuda:{where}" if isinstance(where, int) else str(where)
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+        return torch.device("cuda", where) if isinstance(where, int) else torch.device(where)
+    return load_device()

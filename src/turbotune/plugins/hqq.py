@@ -8,7 +8,7 @@ streamed (``quant/hqq_load.py``: one tensor in host memory at a time); any other
 scales and zero points in bf16). The new blocks of a Llama-Pro expanded checkpoint
 (``hqq_llama_pro``) stay dense, since they train. LoRA and DoRA run through turbotune's own
 layers (``adapter.implementation: custom``, what ``hqq_lora`` sets) or through peft: peft has no
-dispatch for turbotune's ``HQQLinear``, so :meth:`HQQQuantPlugin.augment` registers peft's plain
+dispatch for turbotune's ``HQQLinear``, so :meth:`HQQQuantPlugin.prepare_peft` registers peft's plain
 LoRA ``Linear`` for it (peft's custom-module hook; that layer only calls its base and reads
 ``in_features``/``W_q``/``dequantize()``) and spells ``all-linear`` out, since peft's own
 expansion counts ``nn.Linear`` only. Both fuse with the ``fused_ops`` plugin.
@@ -19,7 +19,6 @@ compute dtype): FSDP2 casts every gathered parameter, and the packed codes must 
 
 from __future__ import annotations
 
-import os
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +27,10 @@ import torch
 from turbotune.config import QuantizationConfig
 from turbotune.errors import ConfigError
 
-from .quantized import QuantizedBasePlugin
+from .quantized import QuantizedBasePlugin, load_device
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, TrainingArguments
+    from transformers import PreTrainedModel
 
     from turbotune.config import Config
 
@@ -62,7 +61,7 @@ class HQQQuantPlugin(QuantizedBasePlugin):
         kwargs.pop("dtype", None)  # non-quantized modules stay in the compute dtype
         kwargs.pop("device_map", None)  # loaded on the CPU, quantized onto the device
         model_cfg = kwargs.pop("model_config", None) or ModelConfig()
-        device = _device()
+        device = load_device()
         # Llama-Pro (hqq_llama_pro): the blocks `turbotune expand` added train, so stay dense.
         extra_skip = tuple(new_block_modules(path))
         model = None
@@ -118,20 +117,9 @@ class HQQQuantPlugin(QuantizedBasePlugin):
             storage_dtype=DTYPES[c.quant_storage], progress=progress,
         )  # fmt: skip
 
-    def prepare_loaded(self, model: PreTrainedModel) -> PreTrainedModel:
-        """Freeze the base (what the loader does after the weights are in)."""
-        from turbotune.quant.bnb import prepare_for_training
-
-        return prepare_for_training(model, upcast_fp32=self.config.upcast_fp32)
-
-    def augment(
-        self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
-    ) -> tuple[PreTrainedModel, TrainingArguments | None]:
-        if training_args is not None and getattr(training_args, "gradient_checkpointing", False):
-            model.enable_input_require_grads()
+    def prepare_peft(self, model: PreTrainedModel, peft_config: Any) -> None:
         if type(peft_config).__name__ == "LoraConfig":  # the adapter plugin's peft path
             teach_peft(model, peft_config)
-        return model, training_args
 
     def describe(self) -> str:
         c = self.config
@@ -168,9 +156,3 @@ def teach_peft(model: torch.nn.Module, config: Any) -> None:
 
 def _skipped(c: QuantizationConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*c.skip_modules, "lm_head"]))
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")

@@ -3,12 +3,17 @@
 Each owns some values of ``quantization.method``, loads the model itself (``loads_model``) early
 (``order = 10``, before the adapter), and refuses full fine-tuning of quantized weights. A new
 format declares its ``methods`` and a ``label`` for messages, adds its own checks in
-:meth:`check`, and writes ``load_model``.
+:meth:`check`, writes ``load_model`` (placing the model on :func:`load_device`), and may teach
+peft its layer type in :meth:`prepare_peft`. :meth:`prepare_loaded` (freeze the base) also
+serves the benchmark, which builds its models itself.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
 
 from turbotune.config import QuantizationConfig
 from turbotune.errors import ConfigError
@@ -16,7 +21,19 @@ from turbotune.errors import ConfigError
 from .base import Plugin
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel, TrainingArguments
+
     from turbotune.config import Config
+
+
+def load_device(mps: bool = False) -> torch.device:
+    """Where a loader puts the model: this process's GPU (``LOCAL_RANK``), else MPS when the
+    format runs there (``mps``), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if mps and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 class QuantizedBasePlugin(Plugin):
@@ -52,3 +69,22 @@ class QuantizedBasePlugin(Plugin):
     @classmethod
     def check(cls, cfg: Config) -> None:
         """Format-specific checks of the section; raise :class:`ConfigError`."""
+
+    def prepare_loaded(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The post-load step (frozen base, optional fp32 upcast), also for bench-built models."""
+        from turbotune.quant.bnb import prepare_for_training
+
+        return prepare_for_training(model, upcast_fp32=self.config.upcast_fp32)
+
+    def augment(
+        self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
+    ) -> tuple[PreTrainedModel, TrainingArguments | None]:
+        # Frozen quantized inputs: checkpointed blocks need an input that requires grad.
+        if training_args is not None and getattr(training_args, "gradient_checkpointing", False):
+            model.enable_input_require_grads()
+        if peft_config is not None:
+            self.prepare_peft(model, peft_config)
+        return model, training_args
+
+    def prepare_peft(self, model: PreTrainedModel, peft_config: Any) -> None:
+        """Let peft wrap this format's layers (peft only knows the formats it ships)."""
