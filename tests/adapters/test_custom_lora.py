@@ -7,10 +7,12 @@ and on an NF4 base; only an adapter moved from a 4-bit base to a dense one is me
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
+from tests.loops import train_steps
 from torch import nn
 
 from turbotune.adapters.lora import (
@@ -210,16 +212,7 @@ def batches(path, n: int, batch: int = 4, seq: int = 48):
     return list(torch.tensor(tok(text)["input_ids"][: n * batch * seq]).view(n, batch, seq))
 
 
-def train(model, data, lr=1e-3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+train = functools.partial(train_steps, lr=1e-3)
 
 
 def test_same_seed_same_init_as_peft(stories260k):

@@ -3,10 +3,12 @@ saved adapter in peft, the fused-ops plugin, and training through ``run_training
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
+from tests.loops import train_steps
 
 from turbotune.adapters.dora import DoRALinear, dora_layers
 
@@ -54,17 +56,8 @@ def batches(path, n: int, batch: int = 2, seq: int = 32) -> list[torch.Tensor]:
     return list(torch.tensor(tok(text)["input_ids"][: n * batch * seq]).view(n, batch, seq))
 
 
-def train(model, data, lr=3e-3) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for i, ids in enumerate(data):
-        torch.manual_seed(100 + i)  # the same dropout masks on both sides
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+# the same dropout masks on both sides
+train = functools.partial(train_steps, lr=3e-3, seed=100)
 
 
 def test_qdora_training_equals_peft_and_loss_falls(stories260k):

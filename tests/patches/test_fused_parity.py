@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from tests.loops import train_steps
 
 from turbotune.errors import UnsupportedModelError
 from turbotune.patches import FAMILIES, KINDS, apply_patches
@@ -74,16 +75,7 @@ def train(model, batches, lr=3e-3, checkpointing=False):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    model.train()
-    for ids, labels in batches:
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return train_steps(model, batches, lr, train_mode=True)
 
 
 def assert_close_losses(ours, ref, rtol, what):

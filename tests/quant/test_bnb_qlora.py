@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 pytest.importorskip("bitsandbytes")
+
+from tests.loops import train_steps
 
 from turbotune.errors import ConfigError
 from turbotune.framework import AccelerationFramework
@@ -25,17 +29,7 @@ def batches(stories260k, n: int, batch: int = 4, seq: int = 48):
     return list(ids)
 
 
-def train(model, data, lr=1e-3):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+train = functools.partial(train_steps, lr=1e-3)
 
 
 def plain_qlora(path):

@@ -3,8 +3,11 @@ merge of such an adapter."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from tests.loops import train_steps
 
 from turbotune.errors import ConfigError
 from turbotune.framework import AccelerationFramework
@@ -54,16 +57,7 @@ def gptq_checkpoint(stories260k, tmp_path_factory):
     return out
 
 
-def train(model, data, lr=1e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+train = functools.partial(train_steps, lr=1e-2)
 
 
 def lora_on_gptq(path, dtype: str, implementation: str = "peft"):

@@ -5,8 +5,11 @@ checked against them in test_hqq.py)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from tests.loops import train_steps
 from torch import nn
 
 from turbotune.errors import ConfigError
@@ -42,17 +45,8 @@ def _batches(steps: int, batch: int = 2, seq: int = 32, vocab: int = 512):
     return list(ids)
 
 
-def _train(model, batches, lr=3e-3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    model.train()  # from_pretrained gives eval mode, where attention keeps its unfused path
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+# from_pretrained gives eval mode, where attention keeps its unfused path
+_train = functools.partial(train_steps, lr=3e-3, train_mode=True)
 
 
 def test_plugin_quantizes_every_linear_but_the_head(stories260k):

@@ -1,0 +1,41 @@
+"""The plain training loop the model-level tests share: AdamW over the trainable parameters, one
+step per batch, the loss of every step returned (``from tests.loops import train_steps``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def train_steps(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    lr: float = 1e-3,
+    *,
+    seed: int | None = None,
+    train_mode: bool = False,
+) -> list[float]:
+    """Train ``model`` one AdamW step per batch and return the losses.
+
+    Args:
+        batches: ``input_ids`` tensors (their own labels) or ``(input_ids, labels)`` pairs.
+        lr: AdamW learning rate.
+        seed: when set, ``torch.manual_seed(seed + step)`` before each step (dropout masks that
+            two models must share).
+        train_mode: call ``model.train()`` first (``from_pretrained`` returns eval mode).
+    """
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    if train_mode:
+        model.train()
+    losses = []
+    for step, batch in enumerate(batches):
+        ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
+        if seed is not None:
+            torch.manual_seed(seed + step)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
