@@ -61,3 +61,28 @@ def stories260k(shared_data: Path) -> Path:
     if not (path / "model.safetensors").is_file():
         pytest.skip(f"{path} is missing")
     return path
+
+
+@pytest.fixture
+def single_thread():
+    """``pytestmark = pytest.mark.usefixtures("single_thread")`` runs a module on one thread."""
+    from tests.helpers import one_thread
+
+    with one_thread():
+        yield
+
+
+@pytest.fixture
+def eager_ops(monkeypatch):
+    """The ops take their eager references instead of the Triton interpreter (model-level tests;
+    the kernels have tests of their own, and interpreting them here would take minutes)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="session")
+def alpaca_tiny(shared_data: Path) -> Path:
+    """A few real Alpaca rows (``shared/data/alpaca/alpaca_tiny.json``)."""
+    path = shared_data / "alpaca" / "alpaca_tiny.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from tests.loops import train_steps
+from tests.helpers import train_steps
 from torch import nn
 
 from turbotune.adapters.lora import (
@@ -27,15 +27,7 @@ from turbotune.adapters.peft_lora import lora_config
 from turbotune.config import AdapterConfig
 from turbotune.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: on a shared 2-core machine two OpenMP threads per op spin against
-    other processes and run 10-50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def assert_same(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:

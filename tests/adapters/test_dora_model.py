@@ -8,23 +8,16 @@ import json
 
 import pytest
 import torch
-from tests.loops import train_steps
+from tests.helpers import train_steps
 
 from turbotune.adapters.dora import DoRALinear, dora_layers
+
+# Eager NF4 dequantization is bit for bit bitsandbytes' (what peft computes with).
+pytestmark = pytest.mark.usefixtures("single_thread", "eager_ops")
 
 pytest.importorskip("bitsandbytes")
 
 DORA = {"method": "dora", "r": 8, "alpha": 16, "target_modules": "all-linear", "dropout": 0.1}
-
-
-@pytest.fixture(autouse=True)
-def one_thread_eager_dequant(monkeypatch):
-    """One thread; NF4 dequantized by the eager reference, bit for bit bitsandbytes' (peft's)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(path, implementation, plugins=None, quant="nf4", seed=0, dtype=torch.bfloat16):

@@ -13,26 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from transformers import TrainerCallback
 
 from turbotune.train.run import run_training
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def alpaca_tiny(shared_data: Path) -> Path:
-    path = shared_data / "alpaca" / "alpaca_tiny.json"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
 
 
 def config(model: Path, data: Path, out: Path, **train: Any) -> dict[str, Any]:
@@ -63,7 +46,7 @@ class StopAfter(TrainerCallback):
         return control
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("single_thread")
 def test_padding_free_multipack_training_lowers_the_eval_loss(stories260k, alpaca_tiny, tmp_path):
     from turbotune.data.multipack import MultipackBatchSampler
     from turbotune.data.padding_free import PaddingFreeCollator
@@ -86,7 +69,7 @@ def test_padding_free_multipack_training_lowers_the_eval_loss(stories260k, alpac
     assert trained < base - 0.3, f"eval loss {base:.4f} (base) -> {trained:.4f} (LoRA)"
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("single_thread")
 def test_resume_in_the_second_epoch_repeats_the_same_losses(stories260k, alpaca_tiny, tmp_path):
     """With gradient accumulation: the Trainer skips 2 micro-batches per optimizer step."""
 
@@ -114,7 +97,7 @@ def test_resume_in_the_second_epoch_repeats_the_same_losses(stories260k, alpaca_
     assert max(diffs.values()) < 1e-6, f"resumed {got} vs uninterrupted {want}"
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("single_thread")
 def test_composes_with_nf4_and_fused_ops(stories260k, alpaca_tiny, tmp_path, monkeypatch):
     """QLoRA (bitsandbytes NF4 on CPU) + fused ops + padding_free logs the losses of the same run
     padded: the same rows per step (the Trainer's sampler), the same targets, the same mean.

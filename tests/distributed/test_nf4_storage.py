@@ -15,14 +15,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 SHAPES = [(48, 128), (33, 70), (5, 123), (128, 256)]  # typical, odd rows, prime, > a block row
 
 
-@pytest.fixture
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return 10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum()).item()
 

@@ -27,9 +27,9 @@ def test_stack_roundtrip_matches_bitsandbytes() -> None:
     assert sqnr > 18, f"NF4 SQNR {sqnr:.1f} dB"  # NF4 on Gaussian weights: ~20 dB
 
 
+@pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("backend", ["loop", TRITON])
 def test_quantized_experts_match_dequantized_transformers(backend: str) -> None:
-    torch.set_num_threads(1)
     model = tiny_model("mixtral").requires_grad_(False)
     block = sparse_blocks(model)[0]
     x = torch.randn(2, 6, model.config.hidden_size)

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from tests.loops import train_steps
+from tests.helpers import train_steps
 
 from turbotune.errors import UnsupportedModelError
 from turbotune.patches import FAMILIES, KINDS, apply_patches

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from tests.loops import train_steps
+from tests.helpers import train_steps
 
 from turbotune.errors import ConfigError
 from turbotune.framework import AccelerationFramework

@@ -14,16 +14,8 @@ from turbotune.quant.gptq_format import dequantize_gptq
 from turbotune.quant.gptq_linear import GPTQLinear
 from turbotune.quant.gptq_model import quantize_model, rtn_quantize_model
 
-
-@pytest.fixture(autouse=True)
-def _eager_one_thread(monkeypatch):
-    # Model-level tests: GPTQLinear takes its eager path (the kernels have their own tests; the
-    # interpreter would spend ~40 s here), on one thread (faster on 2 shared cores).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# GPTQLinear's eager path (the kernels have their own tests; interpreting them here took ~40 s).
+pytestmark = pytest.mark.usefixtures("single_thread", "eager_ops")
 
 
 def load_fp32(path):

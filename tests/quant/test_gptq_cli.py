@@ -11,14 +11,7 @@ from turbotune.cli import main
 from turbotune.quant.gptq_checkpoint import load_gptq_model
 from turbotune.quant.gptq_linear import GPTQLinear
 
-
-@pytest.fixture(autouse=True)
-def _eager_one_thread(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread", "eager_ops")
 
 
 def test_quantize_gptq_writes_a_checkpoint_that_loads(stories260k, shared_data, tmp_path, capsys):

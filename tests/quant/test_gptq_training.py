@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from tests.loops import train_steps
+from tests.helpers import train_steps
 
 from turbotune.errors import ConfigError
 from turbotune.framework import AccelerationFramework
@@ -16,18 +16,10 @@ from turbotune.quant.gptq_checkpoint import dequantize_gptq_model, load_gptq_mod
 from turbotune.quant.gptq_linear import GPTQLinear
 from turbotune.quant.gptq_model import quantize_model
 
+pytestmark = pytest.mark.usefixtures("single_thread", "eager_ops")
+
 LORA = {"method": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@pytest.fixture(autouse=True)
-def _eager_one_thread(monkeypatch):
-    # The eager path of GPTQLinear (the CPU path; kernels have their own tests), one thread.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def text_batches(path, n: int, batch: int = 4, seq: int = 48, offset: int = 0):

@@ -28,6 +28,8 @@ from turbotune.quant.hqq import (
     unpack_codes,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _total_error(weights: list[torch.Tensor], bits: int, group: int, **kw) -> dict[str, float]:
     """MAE and SQNR over a list of weights together (every element counts once)."""
@@ -48,15 +50,6 @@ def _assert_better(hqq: dict, rtn: dict, what: str, min_db: float) -> None:
 
 
 # ---- quality ----
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core machine: one thread is faster (no waiting for a core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -25,13 +25,7 @@ from turbotune.ops.lora import lora_mlp, lora_projections
 from turbotune.patches.forwards import projection_of
 from turbotune.quant.hqq_linear import HQQLinear
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

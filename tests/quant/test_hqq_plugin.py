@@ -9,20 +9,13 @@ import functools
 
 import pytest
 import torch
-from tests.loops import train_steps
+from tests.helpers import train_steps
 from torch import nn
 
 from turbotune.errors import ConfigError
 from turbotune.quant.hqq_linear import HQQLinear, count_hqq_linears
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_eager(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter would take minutes here
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread", "eager_ops")
 
 
 def _framework(fused: bool, **quant):

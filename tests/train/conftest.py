@@ -3,17 +3,15 @@ and one LoRA run that several test files inspect (its adapter, merge, generate).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from tests.helpers import one_thread
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,25 +61,6 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread. The models here are tiny, and on a shared 2-core machine a second
-    OpenMP thread waits for a busy core at every op: measured 0.34 ms -> 41 ms per small matmul."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture
-def single_thread() -> Iterator[None]:
-    """``pytestmark = pytest.mark.usefixtures("single_thread")`` runs a module on one thread."""
-    with one_thread():
-        yield
-
-
 def _cli(args: tuple[str, ...], cwd: Path) -> subprocess.Popen:
     # CPU only (same numbers as the in-process references on a GPU machine), one thread.
     env = {
@@ -126,14 +105,6 @@ def check_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
     )
-
-
-@pytest.fixture(scope="session")
-def alpaca_tiny(shared_data: Path) -> Path:
-    path = shared_data / "alpaca" / "alpaca_tiny.json"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
 
 
 @pytest.fixture(scope="session")
