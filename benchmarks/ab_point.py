@@ -37,35 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args(argv)
 
-    from turbotune.bench.models import resolve_model_config
-    from turbotune.bench.scenarios import expand, load_scenarios
-    from turbotune.bench.worker import _batches, _prepare
+    from profile_point import build_point  # this folder is on sys.path when run as a script
 
-    points = [
-        p
-        for p in expand(load_scenarios(args.scenarios))
-        if p.scenario == args.scenario and p.label.split(" ")[1] == args.shape
-    ]
-    if not points:
+    built = build_point(args.scenarios, args.scenario, args.shape, 2 + args.steps)
+    if built is None:
         print(f"no point {args.scenario} {args.shape}", file=sys.stderr)
         return 2
-    spec = points[0].spec("/tmp/ab-point")
-    device = torch.device("cuda")
-    config = resolve_model_config(spec["model"])
-    prepared = _prepare(spec, config, device)
-    model = prepared.model
-    batches = _batches(spec, config.vocab_size, 2 + args.steps, 0, device)
+    step, batches = built
     tokens = statistics.fmean(b.tokens for b in batches)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
-
-    def step(batch) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=prepared.autocast, enabled=prepared.autocast is not None):
-            loss = model(**batch.inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
 
     names = args.variants.split(",")
     times: dict[str, list[float]] = {n: [] for n in names}

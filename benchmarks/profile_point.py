@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,48 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sort", default="cuda_time_total", help="key_averages sort key")
     args = parser.parse_args(argv)
 
-    from turbotune.bench.models import resolve_model_config
-    from turbotune.bench.scenarios import expand, load_scenarios
-    from turbotune.bench.worker import _batches, _prepare
-
-    points = [p for p in expand(load_scenarios(args.scenarios)) if p.scenario == args.scenario]
-    points = [
-        p
-        for p in points
-        if p.label.split(" ")[1] == args.shape and (args.model is None or p.model == args.model)
-    ]
-    if not points:
+    built = build_point(args.scenarios, args.scenario, args.shape, 2 + args.steps, args.model)
+    if built is None:
         print(f"no point {args.scenario} {args.shape}", file=sys.stderr)
         return 2
-    spec = points[0].spec("/tmp/profile-point")
-    device = torch.device("cuda")
-    config = resolve_model_config(spec["model"])
-    prepared = _prepare(spec, config, device)
-    model = prepared.model
-    batches = _batches(spec, config.vocab_size, 2 + args.steps, 0, device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
-
-    def step(batch) -> None:
-        with torch.autocast("cuda", dtype=prepared.autocast, enabled=prepared.autocast is not None):
-            loss = model(**batch.inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step, batches = built
 
     for batch in batches[:2]:
         step(batch)
     torch.cuda.synchronize()
+    # Wall time only: process time would count the final synchronize's spin as host work.
     import time
 
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall = time.perf_counter()
     for batch in batches[2:]:
         step(batch)
     torch.cuda.synchronize()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    n = len(batches) - 2
-    print(
-        f"unprofiled: {1e3 * wall / n:.1f} ms/step wall, {1e3 * cpu / n:.1f} ms/step CPU (all threads)"
-    )
+    print(f"unprofiled: {1e3 * (time.perf_counter() - wall) / (len(batches) - 2):.1f} ms/step")
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts, with_stack=args.gaps) as prof:
         for batch in batches[2:]:
@@ -87,6 +64,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.gaps:
         gap_report(trace)
     return 0
+
+
+def build_point(
+    scenarios: str, scenario: str, shape: str, n_batches: int, model: str | None = None
+) -> tuple[Callable[[Any], torch.Tensor], list[Any]] | None:
+    """Build one benchmark point exactly as ``turbotune bench`` does (also for ``ab_point.py``).
+
+    Returns:
+        ``(step, batches)``: ``step(batch)`` runs forward, backward and a fused AdamW step and
+        returns the detached loss; ``n_batches`` batches on the GPU. ``None`` if no point of the
+        file is ``scenario`` at ``shape`` (and ``model``, when given).
+    """
+    from turbotune.bench.models import resolve_model_config
+    from turbotune.bench.scenarios import expand, load_scenarios
+    from turbotune.bench.worker import _batches, _prepare
+
+    points = [
+        p
+        for p in expand(load_scenarios(scenarios))
+        if p.scenario == scenario
+        and p.label.split(" ")[1] == shape
+        and (model is None or p.model == model)
+    ]
+    if not points:
+        return None
+    spec = points[0].spec("/tmp/profile-point")
+    device = torch.device("cuda")
+    config = resolve_model_config(spec["model"])
+    prepared = _prepare(spec, config, device)
+    net = prepared.model
+    batches = _batches(spec, config.vocab_size, n_batches, 0, device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
+
+    def step(batch: Any) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=prepared.autocast, enabled=prepared.autocast is not None):
+            loss = net(**batch.inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, batches
 
 
 def gap_report(trace_path: str, top: int = 12) -> None:
