@@ -106,6 +106,7 @@ def build_point(
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.parts = (net, opt, prepared.autocast)  # for benchmarks/host_overhead.py's phases
     return step, batches
 
 
