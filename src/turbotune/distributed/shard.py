@@ -63,27 +63,48 @@ def storage_dtype_for(plan: PrecisionPlan, compute_dtype: torch.dtype) -> torch.
     return plan.autocast or compute_dtype
 
 
-def check_storage(model: nn.Module, param_dtype: torch.dtype | None) -> None:
-    """Refuse 4-bit storage whose dtype the mixed-precision policy would convert."""
+def check_storage(
+    model: nn.Module, param_dtype: torch.dtype | None, ignored: set[nn.Parameter] = frozenset()
+) -> None:
+    """Refuse 4-bit storage whose dtype the mixed-precision policy would convert (parameters in
+    ``ignored`` are outside FSDP2 and never cast)."""
     from turbotune.distributed.nf4 import NF4Linear
 
     if param_dtype is not None:  # the policy would convert integer storage of any format
         for name, param in model.named_parameters():
-            if not param.dtype.is_floating_point:
+            if not param.dtype.is_floating_point and param not in ignored:
                 raise ConfigError(
                     f"{name}: {param.dtype} storage would be converted to {param_dtype} by FSDP2's "
                     "mixed precision; store packed weights in the gather dtype"
                 )
     for name, module in model.named_modules():
-        if isinstance(module, NF4Linear) and param_dtype not in (None, module.packed.dtype):
+        if not isinstance(module, NF4Linear) or module.packed in ignored:
+            continue
+        if param_dtype not in (None, module.packed.dtype):
             raise ConfigError(
                 f"{name}: 4-bit storage is {module.packed.dtype} but FSDP2 gathers in {param_dtype}; "
                 "the storage dtype must equal the gather dtype (quantize with storage_dtype_for)"
             )
 
 
-def _trainable_dtypes(module: nn.Module) -> set[torch.dtype]:
-    return {p.dtype for p in module.parameters() if p.requires_grad}
+def _trainable_dtypes(module: nn.Module, ignored: set[nn.Parameter]) -> set[torch.dtype]:
+    return {p.dtype for p in module.parameters() if p.requires_grad and p not in ignored}
+
+
+def _ignored_kwargs(ignored_params: set[nn.Parameter] | None) -> dict[str, Any]:
+    """``fully_shard``'s ``ignored_params`` argument, refused clearly where torch lacks it."""
+    if not ignored_params:
+        return {}
+    import inspect
+
+    from torch.distributed.fsdp import fully_shard
+
+    if "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise ConfigError(
+            f"torch {torch.__version__}: fully_shard has no 'ignored_params' (added in torch "
+            "2.7); parameters kept out of FSDP (expert parallelism) need a newer torch"
+        )
+    return {"ignored_params": set(ignored_params)}
 
 
 def apply_fsdp(
@@ -93,6 +114,7 @@ def apply_fsdp(
     mesh: Any,
     *,
     blocks: list[nn.Module] | None = None,
+    ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
     """Shard ``model`` in place with FSDP2: each decoder block, then the root.
 
@@ -104,6 +126,9 @@ def apply_fsdp(
         plan: the run's precision plan.
         mesh: from :func:`turbotune.distributed.env.build_mesh`.
         blocks: the modules to shard one by one (default :func:`decoder_blocks`).
+        ignored_params: parameters FSDP2 must leave alone (neither sharded, gathered nor
+            reduced), e.g. expert-parallel expert weights that another process group owns;
+            passed to every ``fully_shard`` call.
 
     Returns:
         The same model object, now an ``FSDPModule``.
@@ -114,8 +139,9 @@ def apply_fsdp(
 
     blocks = decoder_blocks(model) if blocks is None else blocks
     mp = mixed_precision_policy(plan)
-    check_storage(model, mp.param_dtype)
-    dtypes = _trainable_dtypes(model)
+    ignored = set(ignored_params or ())
+    check_storage(model, mp.param_dtype, ignored)
+    dtypes = _trainable_dtypes(model, ignored)
     if len(dtypes) > 1:
         raise ConfigError(
             f"FSDP2 needs one dtype for all trainable parameters, found {sorted(map(str, dtypes))}; "
@@ -126,7 +152,7 @@ def apply_fsdp(
         if config.cpu_offload
         else OffloadPolicy()
     )
-    kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, **_ignored_kwargs(ignored))
     for i, block in enumerate(blocks):
         wrap_block(
             block, checkpoint=config.activation_checkpointing, offload=config.activation_offload
