@@ -108,6 +108,9 @@ class AdapterConfig:
     """Dropout on the LoRA input."""
     target_modules: str | list[str] = "all-linear"
     """Module names to adapt (``[q_proj, v_proj]``) or ``all-linear`` (every linear but the head)."""
+    target_parameters: list[str] = field(default_factory=list)
+    """Parameters (not modules) to adapt through peft's ``target_parameters``, e.g. the stacked
+    MoE experts ``[mlp.experts.gate_up_proj, mlp.experts.down_proj]``: one LoRA pair per expert."""
     use_rslora: bool = False
     """Rank-stabilized scaling ``alpha / sqrt(r)``."""
     weights_dtype: Literal["float32", "compute"] = "float32"

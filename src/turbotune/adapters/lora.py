@@ -277,6 +277,8 @@ def check_supported(cfg: AdapterConfig) -> None:
         )
     if cfg.modules_to_save:
         raise ConfigError("adapter.modules_to_save needs adapter.implementation=peft")
+    if cfg.target_parameters:
+        raise ConfigError("adapter.target_parameters needs adapter.implementation=peft")
 
 
 def apply_custom_lora(model: nn.Module, cfg: AdapterConfig) -> nn.Module:

@@ -26,6 +26,7 @@ def lora_config(cfg: AdapterConfig) -> LoraConfig:
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets if isinstance(targets, str) else list(targets),
+        target_parameters=list(cfg.target_parameters) or None,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.method == "dora",
         modules_to_save=list(cfg.modules_to_save) or None,
