@@ -5,8 +5,9 @@
 Builds the point once (as ``turbotune bench`` does), then times each variant of the switches
 below in turn, ``--rounds`` times, so that drift of the GPU (clocks, temperature) spreads over
 all variants alike. Prints the median step time and tokens/s of each variant, and its ratio
-to the first. Switch: the folding of LoRA adapters into the base matmuls
-(``ops.lora_group.FOLD_ADAPTERS``); add one to ``VARIANTS`` and ``_switch`` to A/B it.
+to the first. Switches: the CUDA graphs of the decoder layers (``ops/graphs.py``) and the
+folding of LoRA adapters into the base matmuls (``ops.lora_group.FOLD_ADAPTERS``); add one to
+``VARIANTS`` and ``_switch`` to A/B it. Also prints the peak memory of the whole run.
 """
 
 from __future__ import annotations
@@ -18,13 +19,31 @@ import time
 
 import torch
 
-VARIANTS = {"fold": {"fold": True}, "no-fold": {"fold": False}}
+VARIANTS = {
+    "graphs": {"graphs": True},
+    "eager": {"graphs": False},
+    "fold": {"fold": True},
+    "no-fold": {"fold": False},
+}
 
 
-def _switch(fold: bool) -> None:
-    from turbotune.ops import lora_group
+def _switch(net: torch.nn.Module, fold: bool | None = None, graphs: bool | None = None) -> None:
+    if fold is not None:
+        from turbotune.ops import lora_group
 
-    lora_group.FOLD_ADAPTERS = fold
+        lora_group.FOLD_ADAPTERS = fold
+    if graphs is not None:
+        layer_graphs = next(
+            (
+                m.__dict__["_turbotune_graphs"]
+                for m in net.modules()
+                if "_turbotune_graphs" in m.__dict__
+            ),
+            None,
+        )
+        if layer_graphs is None:
+            raise SystemExit("this point has no CUDA graphs (fused_ops.cuda_graphs off?)")
+        layer_graphs.disabled = None if graphs else "switched off for the A/B"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("shape")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="graphs,eager")
     args = parser.parse_args(argv)
 
     from profile_point import build_point  # this folder is on sys.path when run as a script
@@ -51,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     losses: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.rounds):
         for name in names:
-            _switch(**VARIANTS[name])
+            _switch(step.parts[0], **VARIANTS[name])
             for batch in batches[:2]:
                 step(batch)
             torch.cuda.synchronize()
@@ -60,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
             times[name].append((time.perf_counter() - start) / len(step_losses))
             losses[name].append(step_losses[-1].item())
+    print(
+        f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, reserved "
+        f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB (all variants)"
+    )
     first = statistics.median(times[names[0]])
     print(f"{'variant':22s} {'ms/step':>9s} {'tokens/s':>10s} {'vs first':>9s}  last loss")
     for name in names:
