@@ -10,24 +10,26 @@ the composition torchtitan uses (checkpoint inside ``fully_shard``).
 * offload without checkpointing: saved-tensor hooks move every activation a block saves for
   backward (not parameters, not small tensors) to pinned CPU memory, and back on use.
 * offload *with* checkpointing: what remains per block is its input hidden state, which the
-  non-reentrant checkpoint holds itself (no saved-tensor hook sees it). :class:`_OffloadedCheckpoint`
-  is a checkpoint that stores that input on the CPU: forward runs without grad and copies the
-  input to the host; backward copies it back, recomputes with grad and back-propagates through
-  the recomputation (the reentrant scheme of ``torch.utils.checkpoint``, with the RNG state
-  restored so dropout masks repeat).
+  non-reentrant checkpoint holds itself (no saved-tensor hook sees it).
+  :func:`turbotune.train.offload.offloaded_checkpoint` is a checkpoint that keeps that input in
+  pinned host memory, copied on side streams and prefetched in backward (its design note).
+
+:func:`checkpoint_layers` applies the same wrapping to every decoder layer of a model on one
+device (``train.activation_offload``), in place of transformers' own checkpointing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["offload_saved_tensors", "wrap_block"]
+from turbotune.train.offload import ActivationOffloader, offloaded_checkpoint
+
+__all__ = ["checkpoint_layers", "decoder_layers", "offload_saved_tensors", "wrap_block"]
 
 _MIN_OFFLOAD_BYTES = 1 << 16  # smaller tensors are not worth a copy each way
 
@@ -59,49 +61,6 @@ def offload_saved_tensors():
         yield
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
-    """Checkpoint of ``run(hidden)`` whose saved input lives on the CPU.
-
-    ``anchor`` is an empty tensor that requires grad, so the output requires grad even when
-    ``hidden`` does not (frozen embeddings), as the reentrant checkpoint needs.
-    """
-
-    @staticmethod
-    def forward(ctx, run: Callable[[torch.Tensor], Any], hidden: torch.Tensor, anchor):
-        ctx.run = run
-        ctx.device = hidden.device
-        ctx.hidden_requires_grad = hidden.requires_grad
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        ctx.host = _to_host(hidden.detach())
-        with torch.no_grad():
-            out = run(hidden)
-        ctx.tuple_out = isinstance(out, tuple)
-        return out if ctx.tuple_out else (out,)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(ctx.hidden_requires_grad)
-        devices = [ctx.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with torch.enable_grad():
-                out = ctx.run(hidden)
-        outs = out if isinstance(out, tuple) else (out,)
-        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad and g is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return None, hidden.grad if ctx.hidden_requires_grad else None, None
-
-
-def _apply_offloaded_checkpoint(run, hidden: torch.Tensor):
-    anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    outs = _OffloadedCheckpoint.apply(run, hidden, anchor)
-    return outs
-
-
 def _drop_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Training forwards of a recomputed block run without a KV cache: the recomputation would
     append its keys/values a second time and attend over both copies (transformers turns the
@@ -113,13 +72,20 @@ def _drop_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def wrap_block(block: nn.Module, *, checkpoint: bool, offload: bool) -> None:
+def wrap_block(
+    block: nn.Module,
+    *,
+    checkpoint: bool,
+    offload: bool,
+    offloader: ActivationOffloader | None = None,
+) -> None:
     """Make ``block.forward`` checkpointed and/or offloaded (in place; names unchanged).
 
     Args:
         block: a decoder layer, called as ``block(hidden_states, **kwargs)``.
         checkpoint: recompute the block in backward.
         offload: keep what the block saves for backward on the CPU.
+        offloader: pool and streams of the offloaded checkpoint (default: the process's own).
     """
     if not (checkpoint or offload):
         return
@@ -132,7 +98,7 @@ def wrap_block(block: nn.Module, *, checkpoint: bool, offload: bool) -> None:
             if not torch.is_grad_enabled():
                 return inner(hidden_states, *args, **kwargs)
             kw = _drop_cache(kwargs)
-            outs = _apply_offloaded_checkpoint(lambda h: inner(h, *args, **kw), hidden_states)
+            outs = offloaded_checkpoint(lambda h: inner(h, *args, **kw), hidden_states, offloader)
             return outs if len(outs) > 1 else outs[0]
 
     elif checkpoint:
@@ -153,3 +119,59 @@ def wrap_block(block: nn.Module, *, checkpoint: bool, offload: bool) -> None:
 
     block.forward = forward
     block.__dict__["_turbotune_block_wrapped"] = (checkpoint, offload)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The outermost transformers ``GradientCheckpointingLayer`` modules of ``model``: the
+    blocks transformers itself would checkpoint (decoder layers, in call order)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, GradientCheckpointingLayer):
+                found.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return found
+
+
+def checkpoint_layers(
+    model: nn.Module, *, offload: bool, offloader: ActivationOffloader | None = None
+) -> int:
+    """Checkpoint every decoder layer of ``model`` with turbotune's wrapper (in place).
+
+    Replaces transformers' ``gradient_checkpointing_enable``, which must stay off: a layer
+    checkpointed by both would be recomputed twice. Already wrapped layers are left alone.
+
+    Args:
+        model: a transformers model, or a peft model around one.
+        offload: keep each layer's input in host memory (:mod:`turbotune.train.offload`).
+        offloader: pool and streams to use (default: the process's own).
+
+    Returns:
+        The number of layers wrapped.
+
+    Raises:
+        ValueError: the model has no ``GradientCheckpointingLayer``.
+    """
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no transformers GradientCheckpointingLayer to checkpoint"
+        )
+    wrapped = 0
+    for layer in layers:
+        if "_turbotune_block_wrapped" in layer.__dict__:
+            continue
+        if getattr(layer, "gradient_checkpointing", False):
+            raise ValueError(
+                "transformers' gradient checkpointing is on: turn it off (activation offload "
+                "checkpoints the layers itself)"
+            )
+        wrap_block(layer, checkpoint=True, offload=offload, offloader=offloader)
+        wrapped += 1
+    return wrapped
