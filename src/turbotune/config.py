@@ -198,6 +198,10 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     reentrant_checkpointing: bool = False
     """Use the reentrant checkpoint variant (needed by some quantized backends)."""
+    activation_offload: bool = False
+    """With ``gradient_checkpointing``: keep each decoder layer's checkpointed input in pinned
+    host memory instead of on the GPU (copied on side streams, prefetched one layer ahead in
+    backward; ``turbotune.train.offload``). Saves ``layers x batch x seq x hidden`` bytes."""
     optimizer: str | None = None
     """Any ``TrainingArguments.optim`` value, e.g. ``paged_adamw_8bit`` (bitsandbytes);
     empty: the Trainer's default (fused AdamW on CUDA)."""
@@ -234,6 +238,11 @@ class TrainConfig:
             raise ConfigError("'train.gradient_accumulation_steps' must be at least 1")
         if self.per_device_train_batch_size < 1:
             raise ConfigError("'train.per_device_train_batch_size' must be at least 1")
+        if self.activation_offload and not self.gradient_checkpointing:
+            raise ConfigError(
+                "'train.activation_offload' offloads the checkpointed layer inputs: "
+                "set 'train.gradient_checkpointing: true' too"
+            )
 
 
 @dataclass
