@@ -172,7 +172,7 @@ def prepare_turbotune(
     from turbotune.config import load_config
     from turbotune.framework import AccelerationFramework
     from turbotune.precision import apply_precision, resolve_precision
-    from turbotune.train.trainer import training_arguments
+    from turbotune.train.trainer import offloads_checkpoints, training_arguments
 
     cfg = load_config(raw)
     backend = _backend(device)
@@ -201,7 +201,11 @@ def prepare_turbotune(
     args = training_arguments(cfg, plan, backend, has_eval=False)
     torch.manual_seed(s.seed)  # adapters start from the same draw in every scenario
     model, args = fw.augment(model, args, fw.peft_config())
-    if args.gradient_checkpointing:
+    if offloads_checkpoints(cfg.train):  # turbotune's offloaded checkpoint, as run_training
+        from turbotune.distributed.activations import checkpoint_layers
+
+        checkpoint_layers(model, offload=True)
+    elif args.gradient_checkpointing:
         _enable_checkpointing(model, args.gradient_checkpointing_kwargs)
     trainable = "full" if cfg.adapter.method == "full" else "lora"
     return Prepared(model, plan.autocast, trainable, plan.mode)

@@ -93,7 +93,7 @@ def run_training(
     """
     from transformers import set_seed
 
-    from turbotune.train.trainer import check_owned_args, training_arguments
+    from turbotune.train.trainer import check_owned_args, offloads_checkpoints, training_arguments
 
     cfg = resolve_run_config(source, overrides)
     if cfg.backend == "mlx":  # a separate engine (MLX), not the Hugging Face Trainer
@@ -115,6 +115,11 @@ def run_training(
     # this their init would depend on whatever ran earlier in the process (or on the loader).
     set_seed(cfg.train.seed)
     model, args = fw.augment(run.model, args, run.peft_config)
+    if offloads_checkpoints(cfg.train):  # in place of transformers' checkpointing
+        from turbotune.distributed.activations import checkpoint_layers
+
+        n = checkpoint_layers(model, offload=True)
+        _say(f"[bold]activation offload[/] {n} checkpointed layers keep their inputs on the host")
     _report_parameters(model)
     trainer = _build_trainer(cfg, fw, model, args, run, callbacks or [])
 

@@ -106,10 +106,22 @@ def _checkpointing_args(t: TrainConfig) -> dict[str, Any]:
         if "activation_checkpointing" in _accepted_args()
         else "gradient_checkpointing"
     )
+    if t.activation_offload:
+        # turbotune checkpoints the layers itself (train/offload.py, applied by run_training):
+        # transformers' checkpointing stays off, or each layer would be recomputed twice. Its
+        # reentrant-style recomputation needs DDP's static graph view, as the Trainer gives
+        # transformers' checkpointing (find_unused_parameters off).
+        return {name: False, "ddp_find_unused_parameters": False}
     return {
         name: t.gradient_checkpointing,
         f"{name}_kwargs": {"use_reentrant": t.reentrant_checkpointing},
     }
+
+
+def offloads_checkpoints(t: TrainConfig) -> bool:
+    """Whether the run checkpoints its layers through turbotune's offloaded checkpoint (and
+    transformers' own checkpointing is off)."""
+    return t.gradient_checkpointing and t.activation_offload
 
 
 class _SamplerEpochCallback(TrainerCallback):
