@@ -20,9 +20,11 @@ Gradients of the expert shards are complete on their owner (they saw every rank'
 other parameters are replicated and need the usual data-parallel reduction (DDP/FSDP2). Gloo
 (CPU) and NCCL both implement ``all_to_all_single`` with uneven splits (gloo checked on torch
 2.13). Saving: :func:`gather_experts` rebuilds the full stacks (``all_gather``) so
-``save_pretrained`` writes the Hugging Face layout. Combining with FSDP2 (experts sharded by EP,
-the rest by FSDP) is not wired yet: FSDP2 must skip :func:`expert_parameters` (its
-``ignored_params``), and ``average_grads`` makes the shards' gradients the mean FSDP2 uses.
+``save_pretrained`` writes the Hugging Face layout; :func:`gathered_expert_state` gathers them
+on one rank only (what :mod:`turbotune.moe.ep_checkpoint` writes beside FSDP2's full state
+dict). Combined with FSDP2 (experts sharded by EP, the rest by FSDP): FSDP2 skips
+:func:`expert_parameters` (``apply_fsdp(..., ignored_params=...)``), and ``average_grads`` makes
+the shards' gradients the mean over ranks that FSDP2 gives the rest.
 """
 
 from __future__ import annotations
@@ -189,3 +191,38 @@ def gather_experts(model: torch.nn.Module, group: Any = None) -> None:
             full = torch.cat(parts, dim=0)
             setattr(module, name, torch.nn.Parameter(full, requires_grad=shard.requires_grad))
         del module._turbotune_ep
+
+
+def expert_stack_names(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """``(state-dict key, experts module, stack name)`` of every sharded stack of ``model``."""
+    found = []
+    for module_name, module in model.named_modules():
+        if "_turbotune_ep" in module.__dict__:
+            for name in ("gate_up_proj", "down_proj"):
+                found.append((f"{module_name}.{name}", module, name))
+    return found
+
+
+def gathered_expert_state(
+    model: torch.nn.Module, group: Any = None, dst: int = 0
+) -> dict[str, torch.Tensor]:
+    """The full expert stacks on rank ``dst``'s CPU, one stack in flight at a time (collective).
+
+    Args:
+        model: a model sharded by :func:`shard_experts`.
+        group: the expert-parallel group of :func:`shard_experts`.
+        dst: the rank (in ``group``) that receives the stacks.
+
+    Returns:
+        ``{state-dict key: [E, N, K] CPU tensor}`` on ``dst``; empty on the other ranks.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    out = {}
+    for key, module, name in expert_stack_names(model):
+        shard = getattr(module, name).detach().contiguous()
+        parts = [torch.empty_like(shard) for _ in range(world)] if rank == dst else None
+        dist.gather(shard, parts, dst=dist.get_global_rank(group, dst) if group else dst,
+                    group=group)  # fmt: skip
+        if rank == dst:
+            out[key] = torch.cat(parts, dim=0).cpu()
+    return out

@@ -1,0 +1,183 @@
+"""One rank of the expert-parallel + FSDP2 test (``torch.multiprocessing`` with gloo, or one
+process of ``torchrun`` on GPUs with NCCL through :func:`main`).
+
+Each rank trains the same tiny Qwen3-MoE (8 experts, top-3) with its experts sharded by expert
+parallelism (4 per rank, all-to-all) and everything else under FSDP2, on its slice of a global
+batch. In the same process a one-process reference trains the unsharded model on every rank's
+slice (the per-rank losses averaged, as data parallelism averages gradients). Checked per step:
+this rank's loss, and every trainable gradient (LoRA on attention, routers, expert shards)
+against the reference's. Then a model trained the same way without peft is written back to the
+Hugging Face layout (experts gathered on rank 0) and loaded with transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+if __name__ == "__main__":  # torchrun runs this file: make `tests` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.moe.tiny import tiny_model
+
+from turbotune.distributed.config import DistributedConfig
+from turbotune.moe.expert_parallel import expert_parameters, shard_experts
+from turbotune.precision import PrecisionPlan
+
+FP32 = PrecisionPlan("fp32", torch.float32, None, False)
+STEPS, ROWS, SEQ = 3, 2, 9
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> None:
+    diff = (got.detach().float().cpu() - want.detach().float().cpu()).abs()
+    assert diff.max() <= atol, f"{name}: max abs diff {diff.max():.3e} mean {diff.mean():.3e}"
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _trainable_model(peft: bool, device: torch.device) -> torch.nn.Module:
+    """LoRA on attention (peft) or not; routers and experts trainable in both."""
+    model = tiny_model("qwen3_moe")
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(1)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                            init_lora_weights=False)  # fmt: skip
+        model = get_peft_model(model, config)
+    else:
+        model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if ".mlp.gate." in name or ".mlp.experts." in name:
+            p.requires_grad_(True)
+    return model.to(device)
+
+
+def _shard(model: torch.nn.Module, device: torch.device, backend: str) -> None:
+    from turbotune.distributed.env import WorldInfo, build_mesh
+    from turbotune.distributed.shard import apply_fsdp
+
+    shard_experts(model, backend=backend, average_grads=True)
+    ignored = expert_parameters(model)
+    assert len(ignored) == 4, len(ignored)  # 2 layers x (gate_up, down)
+    mesh = build_mesh("full_shard", WorldInfo.from_env(), device)
+    apply_fsdp(model, DistributedConfig(enabled=True), FP32, mesh, ignored_params=ignored)
+    for name, p in model.named_parameters():  # the experts stay plain local tensors
+        assert hasattr(p, "device_mesh") != (p in ignored), name
+
+
+def _batches(world: int, device: torch.device) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 64, (world * ROWS, SEQ), generator=gen).to(device)
+            for _ in range(STEPS)]  # fmt: skip
+
+
+def _reference_step(ref, ids: torch.Tensor, world: int) -> list[float]:
+    """Every rank's loss on the unsharded model; gradients of the mean of those losses."""
+    losses = []
+    for r in range(world):
+        part = ids[r * ROWS : (r + 1) * ROWS]
+        loss = ref(input_ids=part, labels=part).loss
+        (loss / world).backward()
+        losses.append(loss.item())
+    return losses
+
+
+def _check_grads(model, ref, rank: int, world: int, step: int, atol: float) -> int:
+    ref_params = dict(ref.named_parameters())
+    checked = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        want = ref_params[name].grad
+        if ".experts." in name:  # this rank's experts: its slice of the reference's stack
+            local = p.shape[0]
+            want = want[rank * local : (rank + 1) * local]
+        assert p.grad is not None, f"step {step}: {name} got no gradient"
+        _close(f"step {step} grad {name}", _full(p.grad), want, atol)
+        assert want.abs().max() > 0, f"{name}: zero reference gradient proves nothing"
+        checked += 1
+    return checked
+
+
+def _train_and_compare(rank, world, device, backend, peft: bool, atol: float):
+    model = _trainable_model(peft, device)
+    ref = copy.deepcopy(model)
+    _shard(model, device, backend)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    for step, ids in enumerate(_batches(world, device)):
+        mine = ids[rank * ROWS : (rank + 1) * ROWS]
+        loss = model(input_ids=mine, labels=mine).loss
+        loss.backward()
+        ref_losses = _reference_step(ref, ids, world)
+        assert abs(loss.item() - ref_losses[rank]) <= atol, (step, loss.item(), ref_losses)
+        checked = _check_grads(model, ref, rank, world, step, atol)
+        kinds = {"lora_A", "lora_B", "gate", "gate_up_proj", "down_proj"} if peft else {"gate"}
+        assert checked >= 2 * len(kinds), checked
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+    return model, ref
+
+
+def _check_export(rank, world, device, backend, out_dir: str, atol: float) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from turbotune.moe.ep_checkpoint import save_hf_layout
+
+    model, ref = _train_and_compare(rank, world, device, backend, peft=False, atol=atol)
+    save_hf_layout(model, out_dir)
+    if rank == 0:
+        loaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+        want = dict(ref.named_parameters())
+        got = dict(loaded.named_parameters())
+        assert set(got) == set(want), sorted(set(got) ^ set(want))
+        for name, p in got.items():
+            _close(f"saved {name}", p, want[name], atol)
+        trained = [n for n in got if ".experts." in n]
+        assert trained, "no expert stacks in the saved model"
+    dist.barrier()
+
+
+def check(rank: int, world: int, out_dir: str, backend: str, device: torch.device) -> None:
+    atol = 2e-5 if device.type == "cpu" else 1e-4  # fp32; GPU reductions run in another order
+    _train_and_compare(rank, world, device, backend, peft=True, atol=atol)
+    _check_export(rank, world, device, backend, out_dir, atol)
+
+
+def run(rank: int, world: int, port: int, out_dir: str, backend: str) -> None:
+    """A gloo rank started by ``torch.multiprocessing``."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      TRITON_INTERPRET="0")  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        check(rank, world, out_dir, backend, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    """``torchrun --nproc-per-node 2 tests/moe/ep_fsdp_worker.py OUT_DIR BACKEND`` (NCCL)."""
+    from turbotune.distributed.env import device_for, init_distributed
+
+    info = init_distributed("cuda")
+    try:
+        check(info.rank, info.world_size, sys.argv[1], sys.argv[2], device_for(info, "cuda"))
+    finally:
+        dist.destroy_process_group()
+    print(f"rank {info.rank}: expert parallel + FSDP2 parity passed")
+
+
+if __name__ == "__main__":
+    main()
