@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gaps", action="store_true", help="report GPU idle gaps (records Python stacks)"
     )
+    parser.add_argument(
+        "--busy", action="store_true", help="report GPU busy/idle time only (no Python stacks)"
+    )
     parser.add_argument("--sort", default="cuda_time_total", help="key_averages sort key")
     args = parser.parse_args(argv)
 
@@ -58,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
     )
-    trace = args.trace or ("/tmp/profile-point.json" if args.gaps else None)
+    trace = args.trace or ("/tmp/profile-point.json" if args.gaps or args.busy else None)
     if trace:
         prof.export_chrome_trace(trace)
-    if args.gaps:
+    if args.gaps or args.busy:
         gap_report(trace)
     return 0
 

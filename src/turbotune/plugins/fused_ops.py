@@ -70,6 +70,10 @@ class FusedOpsPlugin(Plugin):
         patches = apply_patches(model, self.kinds(), moe_backend=self.config.moe_backend)
         model.__dict__["_turbotune_patches"] = patches
         self.patches = patches
+        # A training forward needs no KV cache: transformers would otherwise fill a DynamicCache
+        # at every step (memory for nothing) and the layers could not be graphed.
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
         self.graphs = _install_graphs(model) if self.config.cuda_graphs else None
         return model, training_args
 
