@@ -155,6 +155,10 @@ class ActivationOffloader:
         self.pool = pool if pool is not None else HostBufferPool()
         self._streams: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self._newest: weakref.ref[OffloadSlot] | None = None
+        self.prefetches = 0
+        """Host -> device copies started ahead of use (one per layer but the last, per step)."""
+        self.waited_copies = 0
+        """Copies back started only when the tensor was needed (a missed prefetch)."""
 
     def _side_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -191,12 +195,10 @@ class ActivationOffloader:
         """The slot's tensor on its device (usable on the current stream); prefetches the
         slot offloaded before it."""
         if slot.fetched:
-            raise RuntimeError(
-                "an offloaded checkpoint was back-propagated twice; its input is gone "
-                "(retain_graph is not supported with activation offload)"
-            )
+            raise RuntimeError(_TWICE)
         if slot.device_copy is None:
             self._copy_back(slot)
+            self.waited_copies += 1
         if slot.ready is not None:
             torch.cuda.current_stream(slot.device).wait_event(slot.ready)
         out, slot.device_copy, slot.fetched = slot.device_copy, None, True
@@ -210,8 +212,8 @@ class ActivationOffloader:
         """Start the host -> device copy of ``slot`` (no-op if it is on the device or used)."""
         if slot.fetched or slot.device_copy is not None or slot.buffer is None:
             return
-        if slot.device.type == "cuda":
-            self._copy_back(slot)
+        self._copy_back(slot)
+        self.prefetches += 1
 
     def _copy_back(self, slot: OffloadSlot) -> None:
         assert slot.buffer is not None, "an offload slot lost its host buffer"
@@ -233,6 +235,11 @@ class ActivationOffloader:
         slot._return_buffer(slot.ready)
         slot.device_copy = dev
 
+
+_TWICE = (
+    "an offloaded checkpoint was back-propagated twice; its input is gone "
+    "(retain_graph is not supported with activation offload)"
+)
 
 _DEFAULT: ActivationOffloader | None = None
 
@@ -304,6 +311,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         slot, ctx.slot = ctx.slot, None
+        if slot is None:
+            raise RuntimeError(_TWICE)
         hidden = ctx.offloader.fetch(slot).detach().requires_grad_(ctx.hidden_requires_grad)
         with ctx.state.replay(), torch.enable_grad():
             out = ctx.run(hidden)
