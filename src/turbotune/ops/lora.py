@@ -35,6 +35,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from turbotune.ops.lora_direct import direct_backward, direct_forward, direct_weights, plan_group
 from turbotune.ops.lora_fold import fold_backward, fold_forward, wide_backward
 from turbotune.ops.lora_group import (
     Needs,
@@ -42,7 +43,6 @@ from turbotune.ops.lora_group import (
     base_backward,
     base_forward,
     dropout_keep,
-    layout_of,
     lora_backward,
     lora_forward,
 )
@@ -171,8 +171,8 @@ class LoRAProjectionsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, meta: tuple, *tensors: torch.Tensor | None):
         slots = _slots(meta, tensors)
-        layout = layout_of(slots)
-        outs, saved = _projections_forward(x, slots, layout, stacked=False)
+        layout, weights = plan_group(slots, x, stacked=False)
+        outs, saved = _projections_forward(x, slots, layout, weights, stacked=False)
         ctx.meta, ctx.layout = meta, layout
         # Folded adapters save [x | T], which holds x: x itself is not saved then.
         ctx.save_for_backward(None if layout.fold else x, *tensors, *saved)
@@ -186,16 +186,26 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         needs = [_needs(ctx.needs_input_grad, 2, i) for i in range(n)]
         device = dys[0].device
         with _no_autocast(device):
-            # One matmul over the stacked weight; the cat costs one pass over the dys.
-            dy = dys[0] if n == 1 else torch.cat(dys, dim=1)
+            # One matmul over the stacked weight; the cat costs one pass over the dys. Weights
+            # used as stored take one matmul each, straight from the dys.
+            dy = dys[0] if n == 1 or layout.direct else torch.cat(dys, dim=1)
             dx, lora = _projections_backward(dy, dys, x, slots, layout, rest[3 * n :], needs)
         return (dx, None, *_grads(slots, lora, dys, needs))
 
 
 def _projections_forward(
-    x: torch.Tensor, slots: Sequence[Slot], layout, stacked: bool
+    x: torch.Tensor,
+    slots: Sequence[Slot],
+    layout,
+    weights: Sequence[torch.Tensor] | None,
+    stacked: bool,
 ) -> tuple[torch.Tensor | list[torch.Tensor], list[torch.Tensor]]:
-    """Outputs of a group and what its backward needs (adapters folded in where they can)."""
+    """Outputs of a group and what its backward needs (adapters folded in where they can).
+
+    ``weights``: the stored weights when ``layout.direct`` (``lora_direct.plan_group``).
+    """
+    if layout.direct:
+        return direct_forward(x, weights, slots, layout, stacked)
     if layout.fold:
         return fold_forward(x, slots, layout, stacked)
     outs = base_forward(x, slots, layout, stacked)
@@ -218,6 +228,9 @@ def _projections_backward(
         dy: ``[M, sum out_i]``; dys: its per-projection column blocks (or separate tensors).
         x: the saved input (None when the adapters were folded: it is in ``saved``).
     """
+    if layout.direct:
+        weights = direct_weights(slots, dys[0].dtype)
+        return direct_backward(dys, weights, x, slots, layout, saved, needs)
     if layout.fold:
         return fold_backward(dy, slots, layout, saved, needs)
     if layout.wide and needs[0].x:
@@ -239,10 +252,11 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, meta: tuple, activation: str, *tensors: torch.Tensor | None):
         gate, up, down = _slots(meta, tensors)
-        gu_layout, down_layout = layout_of([gate, up]), layout_of([down])
-        eu, saved_gu = _projections_forward(x, [gate, up], gu_layout, stacked=True)
+        gu_layout, gu_weights = plan_group([gate, up], x, stacked=True)
+        eu, saved_gu = _projections_forward(x, [gate, up], gu_layout, gu_weights, stacked=True)
         h = _glu_forward(*_halves(eu), activation)
-        (y,), saved_down = _projections_forward(h, [down], down_layout, stacked=False)
+        down_layout, down_weights = plan_group([down], h, stacked=False)
+        (y,), saved_down = _projections_forward(h, [down], down_layout, down_weights, False)
         del h
         ctx.meta, ctx.activation, ctx.backward_done = meta, activation, False
         ctx.layouts, ctx.n_saved_gu = (gu_layout, down_layout), len(saved_gu)

@@ -81,6 +81,8 @@ class Layout(NamedTuple):
             of several projections whose weights stack (and split by whole bytes).
         wide: a lone shared projection with ``in >= 2 out`` (the MLP's down projection): its
             ``dx`` is one matmul ``[dy | g] [W; A]`` (``ops/lora_fold.py``).
+        direct: every weight is used as stored, one matmul per projection (plain dense weights
+            in the compute dtype: ``ops/lora_direct.py``); ``fold`` and ``wide`` are off then.
     """
 
     rows: tuple[tuple[int, int], ...]
@@ -90,6 +92,7 @@ class Layout(NamedTuple):
     shared: bool
     fold: bool
     wide: bool
+    direct: bool = False
 
 
 def _spans(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:

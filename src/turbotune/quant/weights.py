@@ -136,6 +136,20 @@ def dense_weight(
     return dense.to(dtype) if out is None else out.copy_(dense)
 
 
+def plain_weight(source: BaseWeight) -> torch.Tensor | None:
+    """The stored tensor of a plain (not quantized) dense source, or None for any other source.
+
+    The fused LoRA ops use such a weight as it is, in their matmuls, when it already has the
+    compute dtype (``ops/lora_direct.py``): copying it into a stacked buffer would cost a full
+    pass over the weight and gain nothing. The tensor may carry autograd state; the ops read it
+    inside their autograd functions, where no graph is built.
+    """
+    module, source, kind = _unwrap(source)
+    if kind != _TENSOR or _bnb_quant_state(source, module) is not None:
+        return None
+    return source
+
+
 def weight_shape(source: BaseWeight) -> tuple[int, int] | None:
     """``(out_features, in_features)`` of a weight source without dequantizing it, or None when
     only dequantizing would tell (a :class:`Dequantizable` without a ``shape``)."""
