@@ -148,21 +148,68 @@ def _check_export(rank, world, device, backend, out_dir: str, atol: float) -> No
     dist.barrier()
 
 
-def check(rank: int, world: int, out_dir: str, backend: str, device: torch.device) -> None:
+def _check_framework(rank, world, device, backend, out_dir: str, atol: float) -> None:
+    """The same run configured by a config: ``plugins.expert_parallel`` + ``distributed``."""
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    import turbotune
+
+    fw = turbotune.AccelerationFramework({
+        "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "distributed": {"enabled": True, "low_memory_loading": False, "frozen": "replicate"},
+        "plugins": {"expert_parallel": {"backend": backend}, "fused_ops": {"moe_backend": backend}},
+    })  # fmt: skip
+    assert [p.name for p in fw.plugins][-2:] == ["expert_parallel", "fsdp"], fw.plugins
+    args = TrainingArguments(output_dir=out_dir, use_cpu=device.type == "cpu", report_to=[])
+    peft_config = fw.peft_config()
+    torch.manual_seed(1)
+    model, _ = fw.augment(tiny_model("qwen3_moe"), args, peft_config)
+    torch.manual_seed(1)
+    ref = get_peft_model(tiny_model("qwen3_moe"), fw.peft_config()).to(device)
+    experts = model.__dict__["_turbotune_fsdp_ignored"]
+    assert len(experts) == 4 and all(p.shape[0] == 8 // world for p in experts)
+    assert not any(hasattr(p, "device_mesh") for p in experts)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    for step, ids in enumerate(_batches(world, device)):
+        mine = ids[rank * ROWS : (rank + 1) * ROWS]
+        loss = model(input_ids=mine, labels=mine).loss
+        loss.backward()
+        ref_losses = _reference_step(ref, ids, world)
+        assert abs(loss.item() - ref_losses[rank]) <= atol, (step, loss.item(), ref_losses)
+        ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                _close(f"framework step {step} grad {name}", _full(p.grad), ref_grads[name], atol)
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+
+PARTS = ("parity", "export", "framework")
+
+
+def check(rank: int, world: int, out_dir: str, backend: str, device: torch.device,
+          parts: tuple[str, ...] = PARTS) -> None:  # fmt: skip
     atol = 2e-5 if device.type == "cpu" else 1e-4  # fp32; GPU reductions run in another order
-    _train_and_compare(rank, world, device, backend, peft=True, atol=atol)
-    _check_export(rank, world, device, backend, out_dir, atol)
+    if "parity" in parts:
+        _train_and_compare(rank, world, device, backend, peft=True, atol=atol)
+    if "export" in parts:
+        _check_export(rank, world, device, backend, out_dir, atol)
+    if "framework" in parts:
+        _check_framework(rank, world, device, backend, out_dir, atol)
 
 
-def run(rank: int, world: int, port: int, out_dir: str, backend: str) -> None:
-    """A gloo rank started by ``torch.multiprocessing``."""
+def run(rank: int, world: int, port: int, out_dir: str, backend: str, parts: tuple) -> None:
+    """A gloo rank started by ``torch.multiprocessing``: the checks named in ``parts``."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       TRITON_INTERPRET="0")  # fmt: skip
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        check(rank, world, out_dir, backend, torch.device("cpu"))
+        check(rank, world, out_dir, backend, torch.device("cpu"), parts)
     finally:
         dist.destroy_process_group()
 

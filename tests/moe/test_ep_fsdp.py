@@ -13,7 +13,37 @@ from tests.moe.test_expert_parallel import _free_port
 
 
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="torch built without gloo")
-def test_expert_parallel_with_fsdp2_two_processes(tmp_path) -> None:
+@pytest.mark.parametrize("parts", [("parity", "export"), ("framework",)], ids=["api", "config"])
+def test_expert_parallel_with_fsdp2_two_processes(tmp_path, parts) -> None:
+    """api: shard_experts + apply_fsdp(ignored_params) by hand, then the HF-layout export;
+    config: the same parity through plugins.expert_parallel + distributed (fw.augment)."""
     # fork: the ranks inherit the imported torch/transformers (a fresh import costs ~10 s each).
-    args = (2, _free_port(), str(tmp_path), "loop")
+    args = (2, _free_port(), str(tmp_path), "loop", parts)
     mp.start_processes(ep_fsdp_worker.run, args=args, nprocs=2, join=True, start_method="fork")
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({}, "needs distributed.enabled"),
+        ({"distributed": {"enabled": True, "low_memory_loading": False}}, "frozen=replicate"),
+        ({"distributed": {"enabled": True}}, "low_memory_loading=false"),
+        (
+            {
+                "distributed": {
+                    "enabled": True,
+                    "low_memory_loading": False,
+                    "frozen": "replicate",
+                },
+                "adapter": {"target_parameters": ["experts.down_proj"]},
+            },
+            "target_parameters",
+        ),
+    ],
+)
+def test_expert_parallel_config_refuses_what_it_cannot_do(settings, match) -> None:
+    import turbotune
+    from turbotune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        turbotune.AccelerationFramework({**settings, "plugins": {"expert_parallel": {}}})

@@ -119,7 +119,7 @@ def _ep_forward(backend: BackendChoice):
     return forward
 
 
-def _experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     _, fam = family_of(model)
     return [m for m in model.modules() if type(m).__name__ in fam.experts]
 
@@ -149,7 +149,7 @@ def shard_experts(
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     patches = PatchSet(family_of(model)[0])
-    for module in _experts_modules(model):
+    for module in experts_modules(model):
         num_experts = module.gate_up_proj.shape[0]
         if num_experts % world:
             raise ValueError(f"{num_experts} experts do not split over {world} ranks")
@@ -171,7 +171,7 @@ def expert_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:
     reduce (``fully_shard(..., ignored_params=...)``) when it wraps the rest of the model."""
     return {
         getattr(module, name)
-        for module in _experts_modules(model)
+        for module in experts_modules(model)
         if hasattr(module, "_turbotune_ep")
         for name in ("gate_up_proj", "down_proj")
     }
@@ -181,7 +181,7 @@ def gather_experts(model: torch.nn.Module, group: Any = None) -> None:
     """Rebuild the full expert stacks on every rank (``all_gather``), e.g. before
     ``save_pretrained`` on rank 0: the checkpoint then has the Hugging Face layout."""
     world = dist.get_world_size(group)
-    for module in _experts_modules(model):
+    for module in experts_modules(model):
         if not hasattr(module, "_turbotune_ep"):
             continue
         for name in ("gate_up_proj", "down_proj"):

@@ -30,6 +30,7 @@ BUILTIN: dict[str, str] = {
     "adapter": "turbotune.plugins.adapter:AdapterPlugin",
     "bnb": "turbotune.plugins.bnb:BnbQuantPlugin",
     "fused_ops": "turbotune.plugins.fused_ops:FusedOpsPlugin",
+    "expert_parallel": "turbotune.plugins.expert_parallel:ExpertParallelPlugin",
     "fsdp": "turbotune.plugins.fsdp:FsdpPlugin",
     "gptq": "turbotune.plugins.gptq:GPTQPlugin",
     "hqq": "turbotune.plugins.hqq:HQQQuantPlugin",

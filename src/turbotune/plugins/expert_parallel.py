@@ -1,0 +1,103 @@
+"""The expert-parallel plugin: MoE experts split over the processes, the rest under FSDP2.
+
+``plugins.expert_parallel`` with ``distributed.enabled``: each process keeps ``E / world`` experts
+of every MoE layer and tokens travel to their experts by all-to-all
+(:mod:`turbotune.moe.expert_parallel`); FSDP2 (the ``fsdp`` plugin, which runs after this one)
+shards everything else and leaves the expert shards alone. The shards are handed to FSDP2 as
+the model's ``_turbotune_fsdp_ignored`` set; until ``distributed.shard_model`` passes that set to
+``apply_fsdp(ignored_params=...)``, the run needs ``distributed.frozen: replicate`` with frozen
+experts (LoRA on attention), which keeps every frozen parameter, the expert shards included,
+out of FSDP2. Expert LoRA (``adapter.target_parameters``), quantized expert stacks and
+low-memory loading are refused: each rank must hold the whole, dense model when it splits it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from turbotune.errors import ConfigError
+from turbotune.patches.families import FAMILIES
+
+from .base import Plugin
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, TrainingArguments
+
+    from turbotune.config import Config
+
+IGNORED_KEY = "_turbotune_fsdp_ignored"
+"""``model.__dict__`` key of the parameters FSDP2 must leave alone (the expert shards)."""
+
+
+@dataclass
+class ExpertParallelConfig:
+    backend: Literal["auto", "triton", "grouped_mm", "loop"] = "auto"
+    """Expert kernels for the rows each process receives (as ``plugins.fused_ops.moe_backend``)."""
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse what expert parallelism does not support, before anything is loaded."""
+    d, a = cfg.distributed, cfg.adapter
+    if d is None or not d.enabled:
+        raise ConfigError(
+            "plugins.expert_parallel needs distributed.enabled: FSDP2 shards the rest of the "
+            "model (and averages its gradients) while the experts are split by expert"
+        )
+    if a.target_parameters:
+        raise ConfigError("expert LoRA (adapter.target_parameters) with expert parallelism")
+    if d.low_memory_loading:
+        raise ConfigError(
+            "plugins.expert_parallel splits the loaded experts: set "
+            "distributed.low_memory_loading=false"
+        )
+    if getattr(d, "frozen", None) != "replicate" or a.method == "full":
+        raise ConfigError(
+            "plugins.expert_parallel keeps the expert shards out of FSDP2 through "
+            "distributed.frozen=replicate with frozen experts (adapter.method lora/dora)"
+        )
+
+
+class ExpertParallelPlugin(Plugin):
+    name = "expert_parallel"
+    description = "MoE expert parallelism: experts split over processes, all-to-all, FSDP2 rest"
+    config_cls = ExpertParallelConfig
+    model_types = tuple(name for name, fam in FAMILIES.items() if fam.experts)
+    order = 190  # after adapters and patches, before the fsdp plugin (200)
+
+    @classmethod
+    def section_of(cls, cfg: Config) -> Any:
+        raw = super().section_of(cfg)
+        if raw is not None:
+            check_config(cfg)
+        return raw
+
+    def augment(
+        self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
+    ) -> tuple[PreTrainedModel, TrainingArguments | None]:
+        from turbotune.distributed.env import init_distributed
+        from turbotune.moe.expert_parallel import expert_parameters, shard_experts
+
+        _check_stacks(model)
+        init_distributed("cpu" if getattr(training_args, "use_cpu", False) else "auto")
+        self.patches = shard_experts(model, backend=self.config.backend, average_grads=True)
+        model.__dict__[IGNORED_KEY] = expert_parameters(model)
+        return model, training_args
+
+    def describe(self) -> str:
+        return f"experts split over the processes (all-to-all), kernels {self.config.backend}"
+
+
+def _check_stacks(model: PreTrainedModel) -> None:
+    from turbotune.moe.expert_parallel import experts_modules
+
+    for module in experts_modules(model):
+        for name in ("gate_up_proj", "down_proj"):
+            stack = module._parameters.get(name)
+            if stack is None:
+                raise ConfigError(
+                    f"{type(module).__name__}.{name} is not a dense parameter (quantized or "
+                    "adapted): expert parallelism splits dense expert stacks only"
+                )
+            if stack.is_meta:
+                raise ConfigError("expert parallelism needs the loaded model, not a meta one")
