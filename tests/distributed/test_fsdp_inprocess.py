@@ -8,101 +8,17 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from tests.distributed.tiny import FP32
+from tests.distributed.tiny import assert_close as _assert_close
+from tests.distributed.tiny import batches as _batches
+from tests.distributed.tiny import full_trainable as _full_trainable
+from tests.distributed.tiny import quantize as _quantize
+from tests.distributed.tiny import tiny_llama as _tiny_llama
+from tests.distributed.tiny import train as _train
+from tests.distributed.tiny import with_lora as _with_lora
 
-from turbotune.config import AdapterConfig
 from turbotune.distributed.config import DistributedConfig
 from turbotune.precision import PrecisionPlan
-
-FP32 = PrecisionPlan("fp32", torch.float32, None, False)
-
-
-@pytest.fixture
-def world_of_one(monkeypatch):
-    """A gloo process group of one process, torn down afterwards (other tests see none)."""
-    import torch.distributed as dist
-
-    from turbotune.distributed.env import _free_port, init_distributed
-
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-                       "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    info = init_distributed("cpu")
-    yield info
-    dist.destroy_process_group()
-    torch.set_num_threads(before)
-
-
-def _tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg)
-
-
-def _quantize(model: nn.Module) -> nn.Module:
-    from turbotune.distributed.nf4 import NF4Linear
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and "lm_head" not in name:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child,
-                    NF4Linear.from_linear(module, compute_dtype=torch.float32))  # fmt: skip
-    return model
-
-
-def _with_lora(model: nn.Module, seed: int = 1) -> nn.Module:
-    from turbotune.adapters.lora import apply_custom_lora
-
-    torch.manual_seed(seed)
-    return apply_custom_lora(model, AdapterConfig(r=4, alpha=8, implementation="custom"))
-
-
-def _batches(n: int = 3, seed: int = 2) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 96, (2, 12), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
-
-
-def _train(
-    model: nn.Module, batches, lr: float = 1e-2
-) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses of a few AdamW steps and the final full trainable weights."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, _full_trainable(model)
-
-
-def _full_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            t = p.detach()
-            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
-    return out
-
-
-def _assert_close(got: dict, ref: dict, atol: float) -> None:
-    assert got.keys() == ref.keys()
-    for name in ref:
-        d = (got[name] - ref[name]).abs()
-        assert d.max() <= atol, f"{name}: max abs diff {d.max():.3g}, mean {d.mean():.3g}"
 
 
 def _shard(model, world, **config):
@@ -114,13 +30,6 @@ def _shard(model, world, **config):
     apply_fsdp(model, cfg, FP32, mesh)
     assert any(hasattr(p, "device_mesh") for p in model.parameters()), "nothing was sharded"
     return model
-
-
-@pytest.fixture
-def eager_dequantize(monkeypatch):
-    """The eager dequantizer (the Triton one is checked against it in test_nf4_storage.py):
-    interpreted Triton would cost seconds here."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 def test_sharded_nf4_lora_trains_like_unsharded(world_of_one, eager_dequantize):

@@ -34,7 +34,14 @@ if TYPE_CHECKING:
     from turbotune.distributed.config import DistributedConfig
     from turbotune.precision import PrecisionPlan
 
-__all__ = ["apply_fsdp", "check_storage", "decoder_blocks", "is_sharded", "mixed_precision_policy"]
+__all__ = [
+    "apply_fsdp",
+    "check_storage",
+    "decoder_blocks",
+    "is_sharded",
+    "mixed_precision_policy",
+    "set_prefetch",
+]
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -102,7 +109,8 @@ def _ignored_kwargs(ignored_params: set[nn.Parameter] | None) -> dict[str, Any]:
     if "ignored_params" not in inspect.signature(fully_shard).parameters:
         raise ConfigError(
             f"torch {torch.__version__}: fully_shard has no 'ignored_params' (added in torch "
-            "2.7); parameters kept out of FSDP (expert parallelism) need a newer torch"
+            "2.7); parameters kept out of FSDP2 (distributed.frozen=replicate, expert "
+            "parallelism) need a newer torch"
         )
     return {"ignored_params": set(ignored_params)}
 
@@ -152,17 +160,38 @@ def apply_fsdp(
         if config.cpu_offload
         else OffloadPolicy()
     )
+    if config.frozen == "replicate":  # whole on every process: FSDP2 never touches them
+        ignored |= {p for p in model.parameters() if not p.requires_grad}
     kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, **_ignored_kwargs(ignored))
-    for i, block in enumerate(blocks):
+    for block in blocks:
         wrap_block(
             block, checkpoint=config.activation_checkpointing, offload=config.activation_offload
         )
+    groups = blocks if config.groups == "block" else []
+    for i, block in enumerate(groups):
         # The last block's parameters are needed again right away by backward: keep them.
-        reshard = config.reshard_after_forward and i < len(blocks) - 1
+        reshard = config.reshard_after_forward and i < len(groups) - 1
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=config.reshard_after_forward, **kwargs)
+    set_prefetch(model, groups, config.prefetch)
     model.__dict__["_turbotune_fsdp"] = {"mesh": mesh, "plan": plan, "config": config}
     return model
+
+
+def set_prefetch(root: nn.Module, blocks: list[nn.Module], depth: int) -> None:
+    """Issue each block's all-gather ``depth`` blocks ahead, in forward and in backward.
+
+    FSDP2 issues a group's all-gather when its pre-forward hook runs; when the host is not
+    ahead of the GPU (a host-bound step), that is when the GPU needs the weights, and the
+    gather does not overlap compute. Explicit prefetch issues it while an earlier block runs.
+    The root (embeddings, head) prefetches the first blocks in forward.
+    """
+    if depth < 1 or not blocks:
+        return
+    root.set_modules_to_forward_prefetch(blocks[:depth])
+    for i, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + depth])
+        block.set_modules_to_backward_prefetch(blocks[max(0, i - depth) : i][::-1])
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -1,0 +1,157 @@
+"""The tiny models, data and training loop of the FSDP tests (one copy, shared by the in-process
+tests and the two-process worker, which imports it as a sibling module).
+
+:class:`TinyLM` is a causal LM of plain torch + turbotune layers (no transformers, no peft):
+the two-process worker builds it in ~2 s instead of ~15 s of imports, and it has what FSDP2
+sees in a QLoRA Llama: frozen embeddings/head/norms at the root, a list of blocks whose frozen
+linears are NF4 storage with trainable LoRA A and B.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from turbotune.config import AdapterConfig
+from turbotune.precision import PrecisionPlan
+
+FP32 = PrecisionPlan("fp32", torch.float32, None, False)
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    """A random Llama: vocab 96, hidden 64, ``layers`` blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+class Output(NamedTuple):
+    """What :class:`TinyLM` returns: a pytree (FSDP2 finds the tensors it must hook for
+    backward in a model's output by pytree traversal, as in transformers' ``ModelOutput``)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+class TinyBlock(nn.Module):
+    """``x + down(silu(gate(n)) * up(n))`` with ``n = rmsnorm(x)``: NF4 linears with LoRA."""
+
+    def __init__(self, hidden: int, inner: int, rank: int):
+        super().__init__()
+        from turbotune.adapters.lora import LoRALinear
+        from turbotune.distributed.nf4 import NF4Linear
+
+        def linear(i: int, o: int) -> nn.Module:
+            layer = NF4Linear.from_linear(nn.Linear(i, o, bias=False), compute_dtype=torch.float32)
+            return LoRALinear(layer, rank, 2 * rank)
+
+        self.norm = nn.RMSNorm(hidden)
+        self.gate, self.up, self.down = (
+            linear(hidden, inner),
+            linear(hidden, inner),
+            linear(inner, hidden),
+        )
+        for lora in (self.gate, self.up, self.down):  # B = 0 would hide gradient bugs of A
+            nn.init.normal_(lora.lora_B["default"].weight, std=0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm(x)
+        return x + self.down(nn.functional.silu(self.gate(n)) * self.up(n))
+
+
+class TinyLM(nn.Module):
+    """Embedding, ``layers`` :class:`TinyBlock`, norm, dense head; ``forward(input_ids, labels)``
+    returns ``.loss``, the next-token cross entropy (mean over tokens), like a transformers LM.
+    Only the LoRA weights train."""
+
+    def __init__(self, seed: int = 0, layers: int = 2, vocab: int = 96, hidden: int = 64):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(TinyBlock(hidden, 2 * hidden, 4) for _ in range(layers))
+        self.norm = nn.RMSNorm(hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        for name, p in self.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Output:
+        x = self.embed(input_ids)
+        for block in self.layers:
+            x = block(x)
+        logits = self.head(self.norm(x))
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return Output(loss, logits)
+
+
+def quantize(model: nn.Module) -> nn.Module:
+    """Every linear but the head as shardable NF4 storage (fp32 storage and compute)."""
+    from turbotune.distributed.nf4 import NF4Linear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and "lm_head" not in name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    NF4Linear.from_linear(module, compute_dtype=torch.float32))  # fmt: skip
+    return model
+
+
+def with_lora(model: nn.Module, seed: int = 1) -> nn.Module:
+    """turbotune's LoRA (r 4, alpha 8) on every linear."""
+    from turbotune.adapters.lora import apply_custom_lora
+
+    torch.manual_seed(seed)
+    return apply_custom_lora(model, AdapterConfig(r=4, alpha=8, implementation="custom"))
+
+
+def batches(n: int = 3, seed: int = 2, rows: int = 2) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of ``rows`` random sequences of 12 tokens (labels = inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 96, (rows, 12), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def full_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole value of every trainable parameter (gathers DTensors: a collective)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+    return out
+
+
+def train(
+    model: nn.Module, data, lr: float = 1e-2, reduce=None
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of a few AdamW steps and the final full trainable weights.
+
+    ``reduce`` maps a local loss to the global one (the mean over processes).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for batch in data:
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        value = loss.detach()
+        losses.append((reduce(value) if reduce else value).item())
+    return losses, full_trainable(model)
+
+
+def assert_close(got: dict, ref: dict, atol: float) -> None:
+    assert got.keys() == ref.keys()
+    for name in ref:
+        d = (got[name] - ref[name]).abs()
+        assert d.max() <= atol, f"{name}: max abs diff {d.max():.3g}, mean {d.mean():.3g}"
