@@ -109,3 +109,16 @@ def test_invalid_option_combinations_are_refused(config, message):
 
     with pytest.raises(ConfigError, match=message):
         DistributedConfig(enabled=True, **config).validate()
+
+
+def test_shard_model_leaves_the_recorded_ignored_set_alone(world_of_one):
+    from tests.distributed.tiny import TinyLM
+
+    from turbotune.distributed.model import IGNORED_KEY, shard_model
+
+    model = TinyLM(layers=2)
+    ignored = {p for n, p in model.named_parameters() if n.startswith("layers.1.")}
+    model.__dict__[IGNORED_KEY] = ignored
+    shard_model(model, DistributedConfig(enabled=True), FP32, backend="cpu")
+    for name, p in model.named_parameters():
+        assert hasattr(p, "device_mesh") != name.startswith("layers.1."), name

@@ -127,6 +127,19 @@ def _source_of(model: nn.Module) -> TensorSource | None:
     return None
 
 
+IGNORED_KEY = "_turbotune_fsdp_ignored"
+"""``model.__dict__`` key of a set of parameters FSDP2 must leave alone (the expert-parallel
+plugin records the expert shards there)."""
+
+
+def _ignored_of(model: nn.Module) -> set[nn.Parameter]:
+    ignored: set[nn.Parameter] = set()
+    for m in (model, getattr(getattr(model, "base_model", None), "model", None)):
+        if m is not None:
+            ignored |= set(m.__dict__.get(IGNORED_KEY, ()))
+    return ignored
+
+
 def shard_model(
     model: nn.Module,
     config: DistributedConfig,
@@ -138,7 +151,8 @@ def shard_model(
     """Shard ``model`` with FSDP2 and, after low-memory loading, fill its shards.
 
     Args:
-        model: adapters attached, patches applied; real or on the meta device.
+        model: adapters attached, patches applied; real or on the meta device. Parameters in
+            its ``_turbotune_fsdp_ignored`` set (expert parallelism) stay out of FSDP2.
         config: the ``distributed`` section.
         plan: the precision plan (its autocast dtype sets the mixed-precision policy).
         backend: turbotune backend name (``cuda``/``cpu``/``auto``).
@@ -161,7 +175,7 @@ def shard_model(
         config_of.use_cache = False
     if source is None:
         model.to(device if not config.cpu_offload else "cpu")
-    apply_fsdp(model, config, plan, mesh)
+    apply_fsdp(model, config, plan, mesh, ignored_params=_ignored_of(model) or None)
     if source is not None:
         store = torch.device("cpu") if config.cpu_offload else device
         stats = materialize(model, source, store, seed=seed)
