@@ -39,9 +39,10 @@ the model; training goes on eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -108,6 +109,26 @@ def _describe(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), t.dtype, t.requires_grad, t.device)
 
 
+@contextlib.contextmanager
+def _swapped(
+    layer: nn.Module, params: Sequence[nn.Parameter], aliases: Sequence[nn.Parameter]
+) -> Iterator[None]:
+    """Put ``aliases`` in place of ``params`` in ``layer``'s modules for the duration."""
+    replace = {id(p): a for p, a in zip(params, aliases)}
+    swapped = []
+    for module in layer.modules():
+        for name, p in module._parameters.items():
+            if p is not None and id(p) in replace:
+                swapped.append((module, name, p))
+    for module, name, p in swapped:
+        module._parameters[name] = replace[id(p)]
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
 class _Replay(torch.autograd.Function):
     """Layer ``i`` of a :class:`_GraphSet`: forward and backward are graph replays."""
 
@@ -127,6 +148,7 @@ class _GraphSet:
 
     def __init__(
         self,
+        layers: Sequence[nn.Module],
         inners: Sequence[Callable[..., Any]],
         params: Sequence[tuple[nn.Parameter, ...]],
         hidden: torch.Tensor,
@@ -135,6 +157,11 @@ class _GraphSet:
         constants: tuple,
     ) -> None:
         self.params = params
+        # The captures differentiate with respect to fresh leaves that share the parameters'
+        # memory: a parameter's own AccumulateGrad node may still belong to an eager graph on
+        # the default stream, and reaching it from the capture stream would break the capture.
+        self.aliases = [tuple(nn.Parameter(p.detach()) for p in ps) for ps in params]
+        self.layers = layers
         n = len(inners)
         # Static inputs: the first layer's hidden state and the per-step tensors (cos/sin...).
         self.kw_static = [t.detach().clone() for t in tensors]
@@ -154,8 +181,9 @@ class _GraphSet:
             with torch.cuda.stream(side):
                 x = first
                 for i, inner in enumerate(inners):
-                    out = inner(x, **kwargs)
-                    wrt = ([x] if x.requires_grad else []) + list(self.params[i])
+                    with _swapped(self.layers[i], self.params[i], self.aliases[i]):
+                        out = inner(x, **kwargs)
+                    wrt = ([x] if x.requires_grad else []) + list(self.aliases[i])
                     if wrt and out.requires_grad:
                         torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
                     x = out.detach().requires_grad_(out.requires_grad)
@@ -163,9 +191,10 @@ class _GraphSet:
             torch.cuda.synchronize()
             self.inputs, outs, self.fwd = [], [], []
             x = first
-            for inner in inners:
+            for i, inner in enumerate(inners):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                swap = _swapped(self.layers[i], self.params[i], self.aliases[i])
+                with swap, torch.cuda.graph(graph, pool=pool):
                     out = inner(x, **kwargs)
                 self.fwd.append(graph)
                 self.inputs.append(x)
@@ -187,7 +216,7 @@ class _GraphSet:
         for i in reversed(range(n)):
             x, out = self.inputs[i], outs[i]
             self.grad_out[i] = grad_out
-            wrt = ([x] if x.requires_grad else []) + list(self.params[i])
+            wrt = ([x] if x.requires_grad else []) + list(self.aliases[i])
             if not out.requires_grad or not wrt:
                 continue
             graph = torch.cuda.CUDAGraph()
@@ -345,9 +374,14 @@ class LayerGraphs:
         if seen <= self.warmup_calls or len(self.sets) >= self.max_shapes:
             return None
         try:
-            graphs = _GraphSet(self.inners, self.params, hidden, slots, tensors, constants)
+            graphs = _GraphSet(
+                self.layers, self.inners, self.params, hidden, slots, tensors, constants
+            )
         except Exception as err:  # an op that cannot be captured: eager from now on
-            self.disabled = f"capture failed: {type(err).__name__}: {err}"
+            first = err
+            while first.__context__ is not None:  # the error that broke the capture
+                first = first.__context__
+            self.disabled = f"capture failed: {type(first).__name__}: {first}"
             log.warning("CUDA graphs off, the layers run eagerly (%s)", self.disabled)
             return None
         self.sets[key] = graphs
