@@ -278,7 +278,7 @@ class LayerGraphs:
     """
 
     def __init__(
-        self, layers: Sequence[nn.Module], *, warmup_calls: int = 1, max_shapes: int = 2
+        self, layers: Sequence[nn.Module], *, warmup_calls: int = 1, max_shapes: int = 1
     ) -> None:
         self.layers = list(layers)
         self.inners = [layer.forward for layer in self.layers]
