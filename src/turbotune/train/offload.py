@@ -279,7 +279,10 @@ class _ReplayState:
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         devices = [self.device] if self.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+        with (
+            torch.random.fork_rng(devices=devices, device_type="cuda"),
+            contextlib.ExitStack() as stack,
+        ):
             torch.set_rng_state(self.cpu_rng)
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
