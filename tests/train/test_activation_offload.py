@@ -268,3 +268,44 @@ def test_bench_setup_offloads_and_the_scenario_exists(tmp_path):
     assert sum("_turbotune_block_wrapped" in m.__dict__ for m in modules) == (
         config.num_hidden_layers
     )
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_bench_fused_nf4_offload_trains_like_transformers_checkpointing(
+    tmp_path, eager_ops, dropout
+):
+    """The reference scenario's stack (NF4, fused ops, LoRA) on a tiny Llama: the offloaded
+    checkpoint gives the losses of transformers' checkpointing, dropout masks included (the
+    fused LoRA ops draw their dropout seed from the CPU RNG, which the recomputation replays)."""
+    from turbotune.bench.data import random_batches
+    from turbotune.bench.loop import MemoryMeter, timed_loop
+    from turbotune.bench.models import resolve_model_config
+    from turbotune.bench.setups import (
+        DEFAULT_LORA,
+        PointSettings,
+        prepare_turbotune,
+        turbotune_config_dict,
+    )
+
+    cpu = torch.device("cpu")
+    config = resolve_model_config("llama-tiny")
+    s = PointSettings(
+        gradient_checkpointing=True, precision="bf16", learning_rate=1e-2,
+        lora={**DEFAULT_LORA, "dropout": dropout}, attn_implementation="sdpa", seed=5,
+        batch_size=2, output_dir=str(tmp_path),
+    )  # fmt: skip
+    base = {"quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+            "plugins": {"fused_ops": {}}}  # fmt: skip
+    losses = {}
+    for name, train in {"hf": {}, "offload": {"activation_offload": True}}.items():
+        raw = turbotune_config_dict({**base, "train": train}, s)
+        prepared = prepare_turbotune(raw, config, s, cpu)
+        wrapped = sum("_turbotune_block_wrapped" in m.__dict__ for m in prepared.model.modules())
+        assert wrapped == (2 if name == "offload" else 0)
+        batches = random_batches(config.vocab_size, 2, 16, 4, seed=1, device=cpu)
+        torch.manual_seed(7)
+        res = timed_loop(prepared.model, batches, warmup=1, steps=3, learning_rate=1e-2,
+                         autocast=prepared.autocast, device=cpu, meter=MemoryMeter(cpu))  # fmt: skip
+        losses[name] = res.losses
+    assert len(set(losses["hf"])) == 4, losses
+    assert losses["offload"] == pytest.approx(losses["hf"], abs=1e-6, rel=0), losses
