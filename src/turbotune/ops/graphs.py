@@ -177,7 +177,8 @@ class _GraphSet:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
-            # Warm-up on a side stream (lazy CUDA work stays out of the captures).
+            # Warm-up on the stream the captures run on: lazy CUDA work (cuBLAS handles and
+            # workspaces of that stream, Triton compiles) stays out of the captures.
             with torch.cuda.stream(side):
                 x = first
                 for i, inner in enumerate(inners):
@@ -194,17 +195,19 @@ class _GraphSet:
             for i, inner in enumerate(inners):
                 graph = torch.cuda.CUDAGraph()
                 swap = _swapped(self.layers[i], self.params[i], self.aliases[i])
-                with swap, torch.cuda.graph(graph, pool=pool):
+                with swap, torch.cuda.graph(graph, pool=pool, stream=side):
                     out = inner(x, **kwargs)
                 self.fwd.append(graph)
                 self.inputs.append(x)
                 outs.append(out)
                 x = out.detach().requires_grad_(out.requires_grad)
             self.outputs = [o.detach() for o in outs]
-            self._capture_backward(outs, pool, n)
+            self._capture_backward(outs, pool, side, n)
         torch.cuda.synchronize()
 
-    def _capture_backward(self, outs: list[torch.Tensor], pool: Any, n: int) -> None:
+    def _capture_backward(
+        self, outs: list[torch.Tensor], pool: Any, side: torch.cuda.Stream, n: int
+    ) -> None:
         self.grad_out = [None] * n
         self.grad_in: list[torch.Tensor | None] = [None] * n
         self.param_grads: list[tuple] = [()] * n
@@ -220,7 +223,7 @@ class _GraphSet:
             if not out.requires_grad or not wrt:
                 continue
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=side):
                 grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
                 if x.requires_grad:
                     ping[i % 2].copy_(grads[0])
