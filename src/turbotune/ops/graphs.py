@@ -376,6 +376,8 @@ class LayerGraphs:
         seen = self.seen[key] = self.seen.get(key, 0) + 1
         if seen <= self.warmup_calls or len(self.sets) >= self.max_shapes:
             return None
+        # The graphs get their own memory pool: hand the eager steps' cached blocks back first.
+        torch.cuda.empty_cache()
         try:
             graphs = _GraphSet(
                 self.layers, self.inners, self.params, hidden, slots, tensors, constants
