@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from turbotune.moe.combine import sum_rows
 from turbotune.moe.plan import ExpertPlan
 
 Backend = Literal["triton", "grouped_mm", "loop"]
@@ -131,8 +132,8 @@ def _torch_backward(grad, a, w, plan, layout, backend, need_a: bool, need_w: boo
     grad_a = grad_w = None
     if need_a:
         grad_a = _grouped_mm(sorted_grad, w, plan, backend)
-        if layout == "gather":
-            grad_a = _to_slots(grad_a, plan).view(-1, plan.top_k, grad_a.shape[1]).sum(1)
+        if layout == "gather":  # each token's k sorted rows summed (fp32), no slot-order copy
+            grad_a = sum_rows(grad_a, plan.row_of_slot, plan.top_k)
     if need_w:
         grad_w = _grouped_wgrad(sorted_grad, _sorted_input(a, plan, layout), plan, backend)
     return grad_a, grad_w

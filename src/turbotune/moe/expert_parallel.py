@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from turbotune.moe.experts import BackendChoice, combine_slots, moe_experts
+from turbotune.moe.combine import combine_rows
+from turbotune.moe.experts import BackendChoice, moe_experts
 from turbotune.moe.patch import activation_of
 from turbotune.moe.plan import plan_experts
 from turbotune.patches.engine import PatchSet, family_of
@@ -100,9 +101,8 @@ def expert_parallel_experts(
         rows, expert_of_row[:, None], ones, gate_up_local, down_local,
         activation=activation, backend=backend,
     )  # fmt: skip
-    back = _AllToAll.apply(out_rows, recv_splits, send_splits, group)
-    slots = back.new_empty(back.shape).index_copy(0, plan.order, back)
-    return combine_slots(slots, top_k_weights, hidden.dtype)
+    back = _AllToAll.apply(out_rows, recv_splits, send_splits, group)  # sorted like plan.order
+    return combine_rows(back, plan.row_of_slot, top_k_weights, hidden.dtype)
 
 
 def _ep_forward(backend: BackendChoice):

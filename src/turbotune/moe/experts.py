@@ -5,9 +5,10 @@ Design note. transformers 5 stores a family's experts as two stacked parameters,
 calls ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``. The same computation
 here is: sort the ``T * k`` slots by expert (one ``sort``), one grouped product for gate/up that
 gathers the tokens itself, the fused gated activation (:mod:`turbotune.ops.swiglu`), one grouped
-product for down that writes straight into slot order, then ``sum_j w[t, j] * y[t, j]`` as a
-reshape-and-sum in fp32 (deterministic, unlike ``index_add_``). Gradients reach the inputs, both
-weight stacks and the routing weights (hence the router) through autograd.
+product for down that keeps the sorted order, then ``sum_j w[t, j] * y[row(t, j)]`` in fp32 read
+straight from the sorted rows (:mod:`turbotune.moe.combine`; deterministic, unlike
+``index_add_``). Gradients reach the inputs, both weight stacks and the routing weights (hence
+the router) through autograd.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from turbotune.moe.combine import combine_rows
 from turbotune.moe.expert_gemm import Backend, expert_gemm
 from turbotune.moe.plan import ExpertPlan, plan_experts
 from turbotune.ops._triton import use_triton
@@ -64,13 +66,6 @@ def gated_activation(gate_up: torch.Tensor, activation: str | Callable[..., Any]
     return activation(gate) * up
 
 
-def combine_slots(slots: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype):
-    """``out[t] = sum_j w[t, j] * slots[t * k + j]`` accumulated in fp32, cast to ``dtype``."""
-    num_tokens, top_k = top_k_weights.shape
-    weighted = slots.view(num_tokens, top_k, -1).float() * top_k_weights.float().unsqueeze(-1)
-    return weighted.sum(dim=1).to(dtype)
-
-
 def moe_experts(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -109,23 +104,23 @@ def moe_experts(
     if gate_up_lora is not None:
         gate_up_rows = gate_up_rows + _lora(x, gate_up_lora, plan, "gather", chosen)
     h = gated_activation(gate_up_rows, activation)
-    slots = expert_gemm(h, down, plan, layout="scatter", backend=chosen)
+    rows = expert_gemm(h, down, plan, layout="sorted", backend=chosen)
     if down_lora is not None:
-        slots = slots + _lora(h, down_lora, plan, "scatter", chosen)
-    return combine_slots(slots, top_k_weights, hidden.dtype)
+        rows = rows + _lora(h, down_lora, plan, "sorted", chosen)
+    return combine_rows(rows, plan.row_of_slot, top_k_weights, hidden.dtype)
 
 
 def _lora(a: torch.Tensor, lora: ExpertLoRA, plan: ExpertPlan, layout: str, backend: str):
     """``scale * (a_e @ rhs_e^T) @ lhs_e^T`` per expert: down to rank r on the input's layout,
-    back up on the output's (``gather``: tokens in, sorted out; ``scatter``: sorted in, slots out)."""
-    first, second = ("gather", "sorted") if layout == "gather" else ("sorted", "scatter")
+    back up on the output's (``gather``: tokens in, sorted out; ``sorted``: sorted in and out)."""
+    first = "gather" if layout == "gather" else "sorted"
     rank_bytes = lora.rhs.shape[1] * a.element_size()
     if backend == "grouped_mm" and a.is_cuda and rank_bytes % 16:
         backend = "triton"  # cuBLAS/CUTLASS grouped GEMMs want 16-byte strides (rank % 8 in bf16)
     # peft's factors are permuted views; the grouped products want row-major stacks (small).
     rhs, lhs = lora.rhs.to(a.dtype).contiguous(), lora.lhs.to(a.dtype).contiguous()
     low = expert_gemm(a, rhs, plan, layout=first, backend=backend) * lora.scale
-    return expert_gemm(low, lhs, plan, layout=second, backend=backend)
+    return expert_gemm(low, lhs, plan, layout="sorted", backend=backend)
 
 
 def len_experts(stack: Any) -> int:

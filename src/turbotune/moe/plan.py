@@ -24,12 +24,16 @@ class ExpertPlan(NamedTuple):
         ends: ``[E]`` int32 cumulative counts (expert ``e`` owns sorted rows
             ``ends[e] - counts[e] .. ends[e] - 1``).
         top_k: experts per token.
+        row_of_slot: ``[S]`` int64 inverse of ``order``: the sorted row of slot ``s``
+            (``row_of_slot[order[r]] = r``), what :func:`~turbotune.moe.combine.combine_rows`
+            reads the down projection's sorted rows through.
     """
 
     order: torch.Tensor
     counts: torch.Tensor
     ends: torch.Tensor
     top_k: int
+    row_of_slot: torch.Tensor
 
     @property
     def num_experts(self) -> int:
@@ -47,4 +51,6 @@ def plan_experts(top_k_index: torch.Tensor, num_experts: int) -> ExpertPlan:
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     ends = torch.cumsum(counts, dim=0).to(torch.int32)
-    return ExpertPlan(order, counts, ends, top_k_index.shape[-1])
+    row_of_slot = torch.empty_like(order)
+    row_of_slot[order] = torch.arange(order.shape[0], device=order.device)
+    return ExpertPlan(order, counts, ends, top_k_index.shape[-1], row_of_slot)
