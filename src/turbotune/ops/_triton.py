@@ -65,9 +65,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     """
     if not HAS_TRITON:
         return False
-    if interpreting():
+    # CUDA tensors first: the answer is then True either way, and this runs several hundred
+    # times per training step (reading os.environ costs more than the rest of the check).
+    # The environment is read on each CPU call, so tests may switch TRITON_INTERPRET at run time.
+    if all(t.is_cuda for t in tensors):
         return True
-    return all(t.is_cuda for t in tensors)
+    return interpreting()
 
 
 def num_programs_hint(device: torch.device) -> int:

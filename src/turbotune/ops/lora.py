@@ -42,6 +42,7 @@ from turbotune.ops.lora_group import (
     Slot,
     base_backward,
     base_forward,
+    cast,
     dropout_keep,
     lora_backward,
     lora_forward,
@@ -160,7 +161,7 @@ def _grads(
     out = []
     for i, slot in enumerate(slots):
         d_a, d_b = lora.get(i, (None, None))
-        d_bias = dys[i].sum(0).to(slot.bias.dtype) if needs[i].bias else None
+        d_bias = cast(dys[i].sum(0), slot.bias.dtype) if needs[i].bias else None
         out += [d_a, d_b, d_bias]
     return out
 

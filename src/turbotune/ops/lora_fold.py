@@ -32,8 +32,17 @@ from collections.abc import Sequence
 
 import torch
 
-from turbotune.ops.lora_group import Layout, Needs, Slot, scaled_db, stack_cast
-from turbotune.quant.weights import dense_weight, weight_shape
+from turbotune.ops.lora_group import (
+    Layout,
+    Needs,
+    Slot,
+    cast,
+    placeholder,
+    scaled_db,
+    split_da,
+    stack_cast,
+)
+from turbotune.quant.weights import dense_weight
 
 __all__ = ["fold_backward", "fold_forward", "wide_backward"]
 
@@ -46,7 +55,7 @@ def _folded_weight(
     slots: Sequence[Slot], layout: Layout, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """``[W_stacked | blockdiag(s_i B_i) | 0]``: ``[sum out_i, in + R_padded]`` in ``dtype``."""
-    n_in = weight_shape(slots[0].base)[1]
+    n_in = layout.n_in
     rank = layout.ranks[-1][1]
     weight = torch.empty((layout.rows[-1][1], n_in + _padded(rank)), dtype=dtype, device=device)
     for slot, (start, stop) in zip(slots, layout.rows):
@@ -86,13 +95,13 @@ def fold_forward(
         if any(b is not None for b in biases):
             for b, (start, stop) in zip(biases, layout.rows):
                 if b is not None:
-                    out[:, start:stop] += b.to(x.dtype)
+                    out[:, start:stop] += cast(b, x.dtype)
         return out, [x_aug, a_stacked]
     outs = []
     for slot, (start, stop) in zip(slots, layout.rows):
         w = weight[start:stop].t()
         b = slot.bias
-        outs.append(torch.mm(x_aug, w) if b is None else torch.addmm(b.to(x.dtype), x_aug, w))
+        outs.append(torch.mm(x_aug, w) if b is None else torch.addmm(cast(b, x.dtype), x_aug, w))
     return outs, [x_aug, a_stacked]
 
 
@@ -118,15 +127,15 @@ def fold_backward(
     rank = layout.ranks[-1][1]
     x, t_all = x_aug[:, :n_in], x_aug[:, n_in : n_in + rank]
     grads = {}
+    nothing = placeholder(dy.dtype, dy.device)  # beta = 0: addmm reads no input
     for k, i in enumerate(layout.adapters):
         (start, stop), (r0, r1) = layout.rows[i], layout.ranks[k]
         d_b = None
         if needs[i].B:
-            b = a_stacked.new_empty((stop - start, r1 - r0))  # only lends addmm its shape
             d_b = torch.addmm(
-                b, dy[:, start:stop].t(), t_all[:, r0:r1], beta=0, alpha=slots[i].scaling
+                nothing, dy[:, start:stop].t(), t_all[:, r0:r1], beta=0, alpha=slots[i].scaling
             )
-            d_b = d_b.to(slots[i].B.dtype)
+            d_b = cast(d_b, slots[i].B.dtype)
         grads[i] = (None, d_b)
     need_x = needs[0].x
     need_a = any(needs[i].A for i in layout.adapters)
@@ -135,11 +144,7 @@ def fold_backward(
     out = torch.mm(dy, _folded_weight(slots, layout, dy.dtype, dy.device))
     g_all = out[:, n_in : n_in + rank]
     if need_a:
-        d_a_all = torch.mm(g_all.t(), x)
-        for k, i in enumerate(layout.adapters):
-            if needs[i].A:
-                r0, r1 = layout.ranks[k]
-                grads[i] = (d_a_all[r0:r1].to(slots[i].A.dtype), grads[i][1])
+        split_da(torch.mm(g_all.t(), x), slots, layout, needs, grads)
     if not need_x:
         return None, grads
     dx = out[:, :n_in]
@@ -175,7 +180,7 @@ def wide_backward(
     dyg[:, :n_out].copy_(dy)
     g = dyg[:, n_out : n_out + r]
     torch.addmm(g, dy, b, beta=0, alpha=slot.scaling, out=g)
-    d_a = torch.mm(g.t(), x).to(slot.A.dtype) if needs.A else None
+    d_a = cast(torch.mm(g.t(), x), slot.A.dtype) if needs.A else None
     weight = torch.empty((n_out + rp, x.shape[1]), dtype=dy.dtype, device=dy.device)
     dense_weight(slot.base, dy.dtype, out=weight[:n_out])
     weight[n_out : n_out + r].copy_(a)

@@ -36,11 +36,14 @@ __all__ = [
     "Slot",
     "base_backward",
     "base_forward",
+    "cast",
     "dropout_keep",
     "layout_of",
     "lora_backward",
     "lora_forward",
+    "placeholder",
     "scaled_db",
+    "split_da",
     "stack_cast",
     "stacked_weight",
 ]
@@ -83,6 +86,7 @@ class Layout(NamedTuple):
             ``dx`` is one matmul ``[dy | g] [W; A]`` (``ops/lora_fold.py``).
         direct: every weight is used as stored, one matmul per projection (plain dense weights
             in the compute dtype: ``ops/lora_direct.py``); ``fold`` and ``wide`` are off then.
+        n_in: ``in_features`` (0 when not ``stackable``).
     """
 
     rows: tuple[tuple[int, int], ...]
@@ -93,6 +97,7 @@ class Layout(NamedTuple):
     fold: bool
     wide: bool
     direct: bool = False
+    n_in: int = 0
 
 
 def _spans(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -124,7 +129,43 @@ def layout_of(slots: Sequence[Slot]) -> Layout:
     fold = FOLD_ADAPTERS and shared and bool(adapters) and len(slots) > 1 and in_even
     wide = FOLD_ADAPTERS and shared and bool(adapters) and len(slots) == 1 and stackable
     wide = wide and shapes[0][1] >= 2 * shapes[0][0]
-    return Layout(rows, stackable, adapters, ranks, shared, fold, wide)
+    n_in = shapes[0][1] if stackable else 0
+    return Layout(rows, stackable, adapters, ranks, shared, fold, wide, False, n_in)
+
+
+# ---- small helpers of the hot path (each runs several times per projection per step) ----
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the dispatcher round trip when ``t`` has that dtype already."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+_PLACEHOLDERS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached one-element input for ``addmm(..., beta=0)``: it broadcasts to any output shape
+    and beta 0 ignores its value, so no ``[out, r]`` tensor is allocated just to lend a shape."""
+    key = (dtype, device)
+    t = _PLACEHOLDERS.get(key)
+    if t is None:
+        t = _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
+    return t
+
+
+def split_da(
+    d_a_all: torch.Tensor, slots: Sequence[Slot], layout: Layout, needs: Sequence[Needs], grads
+) -> None:
+    """Set ``grads[i] = (dA_i, dB_i)`` from the stacked ``[sum r_i, in]`` ``dA``: one cast for
+    the group (to the adapters' common dtype), then contiguous row views."""
+    dtypes = {slots[i].A.dtype for i in layout.adapters}
+    if len(dtypes) == 1:
+        d_a_all = cast(d_a_all, dtypes.pop())
+    for k, i in enumerate(layout.adapters):
+        if needs[i].A:
+            r0, r1 = layout.ranks[k]
+            grads[i] = (cast(d_a_all[r0:r1], slots[i].A.dtype), grads[i][1])
 
 
 # ---- dropout masks ----
@@ -158,33 +199,20 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tens
 
 
 def stacked_weight(
-    slots: Sequence[Slot], layout: Layout, dtype: torch.dtype
+    slots: Sequence[Slot], layout: Layout, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
-    """The group's weights stacked by rows, ``[sum out_i, in]`` in ``dtype`` (dequantized), and
-    each projection's ``(start, stop)`` rows in it."""
+    """The group's weights stacked by rows, ``[sum out_i, in]`` in ``dtype`` on ``device`` (the
+    compute device: the weights live there), and each projection's ``(start, stop)`` rows."""
     if len(slots) == 1:
         weight = dense_weight(slots[0].base, dtype)
         return weight, ((0, weight.shape[0]),)
     if not layout.stackable:  # a weight source that only tells its shape by dequantizing
         parts = [dense_weight(s.base, dtype) for s in slots]
         return torch.cat(parts), _spans([p.shape[0] for p in parts])
-    first = slots[0].base
-    in_features = weight_shape(first)[1]
-    device = _device_of(first)
-    weight = torch.empty((layout.rows[-1][1], in_features), dtype=dtype, device=device)
+    weight = torch.empty((layout.rows[-1][1], layout.n_in), dtype=dtype, device=device)
     for slot, (start, stop) in zip(slots, layout.rows):
         dense_weight(slot.base, dtype, out=weight[start:stop])
     return weight, layout.rows
-
-
-def _device_of(base: Any) -> torch.device:
-    if isinstance(base, torch.nn.Module):
-        weight = base._parameters.get("weight")
-        base = weight if weight is not None else base.weight
-    if isinstance(base, torch.Tensor):
-        with torch._C.DisableTorchFunctionSubclass():  # bnb's Params4bit: no Python hook
-            return base.device
-    return base.data.device  # a Packed4bitWeight-like holder
 
 
 def base_forward(
@@ -195,7 +223,7 @@ def base_forward(
     Returns:
         one ``[M, sum out_i]`` tensor if ``stacked``, else a list of ``[M, out_i]`` tensors.
     """
-    weight, rows = stacked_weight(slots, layout, x.dtype)
+    weight, rows = stacked_weight(slots, layout, x.dtype, x.device)
     if stacked:
         bias = _stacked_bias(slots, rows, x.dtype)
         return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
@@ -203,7 +231,7 @@ def base_forward(
     for slot, (start, stop) in zip(slots, rows):
         w = weight[start:stop].t()
         outs.append(
-            torch.mm(x, w) if slot.bias is None else torch.addmm(slot.bias.to(x.dtype), x, w)
+            torch.mm(x, w) if slot.bias is None else torch.addmm(cast(slot.bias, x.dtype), x, w)
         )
     return outs
 
@@ -212,10 +240,12 @@ def _stacked_bias(slots: Sequence[Slot], rows: Sequence[tuple[int, int]], dtype:
     if all(s.bias is None for s in slots):
         return None
     if len(slots) == 1:
-        return slots[0].bias.to(dtype)
+        return cast(slots[0].bias, dtype)
     device = next(s.bias for s in slots if s.bias is not None).device
     parts = [
-        s.bias.to(dtype) if s.bias is not None else torch.zeros(b - a, dtype=dtype, device=device)
+        cast(s.bias, dtype)
+        if s.bias is not None
+        else torch.zeros(b - a, dtype=dtype, device=device)
         for s, (a, b) in zip(slots, rows)
     ]
     return torch.cat(parts)
@@ -227,7 +257,7 @@ def base_backward(dy: torch.Tensor, slots: Sequence[Slot], layout: Layout) -> to
     Args:
         dy: ``[M, sum out_i]``, the output gradients side by side.
     """
-    weight, _ = stacked_weight(slots, layout, dy.dtype)
+    weight, _ = stacked_weight(slots, layout, dy.dtype, dy.device)
     return torch.mm(dy, weight)
 
 
@@ -246,7 +276,7 @@ def lora_forward(
     if not layout.adapters:
         return []
     dtype = x.dtype
-    b_casts = [slots[i].B.to(dtype) for i in layout.adapters]
+    b_casts = [cast(slots[i].B, dtype) for i in layout.adapters]
     if layout.shared:
         a_stacked = stack_cast([slots[i].A for i in layout.adapters], dtype)
         t_all = torch.mm(x, a_stacked.t())
@@ -256,7 +286,7 @@ def lora_forward(
         return [t_all, a_stacked, *b_casts]
     saved = []
     for k, i in enumerate(layout.adapters):
-        slot, a = slots[i], slots[i].A.to(dtype)
+        slot, a = slots[i], cast(slots[i].A, dtype)
         t = torch.mm(_dropped(x, _keep(x, slot), slot.dropout), a.t())
         ys[i].addmm_(t, b_casts[k].t(), alpha=slot.scaling)
         saved += [t, a, b_casts[k]]
@@ -266,7 +296,7 @@ def lora_forward(
 def stack_cast(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``torch.cat(tensors).to(dtype)`` as one kernel (the cast happens in the copy)."""
     if len(tensors) == 1:
-        return tensors[0].to(dtype)
+        return cast(tensors[0], dtype)
     rows = sum(t.shape[0] for t in tensors)
     out = torch.empty((rows, tensors[0].shape[1]), dtype=dtype, device=tensors[0].device)
     return torch.cat(tensors, out=out)
@@ -306,7 +336,7 @@ def lora_backward(
 
 def scaled_db(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor, slot: Slot) -> torch.Tensor:
     """``dB = s dy^T t`` in ``B``'s dtype."""
-    return torch.addmm(b, dy.t(), t, beta=0, alpha=slot.scaling).to(slot.B.dtype)
+    return cast(torch.addmm(b, dy.t(), t, beta=0, alpha=slot.scaling), slot.B.dtype)
 
 
 def _shared_backward(dys, x, slots, layout, saved, dx, needs):
@@ -323,11 +353,7 @@ def _shared_backward(dys, x, slots, layout, saved, dx, needs):
             torch.addmm(g, dy, b, beta=0, alpha=slot.scaling, out=g)
         grads[i] = (None, d_b)
     if any(needs[i].A for i in layout.adapters):
-        d_a_all = torch.mm(g_all.t(), x)
-        for k, i in enumerate(layout.adapters):
-            if needs[i].A:
-                start, stop = layout.ranks[k]
-                grads[i] = (d_a_all[start:stop].to(slots[i].A.dtype), grads[i][1])
+        split_da(torch.mm(g_all.t(), x), slots, layout, needs, grads)
     if dx is not None:
         dx.addmm_(g_all, a_stacked)
     return grads
@@ -340,7 +366,7 @@ def _one_backward(dy, x, t, a, b, slot: Slot, dx, needs: Needs):
         return None, d_b
     g = torch.addmm(t, dy, b, beta=0, alpha=slot.scaling)
     keep = _keep(x, slot)
-    d_a = torch.mm(g.t(), _dropped(x, keep, slot.dropout)).to(slot.A.dtype) if needs.A else None
+    d_a = cast(torch.mm(g.t(), _dropped(x, keep, slot.dropout)), slot.A.dtype) if needs.A else None
     if dx is not None:
         if keep is None:
             dx.addmm_(g, a)
