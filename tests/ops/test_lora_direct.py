@@ -187,3 +187,39 @@ def test_plans_are_cached_per_source_and_follow_the_switches(monkeypatch):
     assert len(calls) == 2
     other = _slots([(16, 8), (16, 8)], r=2, device="cpu", dtype=torch.bfloat16)
     assert lora_direct.plan_group(other, x, True)[1] is None  # a bf16 weight, fp32 compute
+
+
+# ---- GPU: Llama-3.1-8B shapes at 4096 rows (the direct layout's regime), bf16 base ----
+
+
+@pytest.mark.gpu
+def test_direct_mlp_and_qkv_llama8b_bf16_gpu(parity, no_weight_copies):
+    m, h, inter, kv, r = 4096, 4096, 14336, 1024, 16
+    cuda = torch.device("cuda")
+    mlp_w = [_weight(o, i, seed=k).to(cuda, torch.bfloat16)
+             for k, (o, i) in enumerate([(inter, h), (inter, h), (h, inter)])]  # fmt: skip
+    qkv_w = [_weight(o, h, seed=5 + k).to(cuda, torch.bfloat16) for k, o in enumerate((h, kv, kv))]
+    master = {"x": torch.randn(m, h).requires_grad_()}
+    for k, (o, i) in enumerate([(inter, h), (inter, h), (h, inter)]):
+        master[f"A{k}"], master[f"B{k}"] = _adapter(o, i, r, seed=30 + k)
+
+    def mlp(fn):
+        def run(x, **t):
+            projs = [(w, LoRAWeights(t[f"A{k}"], t[f"B{k}"], 2.0)) for k, w in enumerate(mlp_w)]
+            return fn(x, *projs)
+
+        return run
+
+    parity(mlp(lora_mlp), mlp(lora_mlp_reference), master, torch.bfloat16, cuda)
+    assert no_weight_copies == {"forward": 2, "backward": 2}
+
+    def qkv(fn):
+        def run(x, **t):
+            projs = [(w, LoRAWeights(t[f"A{k}"][:, :h], t[f"B{k}"][: w.shape[0]], 2.0))
+                     for k, w in enumerate(qkv_w)]  # fmt: skip
+            return torch.cat(fn(x, *projs), dim=-1)
+
+        return run
+
+    parity(qkv(lora_qkv), qkv(lora_qkv_reference), master, torch.bfloat16, cuda)
+    assert no_weight_copies == {"forward": 3, "backward": 3}
