@@ -130,3 +130,25 @@ def test_expert_lora_as_grouped_products(backend: str) -> None:
     for name, got, want in zip(names, run(True), run(False), strict=True):
         # fp32, only the summation order differs: relative to the magnitude (values reach ~1e3)
         _diff(name, got, want, 1e-5 * max(1.0, want.abs().max().item()))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("strided", [False, True], ids=["rows", "column-strided"])
+def test_gated_silu_writes_its_gradient_over_the_rows(strided: bool) -> None:
+    """The fused activation (Triton): ``silu(gate) * up`` and the ``[d_gate | d_up]`` gradient
+    equal the eager form's; on column-strided rows (no in-place write) through the fallback."""
+    from turbotune.moe.experts import gated_activation
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(46, 13, generator=gen)  # [2I, S] transposed: column stride != 1
+    rows = base.t() if strided else base.t().contiguous()
+    grad = torch.randn(13, 23, generator=gen)
+    x = rows.detach().clone().requires_grad_()
+    out = gated_activation(x.view_as(x) if strided else x * 1.0, "silu")
+    out.backward(grad)
+    ref_x = rows.detach().clone().requires_grad_()
+    gate, up = ref_x.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    ref.backward(grad)
+    _diff("out", out.detach(), ref.detach(), 1e-5)
+    _diff("grad gate_up", x.grad, ref_x.grad, 1e-5)

@@ -82,7 +82,9 @@ class ExpertGEMM(torch.autograd.Function):
         dtype = a.dtype
         w = _dense(weight, dtype)
         ctx.weight, ctx.plan, ctx.layout, ctx.backend = weight, plan, layout, backend
-        ctx.save_for_backward(a)
+        ctx.dtype = dtype
+        # The input serves the weight gradient only: frozen stacks (LoRA/QLoRA) need not keep it.
+        ctx.save_for_backward(a if ctx.needs_input_grad[1] else None)
         if backend == "triton":
             from turbotune.moe import grouped_gemm as k
 
@@ -100,7 +102,7 @@ class ExpertGEMM(torch.autograd.Function):
         plan, layout, backend = ctx.plan, ctx.layout, ctx.backend
         grad = grad.contiguous()
         need_a, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = _dense(ctx.weight, a.dtype) if need_a else None
+        w = _dense(ctx.weight, ctx.dtype) if need_a else None
         if backend == "triton":
             grad_a, grad_w = _triton_backward(ctx, grad, a, w, need_a, need_w)
         else:

@@ -56,13 +56,41 @@ def resolve_backend(backend: BackendChoice, hidden: torch.Tensor) -> Backend:
     return "triton" if use_triton(hidden) and hidden.is_cuda else "loop"
 
 
+class _GatedSiLU(torch.autograd.Function):
+    """``silu(gate) * up`` of ``[S, 2I]`` rows whose backward writes ``[d_gate | d_up]`` over the
+    saved rows and returns them: no ``[S, 2I]`` gradient buffer and no concatenation of the two
+    halves (what autograd's ``chunk`` backward would do). The rows are the up-projection's
+    output, which nothing else keeps, so overwriting them in backward is safe (a second backward
+    through the same graph is not supported)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        from turbotune.ops.swiglu import swiglu_forward
+
+        ctx.save_for_backward(gate_up)
+        return swiglu_forward(*gate_up.chunk(2, dim=-1))
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        from turbotune.ops.swiglu import swiglu_backward
+
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        d_gate, d_up = swiglu_backward(grad_h.contiguous(), gate, up, inplace=True)
+        if d_gate.data_ptr() == gate.data_ptr() and d_up.data_ptr() == up.data_ptr():
+            return gate_up
+        return torch.cat([d_gate, d_up], dim=-1)  # the kernel could not write in place
+
+
 def gated_activation(gate_up: torch.Tensor, activation: str | Callable[..., Any]) -> torch.Tensor:
     """``act(gate) * up`` of ``[S, 2I]`` rows (gate in the first half, as transformers stores it)."""
+    if activation == "silu" and use_triton(gate_up):
+        return _GatedSiLU.apply(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     if activation == "silu":
         from turbotune.ops.swiglu import swiglu
 
-        return swiglu(gate, up)
+        return swiglu(gate, up)  # eager where Triton does not run
     return activation(gate) * up
 
 
