@@ -29,6 +29,10 @@ def _block_h(hidden: int) -> int:
     return min(triton.next_power_of_2(hidden), 1024)
 
 
+def _k_pad(top_k: int) -> int:
+    return max(2, triton.next_power_of_2(top_k))  # k = 1 (expert parallelism): no 1-wide tiles
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -99,7 +103,7 @@ def _combine_launch(rows, row_of_slot, weights, top_k: int, dtype: torch.dtype) 
     _combine_fwd_kernel[grid](
         rows, rows if row_of_slot is None else row_of_slot,
         rows if weights is None else weights, out, hidden, rows.stride(0), out.stride(0),
-        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), HAS_ROW=row_of_slot is not None,
+        TOP_K=top_k, K_PAD=_k_pad(top_k), HAS_ROW=row_of_slot is not None,
         HAS_W=weights is not None, BLOCK_H=block,
     )  # fmt: skip
     return out
@@ -126,7 +130,7 @@ class _CombineRows(torch.autograd.Function):
             _combine_bwd_kernel[(num_tokens,)](
                 grad, rows, rows if row_of_slot is None else row_of_slot, weights, d_rows, d_w,
                 hidden, grad.stride(0), rows.stride(0), d_rows.stride(0),
-                TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
+                TOP_K=top_k, K_PAD=_k_pad(top_k),
                 HAS_ROW=row_of_slot is not None, NEED_W=need_w, BLOCK_H=_block_h(hidden),
             )  # fmt: skip
         d_weights = d_w.view(num_tokens, top_k).to(weights.dtype) if need_w else None
