@@ -11,10 +11,20 @@ Triton kernel of :mod:`turbotune.ops.nf4` for the forward product and again in b
 :mod:`turbotune.moe.expert_gemm`); the stacks are frozen, as QLoRA's base weights are.
 A model with quantized stacks needs the ``moe`` patch: transformers' own experts forward cannot
 read them.
+
+Expert LoRA on NF4 stacks. peft's ``target_parameters`` LoRA (``ParamWrapper``) adds its delta
+by parametrizing the stack *parameter* during each forward, which a quantized stack is not.
+peft builds its adapters on the dense parameter (the quantization runs after the adapters), then
+:func:`quantize_experts` quantizes the wrapped stacks too, records each wrapper on its experts
+module (``_turbotune_lora``) and lets the outermost wrapper call the experts module directly;
+the patched experts forward (:func:`turbotune.moe.patch.stack_of`) reads the active adapter's
+factors from the wrapper and runs them as grouped rank-r products beside the NF4 base product.
+Merging such an adapter into NF4 stacks is not supported.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -79,8 +89,8 @@ def _bnb_settings(model: nn.Module) -> dict[str, Any]:
 def quantize_experts(model: nn.Module, **settings: Any) -> int:
     """Replace every frozen expert stack of ``model`` by an :class:`NF4ExpertStack`.
 
-    Stacks that train (full fine-tuning) or that peft wraps for LoRA (``target_parameters``
-    needs a real parameter) stay dense.
+    Stacks that train (full fine-tuning) stay dense. Stacks with peft ``target_parameters``
+    LoRA are quantized and their adapters rerouted (see the module note).
 
     Args:
         model: a model of a family with ``experts`` in the patch table.
@@ -91,10 +101,10 @@ def quantize_experts(model: nn.Module, **settings: Any) -> int:
     """
     _, fam = family_of(model)
     settings = {**_bnb_settings(model), **settings}
-    wrapped = {id(m.get_base_layer()) for m in model.modules() if hasattr(m, "parameter_name")}
+    wrappers = _lora_wrappers(model)
     done = 0
     for module in list(model.modules()):
-        if type(module).__name__ not in fam.experts or id(module) in wrapped:
+        if type(module).__name__ not in fam.experts:
             continue
         for name in ("gate_up_proj", "down_proj"):
             param = module._parameters.get(name)
@@ -103,4 +113,42 @@ def quantize_experts(model: nn.Module, **settings: Any) -> int:
             del module._parameters[name]
             setattr(module, name, NF4ExpertStack(param.data, **settings))
             done += 1
+        if id(module) in wrappers:
+            _reroute_lora(module, wrappers[id(module)])
     return done
+
+
+def _lora_wrappers(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """peft ``ParamWrapper`` layers by the id of the module whose parameter they adapt."""
+    found: dict[int, list[nn.Module]] = {}
+    for m in model.modules():
+        if hasattr(m, "parameter_name") and hasattr(m, "get_delta_factors"):
+            found.setdefault(id(m.get_base_layer()), []).append(m)
+    return found
+
+
+def _reroute_lora(experts: nn.Module, wrappers: list[nn.Module]) -> None:
+    """Record the wrappers on ``experts`` by stack name; the outermost calls it directly."""
+    experts.__dict__["_turbotune_lora"] = {w.parameter_name: w for w in wrappers}
+    inner = {id(w.base_layer) for w in wrappers}
+    for w in wrappers:
+        if id(w) not in inner:  # the wrapper the parent module calls
+            w.forward = types.MethodType(_call_experts, w)
+
+
+def _call_experts(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self.get_base_layer()(x, *args, **kwargs)
+
+
+def peft_factors(experts: nn.Module, name: str) -> tuple[Any, Any, float] | None:
+    """``(lhs [E, N, r], rhs [E, r, K], scale)`` of the active peft adapter rerouted onto the
+    quantized stack ``name`` of ``experts`` (None: no adapter there, or adapters disabled)."""
+    wrapper = experts.__dict__.get("_turbotune_lora", {}).get(name)
+    if wrapper is None or wrapper.disable_adapters:
+        return None
+    active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+    if not active:
+        return None
+    if len(active) > 1 or wrapper.merged:
+        raise NotImplementedError("several active or merged expert adapters on NF4 stacks")
+    return wrapper.get_delta_factors(active[0])
