@@ -47,6 +47,7 @@ from turbotune.ops.lora_group import (
     lora_backward,
     lora_forward,
 )
+from turbotune.ops.lora_stash import holds
 from turbotune.ops.swiglu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 
 __all__ = [
@@ -234,7 +235,8 @@ def _projections_backward(
         return direct_backward(dys, weights, x, slots, layout, saved, needs)
     if layout.fold:
         return fold_backward(dy, slots, layout, saved, needs)
-    if layout.wide and needs[0].x:
+    # With the dense W left by a checkpoint recomputation, dx = dy W + g A needs no [W; A] copy.
+    if layout.wide and needs[0].x and not holds("stacked", slots, dy.dtype):
         dx, grads = wide_backward(dy, x, slots[0], saved, needs[0])
         return dx, {0: grads}
     dx = base_backward(dy, slots, layout) if needs[0].x else None

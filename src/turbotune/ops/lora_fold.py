@@ -42,6 +42,7 @@ from turbotune.ops.lora_group import (
     split_da,
     stack_cast,
 )
+from turbotune.ops.lora_stash import keep, take
 from turbotune.quant.weights import dense_weight
 
 __all__ = ["fold_backward", "fold_forward", "wide_backward"]
@@ -89,6 +90,7 @@ def fold_forward(
     if x_aug.shape[1] > n_in + rank:
         x_aug[:, n_in + rank :].zero_()
     weight = _folded_weight(slots, layout, x.dtype, x.device)
+    keep("folded", slots, weight)  # a checkpoint recomputation: its backward reuses it
     if stacked:
         biases = [s.bias for s in slots]
         out = torch.mm(x_aug, weight.t())
@@ -141,7 +143,10 @@ def fold_backward(
     need_a = any(needs[i].A for i in layout.adapters)
     if not (need_x or need_a):
         return None, grads
-    out = torch.mm(dy, _folded_weight(slots, layout, dy.dtype, dy.device))
+    weight = take("folded", slots, dy.dtype)  # left by a checkpoint recomputation
+    if weight is None:
+        weight = _folded_weight(slots, layout, dy.dtype, dy.device)
+    out = torch.mm(dy, weight)
     g_all = out[:, n_in : n_in + rank]
     if need_a:
         split_da(torch.mm(g_all.t(), x), slots, layout, needs, grads)

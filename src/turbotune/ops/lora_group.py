@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from turbotune.ops.lora_stash import keep, take
 from turbotune.quant.weights import dense_weight, weight_shape
 
 __all__ = [
@@ -224,6 +225,7 @@ def base_forward(
         one ``[M, sum out_i]`` tensor if ``stacked``, else a list of ``[M, out_i]`` tensors.
     """
     weight, rows = stacked_weight(slots, layout, x.dtype, x.device)
+    keep("stacked", slots, weight)  # a checkpoint recomputation: its backward reuses it
     if stacked:
         bias = _stacked_bias(slots, rows, x.dtype)
         return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
@@ -257,7 +259,9 @@ def base_backward(dy: torch.Tensor, slots: Sequence[Slot], layout: Layout) -> to
     Args:
         dy: ``[M, sum out_i]``, the output gradients side by side.
     """
-    weight, _ = stacked_weight(slots, layout, dy.dtype, dy.device)
+    weight = take("stacked", slots, dy.dtype)  # left by a checkpoint recomputation
+    if weight is None:
+        weight, _ = stacked_weight(slots, layout, dy.dtype, dy.device)
     return torch.mm(dy, weight)
 
 
