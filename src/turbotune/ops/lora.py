@@ -12,7 +12,11 @@ The SwiGLU/GeGLU MLP saves ``x`` and ``[e | u]`` and recomputes ``h = act(e) * u
 
 Projections that share an input run as one group (``ops/lora_group.py``): their weights are
 dequantized into one stacked buffer, the input gradient is one matmul over it, and without
-dropout the adapters' down projections are one matmul too.
+dropout the adapters' down projections are one matmul too. Plain dense weights already in the
+compute dtype are never copied into such a buffer: each projection uses its weight as stored
+(``ops/lora_direct.py``, chosen per group and input size by ``lora_direct.plan_group``). Under
+activation checkpointing the recomputed forward hands its dequantized weights to its backward
+(``ops/lora_stash.py``).
 
 Matmuls stay in torch (cuBLAS); the LoRA branch folds into the base output with ``addmm_``.
 ``A`` and ``B`` may be fp32 while ``x`` is bf16: they are cast to ``x.dtype`` for the matmuls
