@@ -305,7 +305,7 @@ class LoRAMLPFunction(torch.autograd.Function):
 def _halves(eu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``e`` and ``u``: the column halves of the gate/up group's stacked output."""
     inter = eu.shape[1] // 2
-    return eu[:, :inter], eu[:, inter:]
+    return eu.narrow(1, 0, inter), eu.narrow(1, inter, eu.shape[1] - inter)
 
 
 # ---- functional entries ----

@@ -177,7 +177,7 @@ def direct_forward(
     """
     if stacked:
         out = torch.empty((x.shape[0], layout.rows[-1][1]), dtype=x.dtype, device=x.device)
-        ys = [out[:, start:stop] for start, stop in layout.rows]
+        ys = [out.narrow(1, start, stop - start) for start, stop in layout.rows]
         for y, w, slot in zip(ys, weights, slots):
             if slot.bias is None:
                 torch.mm(x, w.t(), out=y)

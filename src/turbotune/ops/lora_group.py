@@ -286,7 +286,9 @@ def lora_forward(
         t_all = torch.mm(x, a_stacked.t())
         for k, i in enumerate(layout.adapters):
             start, stop = layout.ranks[k]
-            ys[i].addmm_(t_all[:, start:stop], b_casts[k].t(), alpha=slots[i].scaling)
+            ys[i].addmm_(
+                t_all.narrow(1, start, stop - start), b_casts[k].t(), alpha=slots[i].scaling
+            )
         return [t_all, a_stacked, *b_casts]
     saved = []
     for k, i in enumerate(layout.adapters):
@@ -351,9 +353,9 @@ def _shared_backward(dys, x, slots, layout, saved, dx, needs):
     for k, i in enumerate(layout.adapters):
         start, stop = layout.ranks[k]
         slot, dy, b = slots[i], dys[i], b_casts[k]
-        d_b = scaled_db(dy, t_all[:, start:stop], b, slot) if needs[i].B else None
+        d_b = scaled_db(dy, t_all.narrow(1, start, stop - start), b, slot) if needs[i].B else None
         if need_g:  # G's columns are this adapter's s dy B
-            g = g_all[:, start:stop]
+            g = g_all.narrow(1, start, stop - start)
             torch.addmm(g, dy, b, beta=0, alpha=slot.scaling, out=g)
         grads[i] = (None, d_b)
     if any(needs[i].A for i in layout.adapters):
