@@ -25,8 +25,10 @@ import torch
 from turbotune.ops._triton import HAS_TRITON, tl, triton, use_triton
 
 
-def _block_h(hidden: int) -> int:
-    return min(triton.next_power_of_2(hidden), 1024)
+def _block_h(hidden: int, top_k: int) -> int:
+    """Columns per tile: a ``[K_PAD, BLOCK_H]`` tile of at most 4096 elements (32 fp32 values
+    per thread of 4 warps, per tile held: no register spills)."""
+    return min(triton.next_power_of_2(hidden), max(128, 4096 // _k_pad(top_k)), 1024)
 
 
 def _k_pad(top_k: int) -> int:
@@ -98,7 +100,7 @@ def _combine_launch(rows, row_of_slot, weights, top_k: int, dtype: torch.dtype) 
     out = torch.empty(num_tokens, hidden, dtype=dtype, device=rows.device)
     if out.numel() == 0:
         return out
-    block = _block_h(hidden)
+    block = _block_h(hidden, top_k)
     grid = (num_tokens, triton.cdiv(hidden, block))
     _combine_fwd_kernel[grid](
         rows, rows if row_of_slot is None else row_of_slot,
@@ -131,7 +133,7 @@ class _CombineRows(torch.autograd.Function):
                 grad, rows, rows if row_of_slot is None else row_of_slot, weights, d_rows, d_w,
                 hidden, grad.stride(0), rows.stride(0), d_rows.stride(0),
                 TOP_K=top_k, K_PAD=_k_pad(top_k),
-                HAS_ROW=row_of_slot is not None, NEED_W=need_w, BLOCK_H=_block_h(hidden),
+                HAS_ROW=row_of_slot is not None, NEED_W=need_w, BLOCK_H=_block_h(hidden, top_k),
             )  # fmt: skip
         d_weights = d_w.view(num_tokens, top_k).to(weights.dtype) if need_w else None
         return d_rows, None, d_weights, None
