@@ -93,7 +93,5 @@ def test_qlora_with_expert_lora_on_nf4_stacks(tmp_path, monkeypatch) -> None:
     assert abs(loss - dense_loss) <= 1e-6, f"loss NF4 {loss} vs dense {dense_loss}"
     for name, g in dense_grads.items():
         d = (grads[name].float() - g.float()).abs()
-        assert d.max() <= 1e-6, (
-            f"{name}: max abs diff {d.max():.3e} mean {d.mean():.3e}"
-        )
+        assert d.max() <= 1e-6, f"{name}: max abs diff {d.max():.3e} mean {d.mean():.3e}"
         assert g.abs().max() > 0, f"{name}: no gradient"
