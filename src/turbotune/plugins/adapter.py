@@ -79,4 +79,5 @@ class AdapterPlugin(Plugin):
         if c.method == "llama_pro":
             return "llama_pro: only the blocks added by `turbotune expand` train"
         kind = f"{c.method} (custom)" if c.implementation == "custom" else c.method
-        return f"{kind} r={c.r} alpha={c.alpha:g} dropout={c.dropout:g} targets={c.target_modules}"
+        text = f"{kind} r={c.r} alpha={c.alpha:g} dropout={c.dropout:g} targets={c.target_modules}"
+        return text + (f" parameters={c.target_parameters}" if c.target_parameters else "")
