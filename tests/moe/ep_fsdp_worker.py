@@ -157,7 +157,7 @@ def _check_framework(rank, world, device, backend, out_dir: str, atol: float) ->
 
     fw = turbotune.AccelerationFramework({
         "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "distributed": {"enabled": True, "low_memory_loading": False, "frozen": "replicate"},
+        "distributed": {"enabled": True, "low_memory_loading": False},
         "plugins": {"expert_parallel": {"backend": backend}, "fused_ops": {"moe_backend": backend}},
     })  # fmt: skip
     assert [p.name for p in fw.plugins][-2:] == ["expert_parallel", "fsdp"], fw.plugins

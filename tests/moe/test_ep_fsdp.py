@@ -26,15 +26,17 @@ def test_expert_parallel_with_fsdp2_two_processes(tmp_path, parts) -> None:
     ("settings", "match"),
     [
         ({}, "needs distributed.enabled"),
-        ({"distributed": {"enabled": True, "low_memory_loading": False}}, "frozen=replicate"),
+        (
+            {
+                "distributed": {"enabled": True, "low_memory_loading": False},
+                "adapter": {"method": "full"},
+            },
+            "frozen experts",
+        ),
         ({"distributed": {"enabled": True}}, "low_memory_loading=false"),
         (
             {
-                "distributed": {
-                    "enabled": True,
-                    "low_memory_loading": False,
-                    "frozen": "replicate",
-                },
+                "distributed": {"enabled": True, "low_memory_loading": False},
                 "adapter": {"target_parameters": ["experts.down_proj"]},
             },
             "target_parameters",

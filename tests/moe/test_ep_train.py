@@ -49,7 +49,7 @@ def test_expert_parallel_training_equals_one_process(
     model.config.output_router_logits = False
     model.save_pretrained(tmp_path / "moe")
     base = _config(tmp_path / "moe", stories260k, alpaca_tiny, tmp_path / "one")
-    ep = _sharded(base, low_memory_loading=False, frozen="replicate")
+    ep = _sharded(base, low_memory_loading=False)
     ep["plugins"]["expert_parallel"] = {"backend": "loop"}
     ep["train"]["output_dir"] = str(tmp_path / "ep")
     proc, out = _start(tmp_path, "ep", [ep], nproc=2)

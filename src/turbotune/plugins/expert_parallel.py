@@ -3,12 +3,12 @@
 ``plugins.expert_parallel`` with ``distributed.enabled``: each process keeps ``E / world`` experts
 of every MoE layer and tokens travel to their experts by all-to-all
 (:mod:`turbotune.moe.expert_parallel`); FSDP2 (the ``fsdp`` plugin, which runs after this one)
-shards everything else and leaves the expert shards alone. The shards are handed to FSDP2 as
-the model's ``_turbotune_fsdp_ignored`` set; until ``distributed.shard_model`` passes that set to
-``apply_fsdp(ignored_params=...)``, the run needs ``distributed.frozen: replicate`` with frozen
-experts (LoRA on attention), which keeps every frozen parameter, the expert shards included,
-out of FSDP2. Expert LoRA (``adapter.target_parameters``), quantized expert stacks and
-low-memory loading are refused: each rank must hold the whole, dense model when it splits it.
+shards everything else and leaves the expert shards alone: they are handed to it as the model's
+``_turbotune_fsdp_ignored`` set, which ``distributed.model.shard_model`` passes to
+``apply_fsdp(ignored_params=...)``. Refused: trainable experts (``adapter.method: full``: the
+Trainer's gradient clipping and DCP checkpoints would see per-rank tensors under one name),
+expert LoRA (``adapter.target_parameters``), quantized expert stacks and low-memory loading
+(each rank must hold the whole, dense model when it splits it).
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ def check_config(cfg: Config) -> None:
             "plugins.expert_parallel splits the loaded experts: set "
             "distributed.low_memory_loading=false"
         )
-    if getattr(d, "frozen", None) != "replicate" or a.method == "full":
+    if a.method == "full":
         raise ConfigError(
-            "plugins.expert_parallel keeps the expert shards out of FSDP2 through "
-            "distributed.frozen=replicate with frozen experts (adapter.method lora/dora)"
+            "plugins.expert_parallel trains adapters on frozen experts (adapter.method lora or "
+            "dora): trainable expert shards are not supported by the FSDP2 Trainer's gradient "
+            "clipping and sharded checkpoints yet"
         )
 
 
