@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 
     from turbotune.config import Config
 
-IGNORED_KEY = "_turbotune_fsdp_ignored"
-"""``model.__dict__`` key of the parameters FSDP2 must leave alone (the expert shards)."""
-
 
 @dataclass
 class ExpertParallelConfig:
@@ -77,6 +74,7 @@ class ExpertParallelPlugin(Plugin):
         self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
     ) -> tuple[PreTrainedModel, TrainingArguments | None]:
         from turbotune.distributed.env import init_distributed
+        from turbotune.distributed.model import IGNORED_KEY
         from turbotune.moe.expert_parallel import expert_parameters, shard_experts
 
         _check_stacks(model)
