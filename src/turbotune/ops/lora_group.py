@@ -8,6 +8,9 @@ too: ``T = x [A_1; A_2; ...]^T`` (``[M, sum r_i]``), and in backward ``dA = G^T 
 ``dx += G A_stacked`` with ``G = [s_1 dy_1 B_1 | s_2 dy_2 B_2 | ...]``. Only the rank-``r``
 up projections stay per adapter (their outputs differ).
 
+Plain dense weights already in the compute dtype skip the stacked buffer (a copy that gains
+nothing there): ``ops/lora_direct.py`` runs them one matmul each, with the adapter maths below.
+
 Outputs come either as one ``[M, sum out_i]`` tensor (``stacked=True``: the MLP, which keeps
 ``[e | u]`` and gets ``[de | du]`` written over it) or as separate tensors, one matmul each over
 row blocks of the stacked weight (q, k, v: a consumer that saves ``v``, like SDPA, must not keep
