@@ -160,7 +160,8 @@ def _check_framework(rank, world, device, backend, out_dir: str, atol: float) ->
         "distributed": {"enabled": True, "low_memory_loading": False},
         "plugins": {"expert_parallel": {"backend": backend}, "fused_ops": {"moe_backend": backend}},
     })  # fmt: skip
-    assert [p.name for p in fw.plugins][-2:] == ["expert_parallel", "fsdp"], fw.plugins
+    names = [p.name for p in fw.plugins]
+    assert names == ["adapter", "expert_parallel", "fused_ops", "fsdp"], names
     args = TrainingArguments(output_dir=out_dir, use_cpu=device.type == "cpu", report_to=[])
     peft_config = fw.peft_config()
     torch.manual_seed(1)

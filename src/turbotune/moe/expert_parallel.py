@@ -170,10 +170,11 @@ def expert_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:
     """The expert shards :func:`shard_experts` left on this rank: what FSDP2 must not shard or
     reduce (``fully_shard(..., ignored_params=...)``) when it wraps the rest of the model."""
     return {
-        getattr(module, name)
+        module._parameters[name]
         for module in experts_modules(model)
         if hasattr(module, "_turbotune_ep")
         for name in ("gate_up_proj", "down_proj")
+        if module._parameters.get(name) is not None  # NF4 stacks: buffers, FSDP2 leaves them
     }
 
 
@@ -185,11 +186,11 @@ def gather_experts(model: torch.nn.Module, group: Any = None) -> None:
         if not hasattr(module, "_turbotune_ep"):
             continue
         for name in ("gate_up_proj", "down_proj"):
-            shard = getattr(module, name)
+            shard = _dense_shard(module, name)
             parts = [torch.empty_like(shard) for _ in range(world)]
-            dist.all_gather(parts, shard.detach().contiguous(), group=group)
-            full = torch.cat(parts, dim=0)
-            setattr(module, name, torch.nn.Parameter(full, requires_grad=shard.requires_grad))
+            dist.all_gather(parts, shard, group=group)
+            trains = module._parameters[name].requires_grad
+            setattr(module, name, torch.nn.Parameter(torch.cat(parts, dim=0), requires_grad=trains))
         del module._turbotune_ep
 
 
@@ -219,10 +220,20 @@ def gathered_expert_state(
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     out = {}
     for key, module, name in expert_stack_names(model):
-        shard = getattr(module, name).detach().contiguous()
+        shard = _dense_shard(module, name)
         parts = [torch.empty_like(shard) for _ in range(world)] if rank == dst else None
         dist.gather(shard, parts, dst=dist.get_global_rank(group, dst) if group else dst,
                     group=group)  # fmt: skip
         if rank == dst:
             out[key] = torch.cat(parts, dim=0).cpu()
     return out
+
+
+def _dense_shard(module: torch.nn.Module, name: str) -> torch.Tensor:
+    stack = module._parameters.get(name)
+    if stack is None:
+        raise NotImplementedError(
+            f"{type(module).__name__}.{name} is quantized: gathering NF4 expert shards back to "
+            "the Hugging Face layout is not supported"
+        )
+    return stack.detach().contiguous()

@@ -35,6 +35,7 @@ def supports(module: torch.nn.Module) -> bool:
         and d.get("is_concatenated", True)
         and not d.get("has_post_expert_norm", False)
         and not d.get("_is_expert_parallel", False)
+        and "_turbotune_ep" not in d  # sharded by expert_parallel: its forward is underneath
         and _has_stack(module, "gate_up_proj")
         and _has_stack(module, "down_proj")
     )

@@ -102,6 +102,8 @@ def quantize_experts(model: nn.Module, **settings: Any) -> int:
     _, fam = family_of(model)
     settings = {**_bnb_settings(model), **settings}
     wrappers = _lora_wrappers(model)
+    # Parameters kept out of FSDP2 (expert-parallel shards): a quantized stack is no parameter.
+    ignored = model.__dict__.get("_turbotune_fsdp_ignored")
     done = 0
     for module in list(model.modules()):
         if type(module).__name__ not in fam.experts:
@@ -112,6 +114,8 @@ def quantize_experts(model: nn.Module, **settings: Any) -> int:
                 continue
             del module._parameters[name]
             setattr(module, name, NF4ExpertStack(param.data, **settings))
+            if ignored is not None:
+                ignored.discard(param)
             done += 1
         if id(module) in wrappers:
             _reroute_lora(module, wrappers[id(module)])

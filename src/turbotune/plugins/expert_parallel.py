@@ -7,8 +7,9 @@ shards everything else and leaves the expert shards alone: they are handed to it
 ``_turbotune_fsdp_ignored`` set, which ``distributed.model.shard_model`` passes to
 ``apply_fsdp(ignored_params=...)``. Refused: trainable experts (``adapter.method: full``: the
 Trainer's gradient clipping and DCP checkpoints would see per-rank tensors under one name),
-expert LoRA (``adapter.target_parameters``), quantized expert stacks and low-memory loading
-(each rank must hold the whole, dense model when it splits it).
+expert LoRA (``adapter.target_parameters``) and low-memory loading (each rank must hold the
+whole, dense model when it splits it). On a 4-bit model, ``fused_ops`` then stores each rank's
+expert shards in NF4 (QLoRA with expert parallelism).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class ExpertParallelPlugin(Plugin):
     description = "MoE expert parallelism: experts split over processes, all-to-all, FSDP2 rest"
     config_cls = ExpertParallelConfig
     model_types = tuple(name for name, fam in FAMILIES.items() if fam.experts)
-    order = 190  # after adapters and patches, before the fsdp plugin (200)
+    # After the adapters (50), before fused_ops (100): a 4-bit model's expert stacks are then
+    # quantized shard by shard, and the experts patch leaves the sharded forward in place.
+    order = 90
 
     @classmethod
     def section_of(cls, cfg: Config) -> Any:
