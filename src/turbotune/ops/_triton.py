@@ -68,9 +68,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     # CUDA tensors first: the answer is then True either way, and this runs several hundred
     # times per training step (reading os.environ costs more than the rest of the check).
     # The environment is read on each CPU call, so tests may switch TRITON_INTERPRET at run time.
-    if all(t.is_cuda for t in tensors):
-        return True
-    return interpreting()
+    for t in tensors:  # a loop, not all(<generator>): no generator object per call
+        if not t.is_cuda:
+            return interpreting()
+    return True
 
 
 def num_programs_hint(device: torch.device) -> int:
