@@ -61,3 +61,36 @@ def test_lora_on_experts_matches(family: str, backend: str, monkeypatch) -> None
         d = (p_grads[name] - g).abs()
         assert d.max() <= 5e-5, f"{name}: max abs diff {d.max():.3e} mean {d.mean():.3e}"
         assert g.abs().max() > 0, f"{name} got no gradient"
+
+
+def test_rerouted_expert_lora_skips_peft_parametrization(monkeypatch) -> None:
+    """``reroute_expert_lora``: the patched experts read peft's factors directly (no
+    parametrization registered per forward) with the same loss and gradients; once the patch is
+    undone the wrappers run peft's own forward again (the adapter still applies)."""
+    import torch.nn.utils.parametrize as parametrize
+
+    from turbotune.moe.peft_experts import reroute_expert_lora
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.set_num_threads(1)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    model = _lora_model("qwen3_moe")
+    unpatched_loss, _ = _grads(model, batch)
+    patches = apply_patches(model, ["moe"], moe_backend="loop")
+    loss, grads = _grads(model, batch)
+    assert reroute_expert_lora(model) == 2
+    registered = []
+    real = parametrize.register_parametrization
+    monkeypatch.setattr(parametrize, "register_parametrization",
+                        lambda *a, **k: registered.append(a[1]) or real(*a, **k))  # fmt: skip
+    r_loss, r_grads = _grads(model, batch)
+    assert registered == [], registered
+    assert abs(r_loss - loss) <= 1e-6, f"loss {r_loss} vs {loss}"
+    for name, g in grads.items():
+        d = (r_grads[name] - g).abs()
+        assert d.max() <= 1e-6, f"{name}: max abs diff {d.max():.3e} mean {d.mean():.3e}"
+    patches.undo()
+    undone_loss, _ = _grads(model, batch)
+    assert registered, "peft's own forward did not run after the patch was undone"
+    assert abs(undone_loss - unpatched_loss) <= 1e-6, f"{undone_loss} vs {unpatched_loss}"

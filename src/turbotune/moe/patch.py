@@ -86,8 +86,8 @@ def stack_of(module: torch.nn.Module, name: str) -> tuple[Any, ExpertLoRA | None
     and the factors are returned, so the LoRA runs as grouped rank-r products and the merged
     stack is never built. Any other parametrization: the stack as the module exposes it.
     """
-    if "_turbotune_lora" in module.__dict__:  # NF4 stacks with rerouted peft LoRA
-        from turbotune.moe.quant import peft_factors
+    if "_turbotune_lora" in module.__dict__:  # peft LoRA rerouted (moe.peft_experts)
+        from turbotune.moe.peft_experts import peft_factors
 
         factors = peft_factors(module, name)
         return getattr(module, name), None if factors is None else ExpertLoRA(*factors)

@@ -16,20 +16,20 @@ Expert LoRA on NF4 stacks. peft's ``target_parameters`` LoRA (``ParamWrapper``) 
 by parametrizing the stack *parameter* during each forward, which a quantized stack is not.
 peft builds its adapters on the dense parameter (the quantization runs after the adapters), then
 :func:`quantize_experts` quantizes the wrapped stacks too, records each wrapper on its experts
-module (``_turbotune_lora``) and lets the outermost wrapper call the experts module directly;
-the patched experts forward (:func:`turbotune.moe.patch.stack_of`) reads the active adapter's
+module and lets the outermost wrapper call the experts module directly
+(:mod:`turbotune.moe.peft_experts`); the patched experts forward reads the active adapter's
 factors from the wrapper and runs them as grouped rank-r products beside the NF4 base product.
 Merging such an adapter into NF4 stacks is not supported.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 from torch import nn
 
+from turbotune.moe.peft_experts import lora_wrappers, reroute
 from turbotune.ops.nf4 import dequantize_nf4
 from turbotune.patches.engine import family_of
 
@@ -101,7 +101,7 @@ def quantize_experts(model: nn.Module, **settings: Any) -> int:
     """
     _, fam = family_of(model)
     settings = {**_bnb_settings(model), **settings}
-    wrappers = _lora_wrappers(model)
+    wrappers = lora_wrappers(model)
     # Parameters kept out of FSDP2 (expert-parallel shards): a quantized stack is no parameter.
     ignored = model.__dict__.get("_turbotune_fsdp_ignored")
     done = 0
@@ -118,41 +118,5 @@ def quantize_experts(model: nn.Module, **settings: Any) -> int:
                 ignored.discard(param)
             done += 1
         if id(module) in wrappers:
-            _reroute_lora(module, wrappers[id(module)])
+            reroute(module, wrappers[id(module)])
     return done
-
-
-def _lora_wrappers(model: nn.Module) -> dict[int, list[nn.Module]]:
-    """peft ``ParamWrapper`` layers by the id of the module whose parameter they adapt."""
-    found: dict[int, list[nn.Module]] = {}
-    for m in model.modules():
-        if hasattr(m, "parameter_name") and hasattr(m, "get_delta_factors"):
-            found.setdefault(id(m.get_base_layer()), []).append(m)
-    return found
-
-
-def _reroute_lora(experts: nn.Module, wrappers: list[nn.Module]) -> None:
-    """Record the wrappers on ``experts`` by stack name; the outermost calls it directly."""
-    experts.__dict__["_turbotune_lora"] = {w.parameter_name: w for w in wrappers}
-    inner = {id(w.base_layer) for w in wrappers}
-    for w in wrappers:
-        if id(w) not in inner:  # the wrapper the parent module calls
-            w.forward = types.MethodType(_call_experts, w)
-
-
-def _call_experts(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return self.get_base_layer()(x, *args, **kwargs)
-
-
-def peft_factors(experts: nn.Module, name: str) -> tuple[Any, Any, float] | None:
-    """``(lhs [E, N, r], rhs [E, r, K], scale)`` of the active peft adapter rerouted onto the
-    quantized stack ``name`` of ``experts`` (None: no adapter there, or adapters disabled)."""
-    wrapper = experts.__dict__.get("_turbotune_lora", {}).get(name)
-    if wrapper is None or wrapper.disable_adapters:
-        return None
-    active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
-    if not active:
-        return None
-    if len(active) > 1 or wrapper.merged:
-        raise NotImplementedError("several active or merged expert adapters on NF4 stacks")
-    return wrapper.get_delta_factors(active[0])
