@@ -1,5 +1,6 @@
-"""FSDP2 on 2 GPUs, the three proofs of issue 10 (two device calls of ~5 min each).
+"""FSDP2 on 2 GPUs, the three proofs of issue 10, and the throughput sweep (t).
 
+    NCCL_NVLS_ENABLE=0 python benchmarks/fsdp_gpu.py --only t --out $OUT   # one call, ~5 min
     NCCL_NVLS_ENABLE=0 python benchmarks/fsdp_gpu.py --only a,b --out benchmarks/results
     NCCL_NVLS_ENABLE=0 python benchmarks/fsdp_gpu.py --only c --out benchmarks/results
 
@@ -18,7 +19,16 @@ table last:
     per-block checkpointing with the block inputs offloaded to CPU, 1 x 1024 per GPU, a few
     steps; GPU and host memory peaks reported.
 
-Points (a-1GPU) and (b-1GPU) are the same run (4 x 1024 on one GPU). ``--only a,b,c`` picks.
+(t) throughput sweep: the reference workload on 1 GPU, then on 2 GPUs under each sharding
+    variant of ``--variants`` (default: ``full``, ``full_pf``, ``repl_block``, ``repl_model``,
+    ``ddp``; see ``VARIANTS``); every point also reports its host CPU ms per phase, and a
+    torch.profiler pass of rank 0 (2 extra steps) gives GPU busy/idle time and NCCL kernel time,
+    overlapped with compute or exposed. The table gives tokens/s and the ratio to 1 GPU; the
+    kernel summaries of the 1-GPU point and of the fastest 2-GPU variant are written as text.
+
+Points (a-1GPU), (b-1GPU) and (t-1GPU) are the same run (4 x 1024 on one GPU). ``--only``
+picks. Per-point logs and records go to a scratch folder (``--work``); ``--out`` receives at
+most 8 files: the summary ``.json`` and ``.md``, kernel summaries, logs of failed points.
 """
 
 from __future__ import annotations
@@ -26,13 +36,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 POINT = HERE / "fsdp_point.py"
+VARIANTS = {
+    "full": [],  # FSDP2 defaults: every block a group, everything sharded (session 2's 1.38x)
+    "full_pf": ["--prefetch", "2"],  # + explicit prefetch two blocks ahead
+    "full_noreshard": ["--prefetch", "1", "--no-reshard"],  # + no resharding after forward
+    "repl_block": ["--frozen", "replicate", "--prefetch", "1"],  # base replicated, LoRA sharded
+    "repl_model": ["--frozen", "replicate", "--groups", "model"],  # ... in one FSDP2 group
+    "noshard": ["--strategy", "no_shard"],  # FSDP2's data parallelism (replicated groups)
+    "ddp": ["--ddp"],  # no FSDP2: DistributedDataParallel over the adapters (the yardstick)
+}
+DEFAULT_VARIANTS = "full,full_pf,repl_block,repl_model,ddp"
 
 
 def _run(name: str, nproc: int, extra: list[str], work: Path, timeout: int) -> dict | None:
@@ -49,12 +71,61 @@ def _run(name: str, nproc: int, extra: list[str], work: Path, timeout: int) -> d
     start = time.time()
     log = work / f"{name}.log"
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    print(f"   exit {proc.returncode} after {time.time() - start:.0f}s (log {log})", flush=True)
-    if proc.returncode != 0 or not out.is_file():
+        try:
+            code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    print(f"   exit {code} after {time.time() - start:.0f}s (log {log})", flush=True)
+    if code != 0 or not out.is_file():
         print(log.read_text()[-3000:], flush=True)
         return None
     return json.loads(out.read_text())
+
+
+def _sweep(res: dict, names: list[str], steps: list[str], work: Path, budget_s: int) -> None:
+    """(t): the 2-GPU point of each variant, 4 x 1024 per GPU, with a kernel summary."""
+    start = time.time()
+    one = res["points"]["8b-1gpu-4x1024"]
+    rows = {}
+    for name in names:
+        if time.time() - start > budget_s:
+            print(f"== {name}: skipped (budget of {budget_s}s spent)", flush=True)
+            rows[name] = None
+            continue
+        prof = ["--torch-profile", str(work / f"8b-2gpu-{name}.kernels.txt")]
+        point = _run(f"8b-2gpu-{name}", 2, ["--batch", "4", *steps, *VARIANTS[name], *prof],
+                     work, 300)  # fmt: skip
+        res["points"][f"8b-2gpu-4x1024-{name}"] = point
+        rows[name] = point
+    done = {k: v for k, v in rows.items() if v}
+    best = max(done, key=lambda k: done[k]["tokens_per_s"]) if done else None
+    res["sweep"] = {
+        "variants": {k: VARIANTS[k] for k in names},
+        "ratio": {k: (v["tokens_per_s"] / one["tokens_per_s"] if v and one else None)
+                  for k, v in rows.items()},
+        "best": best,
+    }  # fmt: skip
+
+
+def _keep_files(res: dict, work: Path, out: Path) -> None:
+    """Copy into ``out`` the kernel summaries of the 1-GPU point and of the best variant, and
+    the logs of failed points (at most 3): with the summary .json/.md, 8 files at most."""
+    names = ["8b-1gpu.kernels.txt"]
+    if res.get("sweep", {}).get("best"):
+        names.append(f"8b-2gpu-{res['sweep']['best']}.kernels.txt")
+    failed = [k for k, v in res["points"].items() if v is None]
+    res["failed_logs"] = {}
+    for path in sorted(work.glob("*.log")):
+        record = work / (path.stem + ".json")
+        if not record.is_file():
+            res["failed_logs"][path.name] = path.read_text()[-4000:]
+            if len(names) < 6:
+                names.append(path.name)
+    for name in names:
+        if (work / name).is_file():
+            shutil.copy(work / name, out / name)
+    res["failed"] = failed
 
 
 def _parity(one: dict | None, two: dict | None) -> dict:
@@ -87,11 +158,45 @@ def _table(res: dict) -> str:
         rows.append(
             f"(b) 2-GPU / 1-GPU tokens/s: {s['ratio']:.3f}x -> {'PASS' if s['ok'] else 'FAIL'} (>= 1.85x)"
         )
+    if "sweep" in res:
+        rows.append("\n" + _sweep_table(res))
     c = res["points"].get("c-70b-2gpu-24gib")
     if "c" in res["only"]:
         ok = c is not None and c["gpu_peak_gib"] <= 24.0
         rows.append(f"(c) 70B QLoRA on 2 GPUs capped at 24 GiB: {'PASS' if ok else 'FAIL'}"
                     + (f", losses {[round(x, 3) for x in c['losses']]}" if c else ""))  # fmt: skip
+    return "\n".join(rows)
+
+
+def _sweep_table(res: dict) -> str:
+    """(t): one row per point; host ms = rank 0's CPU ms per phase (min over steps); GPU
+    columns from the torch.profiler pass of rank 0 (ms per step)."""
+    rows = ["| (t) point | tokens/s | x 1 GPU | step ms | host ms fwd/bwd/opt | GPU busy ms "
+            "| NCCL ms (exposed) | GPU idle ms | GPU peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    one = res["points"].get("8b-1gpu-4x1024")
+    points = [("1 GPU", one)] + [(k, res["points"].get(f"8b-2gpu-4x1024-{k}"))
+                                 for k in res["sweep"]["variants"]]  # fmt: skip
+    for name, r in points:
+        if r is None:
+            rows.append(f"| {name} | failed or skipped | | | | | | | |")
+            continue
+        ratio = r["tokens_per_s"] / one["tokens_per_s"] if one else float("nan")
+        h, g = r.get("host_ms", {}), r.get("gpu_profile", {})
+        host = "/".join(
+            f"{h.get(k, float('nan')):.0f}" for k in ("forward", "backward", "optimizer")
+        )
+        rows.append(
+            f"| {name} | {r['tokens_per_s']:,.0f} | {ratio:.3f} | {r['step_s'] * 1e3:.0f} | {host} "
+            f"| {g.get('gpu_busy_ms', float('nan')):.0f} | {g.get('nccl_ms', float('nan')):.1f} "
+            f"({g.get('nccl_exposed_ms', float('nan')):.1f}) | {g.get('gpu_idle_ms', float('nan')):.0f} "
+            f"| {r['gpu_peak_gib']:.1f} |"
+        )
+    best = res["sweep"]["best"]
+    if best:
+        ratio = res["sweep"]["ratio"][best]
+        rows.append(f"\n(t) fastest 2-GPU variant: {best} {VARIANTS[best]}: {ratio:.3f}x -> "
+                    f"{'PASS' if ratio >= 1.85 else 'FAIL'} (>= 1.85x)")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -101,10 +206,15 @@ def main() -> int:
     p.add_argument("--only", default="a,b,c")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU check of this script)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"(t): of {', '.join(VARIANTS)}")
+    p.add_argument("--budget-s", type=int, default=450,
+                   help="(t): skip the variants left once this many seconds have passed")  # fmt: skip
+    p.add_argument("--work", default=None, help="per-point logs and records (default: a temp dir)")
     args = p.parse_args()
     only = set(args.only.split(","))
     out = Path(args.out)
-    work = out / "fsdp_runs"
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="fsdp_runs_"))
     work.mkdir(parents=True, exist_ok=True)
     steps = ["--steps", str(args.steps), "--warmup", "3"]
     big = ["--model", "llama-3.1-70b"]
@@ -114,10 +224,13 @@ def main() -> int:
         steps += ["--model", "llama-3.1-8b" + tiny, "--seq", "32"]
         big = ["--model", "llama-3.1-70b" + tiny]
     res: dict = {"only": sorted(only), "points": {}}
-    if only & {"a", "b"}:
+    if only & {"a", "b", "t"}:
+        prof = ["--torch-profile", str(work / "8b-1gpu.kernels.txt")] if "t" in only else []
         res["points"]["8b-1gpu-4x1024"] = _run(
-            "8b-1gpu", 1, ["--no-fsdp", "--batch", "4", *steps], work, 600
+            "8b-1gpu", 1, ["--no-fsdp", "--batch", "4", *steps, *prof], work, 600
         )
+    if "t" in only:
+        _sweep(res, args.variants.split(","), steps, work, args.budget_s)
     if "a" in only:
         res["points"]["8b-2gpu-2x1024-parity"] = _run(
             "8b-2gpu-parity", 2, ["--global-batch", "4", *steps], work, 600
@@ -139,6 +252,7 @@ def main() -> int:
         if point is None:  # out of memory under the cap: parameters and optimizer on the CPU
             point = _run("70b-2gpu-cpu-offload", 2, [*c_args, "--cpu-offload"], work, 600)
         res["points"]["c-70b-2gpu-24gib"] = point
+    _keep_files(res, work, out)
     gpu = next((r["gpu"] for r in res["points"].values() if r), "gpu").split()[-1].lower()
     stem = out / f"{gpu}x2_{time.strftime('%Y%m')}_fsdp_{''.join(sorted(only))}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--no-fsdp", action="store_true", help="one GPU, no sharding (the baseline)")
+    p.add_argument("--ddp", action="store_true",
+                   help="no FSDP2: frozen base replicated, DistributedDataParallel on the adapters")  # fmt: skip
     p.add_argument(
         "--checkpointing", action="store_true", help="per-block activation checkpointing"
     )
@@ -47,6 +50,20 @@ def _args() -> argparse.Namespace:
     )
     p.add_argument("--no-fused", action="store_true", help="without turbotune's fused kernels")
     p.add_argument("--memory-cap-gib", type=float, default=None)
+    p.add_argument("--precision", default="bf16_buffers_autocast",
+                   choices=["bf16_buffers_autocast", "fp32"],
+                   help="fp32: CPU host measurements without bf16 arithmetic on the CPU")  # fmt: skip
+    p.add_argument("--strategy", default="full_shard",
+                   choices=["full_shard", "hybrid_shard", "no_shard"])  # fmt: skip
+    p.add_argument("--frozen", default="shard", choices=["shard", "replicate"],
+                   help="distributed.frozen: replicate keeps the frozen base out of FSDP2")  # fmt: skip
+    p.add_argument("--groups", default="block", choices=["block", "model"])
+    p.add_argument("--prefetch", type=int, default=0, help="explicit prefetch depth (blocks)")
+    p.add_argument("--no-reshard", action="store_true", help="reshard_after_forward off")
+    p.add_argument("--profile-host", default=None,
+                   help="cProfile rank 0's timed steps; write the top functions to this file")  # fmt: skip
+    p.add_argument("--torch-profile", default=None,
+                   help="torch.profiler of rank 0 over 2 extra steps; kernel summary to this file")  # fmt: skip
     p.add_argument("--out", required=True)
     return p.parse_args()
 
@@ -61,10 +78,10 @@ def _build(args, info, device):
     from turbotune.distributed.shard import apply_fsdp
     from turbotune.precision import resolve_precision
 
-    plan = resolve_precision("bf16_buffers_autocast", "cuda", adapters=True)
+    plan = resolve_precision(args.precision, "cuda", adapters=True)
+    dtype = plan.autocast or plan.weight_dtype  # weights, 4-bit storage and compute
     config = resolve_model_config(args.model)
-    model = build_meta_model(config, torch.bfloat16, quantize=True, compute_dtype=torch.bfloat16,
-                             storage_dtype=torch.bfloat16)  # fmt: skip
+    model = build_meta_model(config, dtype, quantize=True, compute_dtype=dtype, storage_dtype=dtype)
     model.config.use_cache = False
     apply_custom_lora(model, AdapterConfig(r=16, alpha=16, implementation="custom"))
     if not args.no_fused:
@@ -76,9 +93,12 @@ def _build(args, info, device):
     dcfg = DistributedConfig(
         enabled=True, activation_checkpointing=args.checkpointing,
         activation_offload=args.offload_activations, cpu_offload=args.cpu_offload,
+        strategy=args.strategy, frozen=args.frozen, groups=args.groups, prefetch=args.prefetch,
+        reshard_after_forward=not args.no_reshard,
     )  # fmt: skip
-    if not args.no_fsdp:
-        mesh = build_mesh("full_shard", info, device)
+    dcfg.validate()
+    if not (args.no_fsdp or args.ddp):
+        mesh = build_mesh(args.strategy, info, device)
         apply_fsdp(model, dcfg, plan, mesh)
     elif args.checkpointing or args.offload_activations:
         from turbotune.distributed.activations import wrap_block
@@ -87,8 +107,13 @@ def _build(args, info, device):
         for block in decoder_blocks(model):
             wrap_block(block, checkpoint=args.checkpointing, offload=args.offload_activations)
     store = torch.device("cpu") if args.cpu_offload else device
-    stats = materialize(model, RandomSource(seed=0, dtype=torch.bfloat16), store, seed=42)
+    stats = materialize(model, RandomSource(seed=0, dtype=dtype), store, seed=42)
     model.train()
+    if args.ddp:  # PyTorch's data parallelism: only the adapters have gradients to all-reduce
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
     return model, plan, stats
 
 
@@ -100,6 +125,116 @@ def _batches(args, world: int, rank: int, vocab: int, step: int, device):
     ids = torch.randint(0, vocab, (global_batch, args.seq), generator=gen)
     mine = ids[rank * per : (rank + 1) * per].to(device)
     return {"input_ids": mine, "labels": mine.clone()}, per
+
+
+def _host_ms(phases: list[dict[str, float]]) -> dict[str, float]:
+    """Host CPU ms per phase, the minimum over steps (the least disturbed), and their sum."""
+    out = {k: min(p[k] for p in phases) * 1e3 for k in phases[0]}
+    return {**out, "step": sum(out.values())}
+
+
+def _sharded_per_block(model) -> int:
+    """FSDP2-managed (DTensor) parameters of the first decoder block."""
+    from turbotune.distributed.shard import decoder_blocks
+
+    return sum(hasattr(p, "device_mesh") for p in decoder_blocks(model)[0].parameters())
+
+
+# FSDP2's hook entry points (torch 2.4-2.13): their cumulative time is FSDP2's host cost,
+# the collectives they wait on included (gloo runs them on the CPU).
+_FSDP_HOOKS = ("_pre_forward", "_post_forward", "_pre_backward", "post_backward",
+               "_root_post_backward_final_callback")  # fmt: skip
+
+
+def _profile_host(step, first: int, n: int, info, path: str) -> dict:
+    """cProfile of rank 0 over ``n`` steps: CPU seconds per step in FSDP2's hooks, in waits on
+    collectives, and wall seconds per step (profiled)."""
+    import cProfile
+    import io
+    import pstats
+
+    # CPU time, not wall time: on a shared machine other processes inflate wall time.
+    prof = cProfile.Profile(time.process_time) if info.is_main else None
+    if prof:
+        prof.enable()
+    wall = sum(step(first + i) for i in range(n))
+    if not prof:
+        return {}
+    prof.disable()
+    stats = pstats.Stats(prof)
+    hooks = waits = 0.0
+    calls = sum(nc for (_, nc, _, _, _) in stats.stats.values())
+    fsdp_calls = sum(
+        nc for (file, _, _), (_, nc, _, _, _) in stats.stats.items() if "torch/distributed/" in file
+    )
+    for (file, _, func), (_, _, tottime, cum, _) in stats.stats.items():
+        if "distributed/fsdp/_fully_shard" in file and func in _FSDP_HOOKS:
+            hooks += cum
+        if func.endswith("_distributed_c10d.wait>") or func == "<built-in method wait>":
+            waits += tottime
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(40)
+    Path(path).write_text(text.getvalue())
+    # Call counts are exact (no noise from other processes): a proxy of host work.
+    return {"steps": n, "step_s_profiled": wall / n, "fsdp_hooks_s_per_step": hooks / n,
+            "collective_wait_s_per_step": waits / n, "python_calls_per_step": calls // n,
+            "torch_distributed_calls_per_step": fsdp_calls // n}  # fmt: skip
+
+
+def _union(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _length(intervals: list[tuple[int, int]]) -> int:
+    return sum(b - a for a, b in intervals)
+
+
+def _profile_gpu(step, first: int, n: int, info, path: str) -> dict:
+    """torch.profiler of rank 0 over ``n`` steps: GPU busy/idle time, NCCL kernel time and how
+    much of it overlaps compute kernels, the top kernels and FSDP2's host ranges."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if not info.is_main:
+        for i in range(n):
+            step(first + i)
+        return {}
+    with profile(activities=acts) as prof:
+        wall = sum(step(first + i) for i in range(n))
+    gpu, nccl, totals, host = [], [], {}, {}
+    for e in prof.profiler.kineto_results.events():
+        span = (e.start_ns(), e.start_ns() + e.duration_ns())
+        if e.device_type() == torch.autograd.DeviceType.CUDA:
+            (nccl if "nccl" in e.name().lower() else gpu).append(span)
+            totals[e.name()] = totals.get(e.name(), 0) + e.duration_ns()
+        elif e.name().startswith("FSDP::"):  # one total per kind, over every module
+            kind = re.sub(r" (\(.*\)|for .*)$", "", e.name())
+            host[kind] = host.get(kind, 0) + e.duration_ns()
+    compute, comm = _union(gpu), _union(nccl)
+    busy = _length(_union(gpu + nccl))
+    overlap = _length(compute) + _length(comm) - busy
+    ms = 1e-6 / n  # ns over n steps -> ms per step
+    summary = {
+        "step_ms": wall * 1e3 / n, "gpu_busy_ms": busy * ms, "gpu_idle_ms": wall * 1e3 / n - busy * ms,
+        "compute_ms": _length(compute) * ms, "nccl_kernel_ms": sum(b - a for a, b in nccl) * ms,
+        "nccl_ms": _length(comm) * ms, "nccl_overlapped_ms": overlap * ms,
+        "nccl_exposed_ms": (_length(comm) - overlap) * ms,
+        "fsdp_host_ms": {k: v * ms for k, v in sorted(host.items(), key=lambda kv: -kv[1])},
+    }  # fmt: skip
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:25]
+    lines = [f"{k}: {v:.2f}" for k, v in summary.items() if not isinstance(v, dict)]
+    lines += [f"host {k}: {v:.2f} ms/step" for k, v in summary["fsdp_host_ms"].items()]
+    lines += ["", "top kernels (ms/step):"] + [f"{v * ms:9.2f}  {k[:120]}" for k, v in top]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return summary
 
 
 def _sync(cuda: bool) -> None:
@@ -127,23 +262,48 @@ def main() -> None:
     load_mem = memory_report()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, foreach=True)
-    losses, times = [], []
-    vocab = model.config.vocab_size
-    for step in range(args.warmup + args.steps):
-        batch, per = _batches(args, info.world_size, info.rank, vocab, step, device)
+    vocab = getattr(model, "module", model).config.vocab_size
+
+    phases: list[dict[str, float]] = []
+
+    def step(i: int) -> tuple[float, float, int]:
+        """One training step: (wall seconds, global mean loss, rows per GPU). The process's CPU
+        seconds of each phase go to ``phases``: the host's work (launches, hooks, Python), which
+        other processes on a shared CPU disturb much less than wall time."""
+        batch, per = _batches(args, info.world_size, info.rank, vocab, i, device)
         _sync(cuda)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=plan.autocast):
+        marks = [time.process_time()]
+        with torch.autocast(device.type, dtype=plan.autocast, enabled=plan.autocast is not None):
             loss = model(**batch).loss
+        marks.append(time.process_time())
         loss.backward()
+        marks.append(time.process_time())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        marks.append(time.process_time())
         _sync(cuda)
-        times.append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        names = ("forward", "backward", "optimizer")
+        phases.append({n: marks[k + 1] - marks[k] for k, n in enumerate(names)})
         mean = loss.detach().float()
         dist.all_reduce(mean, op=dist.ReduceOp.AVG)
-        losses.append(mean.item())
+        return seconds, mean.item(), per
+
+    runs = [step(i) for i in range(args.warmup + args.steps)]
+    times, losses, per = [r[0] for r in runs], [r[1] for r in runs], runs[0][2]
+    extra = args.warmup + args.steps
+    profiles = {}
+    if args.profile_host:  # after the timed steps: cProfile slows the host it measures
+        profiles["host_profile"] = _profile_host(
+            lambda i: step(i)[0], extra, 3, info, args.profile_host
+        )
+        extra += 3
+    if args.torch_profile:
+        profiles["gpu_profile"] = _profile_gpu(
+            lambda i: step(i)[0], extra, 2, info, args.torch_profile
+        )
     mem = memory_report()
     peaks = [mem.get("gpu_peak_gib", 0.0), mem["host_peak_gib"], load_mem.get("gpu_peak_gib", 0.0)]
     peaks = torch.tensor(peaks, device=device)
@@ -151,7 +311,7 @@ def main() -> None:
     step_s = statistics.median(times[args.warmup :])
     tokens = per * args.seq * info.world_size
     record = {
-        "model": args.model, "gpus": info.world_size, "fsdp": not args.no_fsdp,
+        "model": args.model, "gpus": info.world_size, "fsdp": not (args.no_fsdp or args.ddp), "ddp": args.ddp,
         "batch_per_gpu": per, "seq": args.seq, "checkpointing": args.checkpointing,
         "offload_activations": args.offload_activations, "cpu_offload": args.cpu_offload,
         "fused": not args.no_fused, "memory_cap_gib": args.memory_cap_gib,
@@ -160,6 +320,11 @@ def main() -> None:
         "gpu_peak_gib": peaks[0].item(), "host_peak_gib": peaks[1].item(),
         "load_gpu_peak_gib": peaks[2].item(), "load_s": load_s, "load": stats,
         "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "strategy": args.strategy, "frozen": args.frozen, "groups": args.groups,
+        "prefetch": args.prefetch, "reshard_after_forward": not args.no_reshard,
+        "sharded_params_per_block": _sharded_per_block(model), "step_times": times,
+        "host_ms": _host_ms(phases[args.warmup : args.warmup + args.steps]),
+        **profiles,
     }  # fmt: skip
     if info.is_main:
         Path(args.out).write_text(json.dumps(record, indent=1))
