@@ -207,8 +207,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU check of this script)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"(t): of {', '.join(VARIANTS)}")
-    p.add_argument("--budget-s", type=int, default=450,
+    p.add_argument("--budget-s", type=int, default=330,
                    help="(t): skip the variants left once this many seconds have passed")  # fmt: skip
+    p.add_argument("--parity-variant", default="full", choices=list(VARIANTS),
+                   help="(a): the sharding variant of the 2-GPU parity point")  # fmt: skip
     p.add_argument("--work", default=None, help="per-point logs and records (default: a temp dir)")
     args = p.parse_args()
     only = set(args.only.split(","))
@@ -233,7 +235,11 @@ def main() -> int:
         _sweep(res, args.variants.split(","), steps, work, args.budget_s)
     if "a" in only:
         res["points"]["8b-2gpu-2x1024-parity"] = _run(
-            "8b-2gpu-parity", 2, ["--global-batch", "4", *steps], work, 600
+            "8b-2gpu-parity",
+            2,
+            ["--global-batch", "4", *steps, *VARIANTS[args.parity_variant]],
+            work,
+            600,
         )
         res["parity"] = _parity(
             res["points"]["8b-1gpu-4x1024"], res["points"]["8b-2gpu-2x1024-parity"]

@@ -209,6 +209,14 @@ def _profile_gpu(step, first: int, n: int, info, path: str) -> dict:
         return {}
     with profile(activities=acts) as prof:
         wall = sum(step(first + i) for i in range(n))
+    try:  # the steps ran on every rank; a parsing failure must not lose the point
+        return _summarize(prof, wall, n, path)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def _summarize(prof, wall: float, n: int, path: str) -> dict:
+    """GPU busy/idle, NCCL and compute kernel time per step from a profile of ``n`` steps."""
     gpu, nccl, totals, host = [], [], {}, {}
     for e in prof.profiler.kineto_results.events():
         span = (e.start_ns(), e.start_ns() + e.duration_ns())
