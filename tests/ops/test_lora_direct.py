@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from turbotune.ops import lora_direct, lora_fold, lora_group
-from turbotune.ops.lora import LoRAWeights, dropout_keep, dropout_seed, lora_mlp, lora_qkv
+from turbotune.ops.lora import (
+    LoRAWeights,
+    dropout_keep,
+    dropout_seed,
+    lora_linear,
+    lora_mlp,
+    lora_qkv,
+)
 from turbotune.ops.lora_group import Slot
-from turbotune.ops.reference import lora_mlp_reference, lora_qkv_reference
+from turbotune.ops.reference import lora_linear_reference, lora_mlp_reference, lora_qkv_reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STEP_SEED = 99
@@ -56,6 +63,30 @@ def no_weight_copies(monkeypatch):
 
         monkeypatch.setattr(f"turbotune.ops.lora.direct_{name}", counted)
     return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout,bias", [(0.0, False), (0.3, True)])
+def test_lone_projection_on_a_weight_in_compute_dtype(parity, no_weight_copies, dtype, dropout, bias):  # fmt: skip
+    """A 3-D input, in = 2.5 out (a wide projection: its copying backward would stack [W; A])."""
+    tokens, in_f, out_f, r = 13, 95, 38, 5
+    w = _weight(out_f, in_f, seed=3)
+    a, b = _adapter(out_f, in_f, r, seed=4)
+    master = {"x": torch.randn(1, tokens, in_f).requires_grad_(), "A": a, "B": b}
+    if bias:
+        master["bias"] = torch.randn(out_f).requires_grad_()
+
+    def ours(x, A, B, bias=None):
+        torch.manual_seed(STEP_SEED)
+        return lora_linear(x, w.to(x.dtype), LoRAWeights(A, B, 1.5, dropout), bias)
+
+    def ref(x, A, B, bias=None):
+        (keep,) = _keeps([(tokens, in_f)], dropout)
+        keep = None if keep is None else keep.view(x.shape)
+        return lora_linear_reference(x, w, LoRAWeights(A, B, 1.5, dropout), bias, keep=keep)
+
+    parity(ours, ref, master, dtype, torch.device("cpu"))
+    assert no_weight_copies == {"forward": 1, "backward": 1}
 
 
 # hidden 124 would fold q/k/v (even rows) and 123 would not: both run direct here.
