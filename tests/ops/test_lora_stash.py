@@ -85,12 +85,14 @@ def counted(monkeypatch):
     lora_stash.clear()
 
 
-def _assert_same(got: list, want: list, what: str) -> None:
+def _assert_same(got: list, want: list, what: str, rtol: float = 1e-5) -> None:
+    """``rtol`` relative to the largest gradient value: fp32 compute on CPU differs only by
+    summation order; bf16 compute (the GPU test) differs because the wide projection's dx sums
+    in another order with the kept weight (dy W + g A instead of [dy | g] [W; A]): up to one
+    bf16 rounding of the largest value (2^-7 = 7.8e-3 relative), whatever the gradients' dtype."""
     for j, (g, w) in enumerate(zip(got, want)):
         diff = (g.float() - w.float()).abs()
-        # fp32 on CPU: summation order only; bf16 on GPU: the wide projection's dx sums in
-        # another order with the kept weight (dy W + g A instead of [dy | g] [W; A]).
-        tol = 1e-5 if g.dtype == torch.float32 else 2e-2
+        tol = rtol
         assert diff.max().item() <= tol * max(1.0, w.abs().max().item()), (
             f"{what}: gradient {j} max abs diff {diff.max().item():.3e}, mean {diff.mean():.3e}"
         )
@@ -166,5 +168,5 @@ def test_checkpointed_backward_reuses_the_recomputed_weights_gpu(monkeypatch):
     bases, ads = _params(0.0, device="cuda")
     want, plain_calls = _run(bases, ads, "plain", torch.bfloat16)
     got, calls = _run(bases, ads, "non-reentrant", torch.bfloat16)
-    _assert_same(got, want, "non-reentrant checkpoint (GPU)")
+    _assert_same(got, want, "non-reentrant checkpoint (GPU)", rtol=1e-2)
     assert (plain_calls, calls) == (7, 7) and not lora_stash._STASH
