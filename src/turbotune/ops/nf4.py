@@ -274,7 +274,9 @@ def dequantize_nf4(
         quant_state = getattr(weight, "quant_state", None)
     if quant_state is None:
         raise ValueError("dequantize_nf4 needs a quant_state: the weight is not quantized")
-    if getattr(quant_state, "packing_format_for_cpu", False):
+    # ``__dict__`` rather than getattr: a missing attribute would go through bitsandbytes'
+    # Python ``QuantState.__getattr__`` at every dequantization.
+    if vars(quant_state).get("packing_format_for_cpu", False):
         raise ValueError(
             "this Params4bit holds bitsandbytes' CPU inference packing (set by Linear4bit.forward in "
             "eval mode without grad on AVX512-BF16 CPUs); call .train() before the first forward"
