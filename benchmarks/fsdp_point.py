@@ -74,7 +74,8 @@ def _build(args, info, device):
     from turbotune.config import AdapterConfig
     from turbotune.distributed.config import DistributedConfig
     from turbotune.distributed.env import build_mesh
-    from turbotune.distributed.loading import RandomSource, build_meta_model, materialize
+    from turbotune.distributed.loading import RandomSource, build_meta_model
+    from turbotune.distributed.model import materialize_tied
     from turbotune.distributed.shard import apply_fsdp
     from turbotune.precision import resolve_precision
 
@@ -107,7 +108,7 @@ def _build(args, info, device):
         for block in decoder_blocks(model):
             wrap_block(block, checkpoint=args.checkpointing, offload=args.offload_activations)
     store = torch.device("cpu") if args.cpu_offload else device
-    stats = materialize(model, RandomSource(seed=0, dtype=dtype), store, seed=42)
+    stats = materialize_tied(model, RandomSource(seed=0, dtype=dtype), store, seed=42)
     model.train()
     if args.ddp:  # PyTorch's data parallelism: only the adapters have gradients to all-reduce
         from torch.nn.parallel import DistributedDataParallel

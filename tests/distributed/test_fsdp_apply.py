@@ -122,3 +122,38 @@ def test_shard_model_leaves_the_recorded_ignored_set_alone(world_of_one):
     shard_model(model, DistributedConfig(enabled=True), FP32, backend="cpu")
     for name, p in model.named_parameters():
         assert hasattr(p, "device_mesh") != name.startswith("layers.1."), name
+
+
+@pytest.mark.parametrize("frozen", ["replicate", "shard"])
+def test_low_memory_loading_keeps_a_tied_head_tied(
+    world_of_one, tmp_path, eager_dequantize, frozen
+):
+    """``to_empty`` unties shared parameters that FSDP2 does not manage; the loader re-ties
+    them (a tied head left unloaded made every logit equal)."""
+    from tests.distributed.tiny import with_lora
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from turbotune.distributed.env import build_mesh, device_for
+    from turbotune.distributed.loading import SafetensorsSource, build_meta_model
+    from turbotune.distributed.model import materialize_tied
+    from turbotune.distributed.shard import apply_fsdp
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    meta = with_lora(build_meta_model(cfg, torch.float32, quantize=True, compute_dtype=torch.float32,
+                                      storage_dtype=torch.float32))  # fmt: skip
+    config = DistributedConfig(enabled=True, frozen=frozen)
+    apply_fsdp(
+        meta, config, FP32, build_mesh("full_shard", world_of_one, device_for(world_of_one, "cpu"))
+    )
+    materialize_tied(meta, SafetensorsSource(tmp_path), torch.device("cpu"), seed=3)
+    head, embed = meta.lm_head.weight, meta.model.embed_tokens.weight
+    assert head is embed, "the head is no longer tied to the embeddings"
+    full = embed.full_tensor() if hasattr(embed, "full_tensor") else embed
+    saved = SafetensorsSource(tmp_path).get(
+        "model.embed_tokens.weight", (96, 32), torch.device("cpu")
+    )
+    d = (full - saved).abs()
+    assert d.max() == 0, f"embeddings: max abs diff {d.max():.3g}, mean {d.mean():.3g}"

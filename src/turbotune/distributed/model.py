@@ -24,7 +24,14 @@ if TYPE_CHECKING:
     from turbotune.framework import AccelerationFramework
     from turbotune.precision import PrecisionPlan
 
-__all__ = ["check_run", "convert_bnb_linears", "load_for_fsdp", "owns_precision", "shard_model"]
+__all__ = [
+    "check_run",
+    "convert_bnb_linears",
+    "load_for_fsdp",
+    "materialize_tied",
+    "owns_precision",
+    "shard_model",
+]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -119,6 +126,40 @@ def convert_bnb_linears(model: nn.Module, storage_dtype: torch.dtype) -> int:
     return swapped
 
 
+def _aliases(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """Parameters registered under several names (tied embeddings): ``(module, name, first
+    module, first name)`` for every registration after the first."""
+    first: dict[int, tuple[nn.Module, str]] = {}
+    out = []
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) in first:
+                out.append((module, name, *first[id(param)]))
+            else:
+                first[id(param)] = (module, name)
+    return out
+
+
+def materialize_tied(
+    model: nn.Module, source: TensorSource, device: torch.device, *, seed: int = 42
+) -> dict[str, Any]:
+    """:func:`~turbotune.distributed.loading.materialize`, keeping tied parameters tied.
+
+    ``to_empty`` gives every registration of a shared parameter its own new tensor, and only
+    the first name is loaded: a tied head would stay uninitialized. FSDP2 keeps the ties of the
+    parameters it manages; the others (unsharded models, ``frozen: replicate``) are re-tied here.
+    """
+    from turbotune.distributed.loading import materialize
+
+    aliases = [a for a in _aliases(model) if not hasattr(getattr(a[0], a[1]), "device_mesh")]
+    stats = materialize(model, source, device, seed=seed)
+    for module, name, owner, owner_name in aliases:
+        module._parameters[name] = owner._parameters[owner_name]
+    return stats
+
+
 def _source_of(model: nn.Module) -> TensorSource | None:
     # The adapter wrapper (PeftModel) may stand in front of the model that recorded it.
     for m in (model, getattr(getattr(model, "base_model", None), "model", None)):
@@ -162,7 +203,6 @@ def shard_model(
         The same model, sharded.
     """
     from turbotune.distributed.env import build_mesh, device_for, init_distributed
-    from turbotune.distributed.loading import materialize
     from turbotune.distributed.memory import memory_report
     from turbotune.distributed.shard import apply_fsdp
 
@@ -178,7 +218,7 @@ def shard_model(
     apply_fsdp(model, config, plan, mesh, ignored_params=_ignored_of(model) or None)
     if source is not None:
         store = torch.device("cpu") if config.cpu_offload else device
-        stats = materialize(model, source, store, seed=seed)
+        stats = materialize_tied(model, source, store, seed=seed)
         stats.update(memory_report())
         model.__dict__["_turbotune_load_stats"] = stats
         if info.is_main:
