@@ -115,7 +115,8 @@ def _assert_same_steps(got: dict, ref: dict, rel: float, steps: list[str] | None
 def test_two_processes_equal_one(stories260k, alpaca_tiny, tmp_path):
     """peft LoRA on the fp32 base (full_shard, no_shard), and LoRA on the 4-bit base loaded
     tensor by tensor into NF4 storage (with the fused kernels, per-block checkpointing and
-    offload, hybrid_shard), and peft LoRA with padding-free batches, against one process
+    offload, hybrid_shard; and with the base replicated outside FSDP2 in one FSDP2 group), and
+    peft LoRA with padding-free batches, against one process
     (bitsandbytes 4-bit for the 4-bit runs)."""
     lora = _config(stories260k, alpaca_tiny, tmp_path / "lora")
     qlora = _config(
@@ -135,6 +136,7 @@ def test_two_processes_equal_one(stories260k, alpaca_tiny, tmp_path):
             fused, strategy="hybrid_shard", activation_checkpointing=True, activation_offload=True
         ),
         _sharded(packed, low_memory_loading=False),
+        _sharded(fused, frozen="replicate", groups="model"),  # the 4-bit base outside FSDP2
     ]
     for i, cfg in enumerate(runs):
         cfg["train"]["output_dir"] += f"-fsdp{i}"
@@ -143,7 +145,7 @@ def test_two_processes_equal_one(stories260k, alpaca_tiny, tmp_path):
         ref_lora, ref_qlora, ref_packed = _reference(lora), _reference(qlora), _reference(packed)
     finally:
         got = _finish(proc, out)
-    assert [g["world"] for g in got] == [2] * 5 and {g["trainer"] for g in got} == {"FsdpTrainer"}
+    assert [g["world"] for g in got] == [2] * 6 and {g["trainer"] for g in got} == {"FsdpTrainer"}
     _assert_same_steps(got[0], ref_lora, rel=1e-5)
     _assert_same_steps(got[1], ref_lora, rel=1e-5)
     # Our quantizer packs exactly as bitsandbytes without nested scales (test_nf4_storage.py).
@@ -152,6 +154,8 @@ def test_two_processes_equal_one(stories260k, alpaca_tiny, tmp_path):
     assert got[3]["patches"].get("lora", 0) > 0 and got[3]["wrapped_blocks"] == 5
     _assert_same_steps(got[3], ref_qlora, rel=1e-4)
     _assert_same_steps(got[4], ref_packed, rel=1e-5)  # padding-free batches
+    assert got[5]["patches"].get("lora", 0) > 0 and got[5]["load_stats"]["tensors"] == 47
+    _assert_same_steps(got[5], ref_qlora, rel=1e-4)
     saved = tmp_path / "qlora-fsdp2" / "final" / "adapter_model.safetensors"
     assert saved.is_file() and (saved.parent / "adapter_config.json").is_file()
 
