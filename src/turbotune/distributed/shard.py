@@ -19,6 +19,22 @@ trainable ones are reduce-scattered after its backward. What FSDP2 demands, and 
 * **Dim-0 sharding with padding**: any parameter shape works (4-bit storage is 1-D bytes).
 * **Activation checkpointing / offload** wrap each block's forward before it is sharded
   (:mod:`turbotune.distributed.activations`).
+
+What FSDP2 costs per step, and the options that cut it. Per group and step FSDP2 runs four
+hooks (pre/post forward, pre/post backward) whose Python work grows with the group's parameter
+count (copy-in/copy-out views, gradient bookkeeping), and the optimizer and gradient clipping
+then run on DTensors (DTensor dispatch per foreach op). A QLoRA block has 23 parameters (7 packed
+4-bit weights, 2 norms, 14 LoRA A/B). When the host is the bottleneck (the fused 8B step on one
+H100 is: ~230 ms of host work per step), that work adds to the step, and an all-gather issued
+by a pre-forward hook does not overlap compute. Hence:
+
+* ``frozen: replicate`` keeps every frozen parameter whole on every process and out of FSDP2
+  (``ignored_params``): no all-gather of the base ever, FSDP2 manages the adapters only. The
+  base's memory is paid on every GPU, which a base that fits one GPU affords.
+* ``groups: model``: one FSDP2 group (the root) instead of one per block: one all-gather before
+  the forward, one reduce-scatter after the backward, four hook calls per step.
+* ``prefetch: N``: explicit forward/backward prefetch, N blocks ahead (:func:`set_prefetch`).
+* ``ignored_params`` (argument): parameters another mechanism owns (expert-parallel experts).
 """
 
 from __future__ import annotations
