@@ -172,3 +172,15 @@ def test_second_forward_before_backward_runs_eagerly():
         if p.grad is not None:
             torch.testing.assert_close(dict(model.named_parameters())[n].grad, p.grad)
     assert grads_one  # the single-forward step produced gradients
+
+
+def test_replaced_parameters_refuse_capture(single_thread, monkeypatch):
+    """Parameters swapped after install (FSDP2 gathers into new tensors) turn graphs off."""
+    model = with_lora(tiny_model("llama"))
+    graphs = LayerGraphs(decoder_blocks(model), warmup_calls=0)
+    lora = next(m for m in decoder_blocks(model)[0].modules() if hasattr(m, "lora_A"))
+    name = next(iter(lora.lora_A))
+    lora.lora_A[name].weight = torch.nn.Parameter(lora.lora_A[name].weight.detach().clone())
+    hidden = torch.zeros(1, 4, model.config.hidden_size)
+    assert graphs._maybe_capture(("key",), hidden, [], [], ()) is None
+    assert "replaced" in graphs.disabled

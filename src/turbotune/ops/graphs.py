@@ -376,6 +376,16 @@ class LayerGraphs:
         seen = self.seen[key] = self.seen.get(key, 0) + 1
         if seen <= self.warmup_calls or len(self.sets) >= self.max_shapes:
             return None
+        current = [tuple(p for p in m.parameters() if p.requires_grad) for m in self.layers]
+        if any(
+            len(a) != len(b) or any(x is not y for x, y in zip(a, b))
+            for a, b in zip(current, self.params)
+        ):
+            # FSDP2 swaps in gathered parameters whose memory moves between steps; a graph
+            # would keep reading the old addresses.
+            self.disabled = "the layers' parameters were replaced since (FSDP?)"
+            log.warning("CUDA graphs off: %s", self.disabled)
+            return None
         # The graphs get their own memory pool: hand the eager steps' cached blocks back first.
         torch.cuda.empty_cache()
         try:
