@@ -26,11 +26,17 @@ if __name__ == "__main__":  # torchrun runs this file: make `tests` importable
 from tests.moe.tiny import tiny_model
 
 from turbotune.distributed.config import DistributedConfig
+from turbotune.distributed.optim import (
+    clip_grad_norm_mixed,
+    param_groups_by_kind,
+    sharded_plain_params,
+)
 from turbotune.moe.expert_parallel import expert_parameters, shard_experts
 from turbotune.precision import PrecisionPlan
 
 FP32 = PrecisionPlan("fp32", torch.float32, None, False)
 STEPS, ROWS, SEQ = 3, 2, 9
+MAX_NORM = 1e-3  # below every step's gradient norm: clipping scales every gradient
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> None:
@@ -40,6 +46,25 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> Non
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _adamw(model: torch.nn.Module, split: bool) -> torch.optim.AdamW:
+    """AdamW with foreach forced on (the CUDA default; CPU would otherwise step per tensor, which
+    hides a param group mixing DTensors and plain tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups_by_kind(params) if split else params
+    return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, foreach=True)
+
+
+def _clip_and_compare(model, ref, norm: torch.Tensor, rank: int, world: int, step: int,
+                      atol: float) -> None:  # fmt: skip
+    """``norm`` (the sharded model's, already clipped) equals the reference's global norm, and
+    the clipped gradients equal the reference's clipped ones."""
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    want = torch.nn.utils.clip_grad_norm_(ref_params, MAX_NORM, foreach=True)
+    assert want > MAX_NORM, f"norm {want:.3e} is below {MAX_NORM}: clipping proves nothing"
+    _close(f"step {step} grad norm", norm, want, atol)
+    _check_grads(model, ref, rank, world, step, atol * MAX_NORM / want.item())
 
 
 def _trainable_model(peft: bool, device: torch.device) -> torch.nn.Module:
@@ -107,12 +132,49 @@ def _check_grads(model, ref, rank: int, world: int, step: int, atol: float) -> i
     return checked
 
 
-def _train_and_compare(rank, world, device, backend, peft: bool, atol: float):
+def _trainer_optimizer(model, ref, out_dir: str, device: torch.device):
+    """FsdpTrainer's optimizer and clipping for ``model``; the reference grouped the same way
+    (transformers' weight-decay groups) in one plain AdamW."""
+    from transformers import TrainingArguments
+
+    from turbotune.config import TrainConfig
+    from turbotune.distributed.trainer import FsdpTrainer
+
+    args = TrainingArguments(output_dir=out_dir, use_cpu=device.type == "cpu", report_to=[],
+                             learning_rate=1e-2, weight_decay=0.1, max_grad_norm=MAX_NORM)  # fmt: skip
+    trainer = FsdpTrainer(model=model, args=args, train_config=TrainConfig())
+    opt = trainer.create_optimizer()
+    sizes = [len(g["params"]) for g in opt.param_groups if g["params"]]
+    assert sizes == [10, 4], sizes  # LoRA + routers (DTensors), the 4 expert shards (plain)
+    for group in opt.param_groups:  # one kind per group, decay settings kept, foreach forced
+        assert len({hasattr(p, "device_mesh") for p in group["params"]}) == 1
+        assert group["weight_decay"] in (0.0, 0.1) and group["lr"] == 1e-2
+        group["foreach"] = True
+    decay = trainer.get_decay_parameter_names(ref)
+    ref_opt = torch.optim.AdamW([
+        {"params": [p for n, p in ref.named_parameters() if p.requires_grad and n in decay],
+         "weight_decay": 0.1},
+        {"params": [p for n, p in ref.named_parameters() if p.requires_grad and n not in decay],
+         "weight_decay": 0.0},
+    ], lr=1e-2, foreach=True)  # fmt: skip
+    return opt, ref_opt, lambda: trainer._clip_grad_norm(model)
+
+
+def _train_and_compare(rank, world, device, backend, peft: bool, atol: float,
+                       out_dir: str | None = None):  # fmt: skip
+    """Steps of the sharded model against the reference; ``out_dir``: the optimizer and the
+    clipping of :class:`FsdpTrainer` (else turbotune.distributed.optim by hand)."""
     model = _trainable_model(peft, device)
     ref = copy.deepcopy(model)
     _shard(model, device, backend)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    sharded = sharded_plain_params(model)
+    assert set(sharded) == expert_parameters(model) and all(g is None for g in sharded.values())
+    if out_dir is None:
+        opt, ref_opt = _adamw(model, split=True), _adamw(ref, split=False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        clip = lambda: clip_grad_norm_mixed(trainable, MAX_NORM, sharded=sharded)  # noqa: E731
+    else:
+        opt, ref_opt, clip = _trainer_optimizer(model, ref, out_dir, device)
     for step, ids in enumerate(_batches(world, device)):
         mine = ids[rank * ROWS : (rank + 1) * ROWS]
         loss = model(input_ids=mine, labels=mine).loss
@@ -122,6 +184,7 @@ def _train_and_compare(rank, world, device, backend, peft: bool, atol: float):
         checked = _check_grads(model, ref, rank, world, step, atol)
         kinds = {"lora_A", "lora_B", "gate", "gate_up_proj", "down_proj"} if peft else {"gate"}
         assert checked >= 2 * len(kinds), checked
+        _clip_and_compare(model, ref, clip(), rank, world, step, atol)
         opt.step()
         ref_opt.step()
         opt.zero_grad(set_to_none=True)
@@ -171,8 +234,7 @@ def _check_framework(rank, world, device, backend, out_dir: str, atol: float) ->
     experts = model.__dict__["_turbotune_fsdp_ignored"]
     assert len(experts) == 4 and all(p.shape[0] == 8 // world for p in experts)
     assert not any(hasattr(p, "device_mesh") for p in experts)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    opt, ref_opt = _adamw(model, split=True), _adamw(ref, split=False)
     for step, ids in enumerate(_batches(world, device)):
         mine = ids[rank * ROWS : (rank + 1) * ROWS]
         loss = model(input_ids=mine, labels=mine).loss
@@ -188,7 +250,7 @@ def _check_framework(rank, world, device, backend, out_dir: str, atol: float) ->
             o.zero_grad(set_to_none=True)
 
 
-PARTS = ("parity", "export", "framework")
+PARTS = ("parity", "trainer", "export", "framework")
 
 
 def check(rank: int, world: int, out_dir: str, backend: str, device: torch.device,
@@ -196,6 +258,8 @@ def check(rank: int, world: int, out_dir: str, backend: str, device: torch.devic
     atol = 2e-5 if device.type == "cpu" else 1e-4  # fp32; GPU reductions run in another order
     if "parity" in parts:
         _train_and_compare(rank, world, device, backend, peft=True, atol=atol)
+    if "trainer" in parts:
+        _train_and_compare(rank, world, device, backend, peft=True, atol=atol, out_dir=out_dir)
     if "export" in parts:
         _check_export(rank, world, device, backend, out_dir, atol)
     if "framework" in parts:

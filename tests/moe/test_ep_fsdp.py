@@ -13,9 +13,13 @@ from tests.moe.test_expert_parallel import _free_port
 
 
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="torch built without gloo")
-@pytest.mark.parametrize("parts", [("parity", "export"), ("framework",)], ids=["api", "config"])
+@pytest.mark.parametrize(
+    "parts", [("parity", "export"), ("trainer",), ("framework",)], ids=["api", "trainer", "config"]
+)
 def test_expert_parallel_with_fsdp2_two_processes(tmp_path, parts) -> None:
-    """api: shard_experts + apply_fsdp(ignored_params) by hand, then the HF-layout export;
+    """api: shard_experts + apply_fsdp(ignored_params) by hand (foreach AdamW over
+    param_groups_by_kind, clip_grad_norm_mixed), then the HF-layout export; trainer: the same
+    steps with FsdpTrainer's optimizer and clipping;
     config: the same parity through plugins.expert_parallel + distributed (fw.augment)."""
     # fork: the ranks inherit the imported torch/transformers (a fresh import costs ~10 s each).
     args = (2, _free_port(), str(tmp_path), "loop", parts)

@@ -17,7 +17,7 @@ already-distributed model. turbotune does the second, because the first does not
 So :func:`~turbotune.distributed.shard.apply_fsdp` shards the model before the Trainer is built,
 the Trainer runs in its ordinary multi-process (DDP) mode — its sampler shards the data, its
 loss normalization and gradient clipping are the DDP ones, and ``clip_grad_norm_`` works on
-DTensor gradients — and :class:`FsdpTrainer` changes exactly four things:
+DTensor gradients — and :class:`FsdpTrainer` changes exactly five things:
 
 1. ``_wrap_model`` returns a :class:`ShardedModel` instead of letting accelerate wrap DDP
    around DTensors (a wrapped model skips ``accelerator.prepare`` for the model); its forward
@@ -28,7 +28,11 @@ DTensor gradients — and :class:`FsdpTrainer` changes exactly four things:
 3. ``_load_from_checkpoint`` reads the DCP parameters (not the PEFT files);
 4. ``save_model`` gathers the full adapter to rank 0 (a collective: every rank calls it) and
    rank 0 writes the PEFT files; ``gather_for_save`` lets the caller do the collective part on
-   every rank and the atomic write on rank 0 only.
+   every rank and the atomic write on rank 0 only;
+5. ``create_optimizer`` and ``_mixed_mesh_grad_norm`` handle a model whose trainable
+   parameters mix DTensors and plain tensors (expert shards under expert parallelism):
+   separate param groups per kind, and a norm reduced over the ranks each kind spans
+   (:mod:`.optim`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ from turbotune.distributed.checkpoint import (
     has_sharded_state,
     load_sharded,
     save_sharded,
+)
+from turbotune.distributed.optim import (
+    clip_grad_norm_mixed,
+    regroup_optimizer,
+    sharded_plain_params,
 )
 from turbotune.train.trainer import TurbotuneTrainer
 
@@ -96,6 +105,34 @@ class FsdpTrainer(TurbotuneTrainer):
             return model
         plan = model.__dict__.get("_turbotune_fsdp", {}).get("plan")
         return ShardedModel(model, getattr(plan, "autocast", None))
+
+    # --- the optimizer and gradient clipping over DTensors and plain tensors ------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer with no param group mixing DTensors and plain tensors (expert
+        shards stay plain under expert parallelism), so foreach/fused steps work."""
+        built = self.optimizer is None  # a caller's own optimizer (and scheduler) is kept as is
+        optimizer = super().create_optimizer(model)
+        if (
+            built
+            and isinstance(optimizer, torch.optim.Optimizer)
+            and regroup_optimizer(optimizer)
+            and isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+        ):
+            for group in optimizer.param_groups:
+                if not group.get("fused"):
+                    # transformers 5.17 turns foreach off for a mixed model; each group is one
+                    # kind now, so torch's default (foreach on CUDA) is safe again.
+                    group["foreach"] = None
+        return optimizer
+
+    def _mixed_mesh_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        # transformers counts a plain gradient's norm as the whole parameter's; an expert shard
+        # is one rank's slice, reduced over its expert-parallel group here.
+        module = model.module if isinstance(model, ShardedModel) else model
+        return clip_grad_norm_mixed(
+            model.parameters(), max_norm, sharded=sharded_plain_params(module)
+        )
 
     # --- checkpoints --------------------------------------------------------------------------
 
