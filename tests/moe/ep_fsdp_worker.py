@@ -146,10 +146,11 @@ def _trainer_optimizer(model, ref, out_dir: str, device: torch.device):
     opt = trainer.create_optimizer()
     sizes = [len(g["params"]) for g in opt.param_groups if g["params"]]
     assert sizes == [10, 4], sizes  # LoRA + routers (DTensors), the 4 expert shards (plain)
-    for group in opt.param_groups:  # one kind per group, decay settings kept, foreach forced
+    for group in opt.param_groups:  # one kind per group, decay settings kept
         assert len({hasattr(p, "device_mesh") for p in group["params"]}) == 1
         assert group["weight_decay"] in (0.0, 0.1) and group["lr"] == 1e-2
-        group["foreach"] = True
+        if not group.get("fused"):  # transformers' CUDA default is fused: keep it there
+            group["foreach"] = True
     decay = trainer.get_decay_parameter_names(ref)
     ref_opt = torch.optim.AdamW([
         {"params": [p for n, p in ref.named_parameters() if p.requires_grad and n in decay],
