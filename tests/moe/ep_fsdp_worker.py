@@ -147,7 +147,8 @@ def _trainer_optimizer(model, ref, out_dir: str, device: torch.device):
     sizes = [len(g["params"]) for g in opt.param_groups if g["params"]]
     assert sizes == [10, 4], sizes  # LoRA + routers (DTensors), the 4 expert shards (plain)
     for group in opt.param_groups:  # one kind per group, decay settings kept
-        assert len({hasattr(p, "device_mesh") for p in group["params"]}) == 1
+        # (transformers 5.17 keeps its empty no-decay group: nothing to check there)
+        assert len({hasattr(p, "device_mesh") for p in group["params"]}) <= 1
         assert group["weight_decay"] in (0.0, 0.1) and group["lr"] == 1e-2
         if not group.get("fused"):  # transformers' CUDA default is fused: keep it there
             group["foreach"] = True
