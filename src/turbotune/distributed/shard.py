@@ -15,7 +15,8 @@ trainable ones are reduce-scattered after its backward. What FSDP2 demands, and 
   so the numbers are those of a one-process run. The policy casts *every* parameter of a group,
   frozen ones too: 4-bit storage (:class:`~turbotune.distributed.nf4.NF4Linear`) is therefore
   kept in exactly ``param_dtype``, which makes the cast a no-op; :func:`check_storage` refuses
-  a mismatch instead of silently converting packed bytes.
+  a mismatch instead of silently converting packed bytes. GPTQ storage is packed the same way
+  (:func:`turbotune.distributed.gptq.make_gptq_shardable`, called here).
 * **Dim-0 sharding with padding**: any parameter shape works (4-bit storage is 1-D bytes).
 * **Activation checkpointing / offload** wrap each block's forward before it is sharded
   (:mod:`turbotune.distributed.activations`).
@@ -110,6 +111,17 @@ def check_storage(
             )
 
 
+def _pack_gptq(model: nn.Module, param_dtype: torch.dtype | None, ignored: set) -> None:
+    """GPTQ storage as one byte-packed parameter per layer, so FSDP2 shards it
+    (:mod:`turbotune.distributed.gptq`); gathered in ``param_dtype``, without one in the
+    trainable parameters' dtype (any dtype would do: the stored one is gathered as is)."""
+    from turbotune.distributed.gptq import make_gptq_shardable
+
+    dtypes = _trainable_dtypes(model, ignored)
+    default = next(iter(dtypes)) if len(dtypes) == 1 else torch.bfloat16
+    make_gptq_shardable(model, param_dtype or default)
+
+
 def _trainable_dtypes(module: nn.Module, ignored: set[nn.Parameter]) -> set[torch.dtype]:
     return {p.dtype for p in module.parameters() if p.requires_grad and p not in ignored}
 
@@ -164,6 +176,7 @@ def apply_fsdp(
     blocks = decoder_blocks(model) if blocks is None else blocks
     mp = mixed_precision_policy(plan)
     ignored = set(ignored_params or ())
+    _pack_gptq(model, mp.param_dtype, ignored)
     check_storage(model, mp.param_dtype, ignored)
     dtypes = _trainable_dtypes(model, ignored)
     if len(dtypes) > 1:

@@ -26,6 +26,8 @@ rows, and all-gathers before the forward and again before the backward, which is
 kernels need). ``scales`` must then stay out of ``MixedPrecisionPolicy(param_dtype=...)``
 casts, for the reason above. Nothing here holds Python references to the storage between
 calls, so FSDP's swapping of the tensors behind the module's attributes is safe.
+``distributed.gptq.make_gptq_shardable`` does this: the four tensors become one byte-packed
+frozen parameter in the gather dtype, and ``storage()`` returns views of its bytes.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from turbotune.quant.gptq_format import (
 )
 
 __all__ = ["GPTQLinear", "quantize_rtn", "register_with_peft"]
+
+_STORAGE = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def quantize_rtn(
@@ -170,14 +174,27 @@ class GPTQLinear(nn.Module):
     # ---- the weight ----
 
     def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(qweight, qzeros, scales, g_idx)`` as currently held."""
+        """``(qweight, qzeros, scales, g_idx)`` as currently held (views of the packed bytes
+        after ``distributed.gptq.make_gptq_shardable``)."""
+        layout = self.__dict__.get("packed_layout")
+        if layout is not None:
+            return layout.views(self._parameters["packed"])
         b = self._buffers
         return b["qweight"], b["qzeros"], b["scales"], b["g_idx"]
+
+    def __getattr__(self, name: str) -> Any:
+        # Packed for FSDP2: the checkpoint names stay readable (peft reads ``qweight``).
+        if name in _STORAGE and self.__dict__.get("packed_layout") is not None:
+            return self.storage()[_STORAGE.index(name)]
+        return super().__getattr__(name)
 
     @property
     def weight(self) -> torch.Tensor:
         """The packed ``qweight`` (what code reading a base layer's ``.weight`` wants: its device,
-        ``requires_grad`` False). Not a dense weight: that is :meth:`dequantize`."""
+        ``requires_grad`` False). Not a dense weight: that is :meth:`dequantize`. Packed for
+        FSDP2: the packed parameter (a ``DTensor`` shard between uses)."""
+        if self.__dict__.get("packed_layout") is not None:
+            return self._parameters["packed"]
         return self._buffers["qweight"]
 
     @property
@@ -205,12 +222,18 @@ class GPTQLinear(nn.Module):
         return gptq_linear(x, self.storage(), self.bits, self.bias)
 
     def _apply(self, fn, recurse: bool = True):
-        # Move the fp16 scales with the module but keep their dtype (see the module docstring).
-        scales = self._buffers["scales"]
+        # Move the fp16 scales with the module but keep their dtype (see the module docstring);
+        # the same for packed bytes (a cast would convert them).
+        scales = self._buffers.get("scales")
+        packed = self._parameters.get("packed")
+        packed = None if packed is None else packed.detach()  # the bytes before any cast
         super()._apply(fn, recurse)
-        moved = self._buffers["scales"]
+        moved = self._buffers.get("scales")
         if moved is not None and scales is not None and moved.dtype != scales.dtype:
             self._buffers["scales"] = scales.to(moved.device)
+        moved = self._parameters.get("packed")
+        if moved is not None and packed is not None and moved.dtype != packed.dtype:
+            self._parameters["packed"] = nn.Parameter(packed.to(moved.device), requires_grad=False)
         return self
 
     def extra_repr(self) -> str:

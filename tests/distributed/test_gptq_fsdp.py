@@ -1,0 +1,93 @@
+"""FSDP2 shards GPTQ bases: two processes (gloo, CPU) train a GPTQ + LoRA model like one process,
+and each process holds half of every GPTQ layer's packed bytes between uses.
+
+One pair of worker processes (``gptq_worker.py``) runs each variant (plain sharding; prefetch with
+activation checkpointing, whose recomputed forward reads the re-gathered bytes); the reference
+trains here: the same model (``tiny_gptq.gptq_tiny_lm``, buffers unpacked), the same global
+batches of 4 rows, 3 AdamW steps. Tolerance as in ``test_fsdp_options.py`` (the sharded runs
+average two half-batch gradients: fp32 sums reordered): 1e-5 relative on losses, 2e-5 on weights.
+Without the packing, the GPTQ storage would be buffers, replicated: the byte check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tests.distributed.tiny import assert_close, batches, train
+
+WORKER = Path(__file__).with_name("gptq_worker.py")
+VARIANTS = {
+    "full_shard": {},
+    "prefetch_checkpointing": {"prefetch": 1, "activation_checkpointing": True},
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every variant's record from the two-process world."""
+    from turbotune.distributed.env import _free_port
+
+    tmp = tmp_path_factory.mktemp("gptq_fsdp")
+    (tmp / "variants.json").write_text(
+        json.dumps([{"name": k, "config": v} for k, v in VARIANTS.items()])
+    )
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp / "out.pt"), str(tmp / "variants.json")],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    return torch.load(tmp / "out.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> tuple[list[float], dict]:
+    """One process, the whole global batch, unpacked GPTQ buffers (after the workers: 2 cores)."""
+    sys.path.insert(0, str(WORKER.parent))
+    from tiny_gptq import gptq_tiny_lm
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        return train(gptq_tiny_lm(), batches(3, rows=4))
+    finally:
+        torch.set_num_threads(before)
+        os.environ["TRITON_INTERPRET"] = old if old is not None else "1"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_two_processes_train_like_one(runs, reference, name):
+    got = runs[name]
+    ref_losses, ref_weights = reference
+    assert got["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), (
+        got["losses"], ref_losses)  # fmt: skip
+    assert_close(got["weights"], ref_weights, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_process_holds_half_of_the_gptq_bytes(runs, name):
+    rows = runs[name]["bytes"]
+    assert len(rows) == 6, rows  # 2 blocks x (gate, up, down)
+    for total, *local in rows:
+        assert len(local) == 2 and sum(local) >= total, (total, local)
+        # dim-0 shards with padding: ceil(elements / 2) elements each (4-byte elements here)
+        assert max(local) <= total // 2 + 4, (total, local)
+    assert sum(n.endswith(".packed") for n in runs[name]["sharded"]) == 6

@@ -1,0 +1,33 @@
+"""The GPTQ variant of :class:`tiny.TinyLM` (shared by the GPTQ FSDP test and its worker, which
+imports it as a sibling module): every block linear is a ``GPTQLinear`` (4 bits, group 32,
+round-to-nearest codes of a random ``nn.Linear``) under turbotune's LoRA (r 4, alpha 8)."""
+
+from __future__ import annotations
+
+import torch
+from tiny import TinyLM
+from torch import nn
+
+from turbotune.adapters.lora import ADAPTER, LoRALinear
+from turbotune.quant.gptq_linear import GPTQLinear
+
+
+def gptq_tiny_lm(seed: int = 0, layers: int = 2) -> TinyLM:
+    """:class:`tiny.TinyLM` whose block linears are GPTQ bases with LoRA (only LoRA trains)."""
+    model = TinyLM(seed=seed, layers=layers)
+    torch.manual_seed(seed + 10)
+    for block in model.layers:
+        for name in ("gate", "up", "down"):
+            old = getattr(block, name).base_layer
+            i, o = old.shape[1], old.shape[0]
+            base = GPTQLinear.from_linear(nn.Linear(i, o, bias=False), bits=4, group_size=32)
+            lora = LoRALinear(base, 4, 8)
+            nn.init.normal_(lora.lora_B[ADAPTER].weight, std=0.05)  # B = 0 hides A's gradient
+            setattr(block, name, lora)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def gptq_layers(model: nn.Module) -> list[GPTQLinear]:
+    return [m for m in model.modules() if isinstance(m, GPTQLinear)]
