@@ -91,3 +91,34 @@ def test_each_process_holds_half_of_the_gptq_bytes(runs, name):
         # dim-0 shards with padding: ceil(elements / 2) elements each (4-byte elements here)
         assert max(local) <= total // 2 + 4, (total, local)
     assert sum(n.endswith(".packed") for n in runs[name]["sharded"]) == 6
+
+
+def test_bf16_gather_leaves_the_packed_bytes_alone(world_of_one, eager_dequantize):
+    """Under a bf16 mixed-precision policy FSDP2 casts every parameter to bf16 before the forward:
+    the packed storage is bf16 already, so the weight each layer dequantizes in the forward (with
+    the parameter unsharded) is bit-identical to the unpacked layer's."""
+    sys.path.insert(0, str(WORKER.parent))
+    from tiny_gptq import gptq_layers, gptq_tiny_lm
+
+    from turbotune.distributed.config import DistributedConfig
+    from turbotune.distributed.env import build_mesh, device_for
+    from turbotune.distributed.shard import apply_fsdp
+    from turbotune.precision import PrecisionPlan
+
+    ref, model = gptq_tiny_lm(), gptq_tiny_lm()
+    expected = [layer.dequantize(torch.float32) for layer in gptq_layers(ref)]
+    seen: list[torch.Tensor] = []
+    for layer in gptq_layers(model):
+        layer.register_forward_hook(lambda m, args, out: seen.append(m.dequantize(torch.float32)))
+    plan = PrecisionPlan("bf16_autocast", torch.float32, torch.bfloat16, False)
+    mesh = build_mesh("full_shard", world_of_one, device_for(world_of_one, "cpu"))
+    apply_fsdp(model, DistributedConfig(enabled=True), plan, mesh)
+    assert all(layer.packed.dtype == torch.bfloat16 for layer in gptq_layers(model))
+    batch = batches(1, rows=2)[0]
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, ref_loss = model(**batch).loss, ref(**batch).loss
+    assert len(seen) == len(expected) == 6
+    for got, want in zip(seen, expected):
+        assert torch.equal(got, want), f"max abs diff {(got - want).abs().max():.3g}"
+    # bf16 compute either way; FSDP2 also casts the LoRA weights to bf16 (autocast does too)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=2e-2)
