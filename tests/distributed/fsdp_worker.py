@@ -31,7 +31,22 @@ def _record(result: Any) -> dict[str, Any]:
         "patches": dict(patches.counts) if patches is not None else {},
         "wrapped_blocks": sum("_turbotune_block_wrapped" in m.__dict__ for m in model.modules()),
         "trainer": type(result.trainer).__name__,
+        **_gptq_shards(model),
     }
+
+
+def _gptq_shards(model: Any) -> dict[str, Any]:
+    """How many GPTQ layers hold packed storage, and the largest local share of one (a
+    sharded parameter is a DTensor: its local shard against its global size)."""
+    packed = [
+        m._parameters["packed"]
+        for m in model.modules()
+        if type(m).__name__ == "GPTQLinear" and "packed" in m._parameters
+    ]
+    shares = [
+        (p.to_local().numel() if hasattr(p, "to_local") else p.numel()) / p.numel() for p in packed
+    ]
+    return {"gptq_packed": len(packed), "gptq_max_local_share": max(shares, default=0.0)}
 
 
 def main(out_path: str, *cfg_paths: str) -> None:

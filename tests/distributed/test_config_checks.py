@@ -41,6 +41,7 @@ def test_unknown_key_and_bad_shard_size_are_config_errors():
             "not supported with FSDP",
         ),
         ({"adapter": {"implementation": "peft"}}, "low_memory_loading"),
+        ({"quantization": {"method": "gptq"}}, "low_memory_loading=false"),
         ({"adapter": {"method": "dora", "implementation": "custom"}}, "low_memory_loading"),
     ],
 )
@@ -53,6 +54,7 @@ def test_supported_combinations_pass():
     check_run(_cfg(adapter={"implementation": "custom"}, quantization={"method": "nf4"}))
     check_run(_cfg(distributed={"low_memory_loading": False}))  # peft LoRA, loaded as usual
     check_run(_cfg(adapter={"method": "full"}))
+    check_run(_cfg(quantization={"method": "gptq"}, distributed={"low_memory_loading": False}))
 
 
 def test_mixed_trainable_dtypes_are_refused():

@@ -50,8 +50,13 @@ def check_run(cfg: Config) -> None:
             "turbotune's own LoRA layers adapt: set adapter.implementation=custom "
             "(train_type custom_qlora)"
         )
-    if q.method not in ("none", "nf4", "fp4"):
+    if q.method not in ("none", "nf4", "fp4", "gptq"):
         raise ConfigError(f"quantization.method {q.method} is not supported with FSDP yet")
+    if q.method == "gptq" and d.low_memory_loading:
+        raise ConfigError(
+            "a GPTQ checkpoint loads through the GPTQ plugin (its layers are sharded when FSDP2 "
+            "is applied, distributed/gptq.py): set distributed.low_memory_loading=false"
+        )
     adapters = cfg.model.path and a.method != "full"
     if d.low_memory_loading and adapters and (a.implementation, a.method) != ("custom", "lora"):
         raise ConfigError(

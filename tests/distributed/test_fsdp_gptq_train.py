@@ -1,0 +1,58 @@
+"""A GPTQ base under FSDP2 through ``turbotune train`` on two processes (gloo, CPU): the packed
+GPTQ storage is sharded (``distributed/gptq.py``) and the losses and gradient norms equal the
+single-process run's step for step (the tolerance of ``test_fsdp_multiprocess.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.distributed.test_fsdp_multiprocess import (
+    _assert_same_steps,
+    _config,
+    _finish,
+    _reference,
+    _sharded,
+    _start,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def gptq_stories(stories260k, tmp_path):
+    """stories260K with its attention quantized by GPTQ at 4 bits (group 32)."""
+    from tests.quant.test_gptq_training import text_batches
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from turbotune.quant.gptq import GPTQSpec
+    from turbotune.quant.gptq_checkpoint import save_gptq
+    from turbotune.quant.gptq_model import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32)
+    result = quantize_model(
+        model, text_batches(stories260k, 4, offset=200_000), GPTQSpec(bits=4, group_size=32),
+        progress=False,
+    )  # fmt: skip
+    out = tmp_path / "gptq"
+    save_gptq(model, result, out)
+    AutoTokenizer.from_pretrained(stories260k).save_pretrained(out)
+    return out
+
+
+def test_gptq_base_two_processes_equal_one(gptq_stories, alpaca_tiny, tmp_path):
+    cfg = _config(
+        gptq_stories, alpaca_tiny, tmp_path / "gptq-lora",
+        quantization={"method": "gptq", "compute_dtype": "float32"},
+    )  # fmt: skip
+    sharded = _sharded(cfg, low_memory_loading=False)
+    sharded["train"]["output_dir"] += "-fsdp"
+    proc, out = _start(tmp_path, "gptq", [sharded], nproc=2)
+    try:
+        ref = _reference(cfg)
+    finally:
+        got = _finish(proc, out)
+    assert got[0]["world"] == 2 and got[0]["trainer"] == "FsdpTrainer"
+    # stories260K's attention (4 projections x 5 blocks) is GPTQ; each rank holds ~half of it
+    assert got[0]["gptq_packed"] == 20, got[0]
+    assert got[0]["gptq_max_local_share"] <= 0.51, got[0]
+    _assert_same_steps(got[0], ref, rel=1e-5)
