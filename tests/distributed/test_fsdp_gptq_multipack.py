@@ -1,6 +1,6 @@
-"""A GPTQ base under FSDP2 through ``turbotune train`` on two processes (gloo, CPU): the packed
-GPTQ storage is sharded (``distributed/gptq.py``) and the losses and gradient norms equal the
-single-process run's step for step (the tolerance of ``test_fsdp_multiprocess.py``)."""
+"""``turbotune train`` under FSDP2 on two processes (gloo, CPU), beyond ``test_fsdp_multiprocess``:
+a GPTQ base (its packed storage sharded, ``distributed/gptq.py``; losses and gradient norms equal
+the single-process run's step for step), and padding-free batches packed by multipack."""
 
 from __future__ import annotations
 
@@ -56,3 +56,21 @@ def test_gptq_base_two_processes_equal_one(gptq_stories, alpaca_tiny, tmp_path):
     assert got[0]["gptq_packed"] == 20, got[0]
     assert got[0]["gptq_max_local_share"] <= 0.51, got[0]
     _assert_same_steps(got[0], ref, rel=1e-5)
+
+
+def test_padding_free_multipack_run_under_fsdp(stories260k, alpaca_tiny, tmp_path):
+    """Padding-free batches packed by the multipack sampler train under FSDP2 on 2 processes
+    (the sampler balances tokens over the ranks, so the batches, and hence the losses, are not
+    those of one process: the run must finish with finite, falling losses)."""
+    import math
+
+    cfg = _config(stories260k, alpaca_tiny, tmp_path / "multipack")
+    cfg["plugins"] = {"padding_free": {}, "multipack": {}}
+    cfg["train"]["max_steps"] = 6
+    sharded = _sharded(cfg, low_memory_loading=False)
+    proc, out = _start(tmp_path, "multipack", [sharded], nproc=2)
+    got = _finish(proc, out)[0]
+    losses = [got["losses"][k] for k in sorted(got["losses"], key=int)]
+    assert got["world"] == 2 and got["trainer"] == "FsdpTrainer"
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[3:]) < sum(losses[:3]), losses
