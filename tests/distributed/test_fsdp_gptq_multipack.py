@@ -5,7 +5,6 @@ the single-process run's step for step), and padding-free batches packed by mult
 from __future__ import annotations
 
 import pytest
-import torch
 from tests.distributed.test_fsdp_multiprocess import (
     _assert_same_steps,
     _config,
@@ -14,34 +13,14 @@ from tests.distributed.test_fsdp_multiprocess import (
     _sharded,
     _start,
 )
+from tests.quant.test_gptq_training import gptq_checkpoint  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def gptq_stories(stories260k, tmp_path):
-    """stories260K with its attention quantized by GPTQ at 4 bits (group 32)."""
-    from tests.quant.test_gptq_training import text_batches
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from turbotune.quant.gptq import GPTQSpec
-    from turbotune.quant.gptq_checkpoint import save_gptq
-    from turbotune.quant.gptq_model import quantize_model
-
-    model = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32)
-    result = quantize_model(
-        model, text_batches(stories260k, 4, offset=200_000), GPTQSpec(bits=4, group_size=32),
-        progress=False,
-    )  # fmt: skip
-    out = tmp_path / "gptq"
-    save_gptq(model, result, out)
-    AutoTokenizer.from_pretrained(stories260k).save_pretrained(out)
-    return out
-
-
-def test_gptq_base_two_processes_equal_one(gptq_stories, alpaca_tiny, tmp_path):
+def test_gptq_base_two_processes_equal_one(gptq_checkpoint, alpaca_tiny, tmp_path):  # noqa: F811
     cfg = _config(
-        gptq_stories, alpaca_tiny, tmp_path / "gptq-lora",
+        gptq_checkpoint, alpaca_tiny, tmp_path / "gptq-lora",
         quantization={"method": "gptq", "compute_dtype": "float32"},
     )  # fmt: skip
     sharded = _sharded(cfg, low_memory_loading=False)
