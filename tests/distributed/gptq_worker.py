@@ -9,26 +9,16 @@ GPTQ layer, the packed bytes in total and the bytes each rank holds locally.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tiny import FP32, batches, train
+from tiny import FP32, ROWS, STEPS, batches, mean_over_ranks, train, worker_main
 from tiny_gptq import gptq_layers, gptq_tiny_lm
 
 from turbotune.distributed.config import DistributedConfig
-from turbotune.distributed.env import build_mesh, device_for, init_distributed
+from turbotune.distributed.env import build_mesh, device_for
 from turbotune.distributed.shard import apply_fsdp
-
-STEPS, ROWS = 3, 2  # rows per rank per step
-
-
-def _mean(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
 
 
 def _local_bytes(model: torch.nn.Module) -> list[list[int]]:
@@ -52,21 +42,11 @@ def _run(variant: dict, info) -> dict:
     apply_fsdp(model, cfg, FP32, mesh)
     rows = slice(info.rank * ROWS, (info.rank + 1) * ROWS)
     local = [{k: v[rows] for k, v in b.items()} for b in batches(STEPS, rows=2 * ROWS)]
-    losses, weights = train(model, local, reduce=_mean)
+    losses, weights = train(model, local, reduce=mean_over_ranks)
     sharded = sorted(n for n, p in model.named_parameters() if hasattr(p, "device_mesh"))
     return {"losses": losses, "weights": weights, "bytes": _local_bytes(model), "sharded": sharded}
 
 
-def main(out: str, variants_path: str) -> None:
-    torch.set_num_threads(1)
-    info = init_distributed("cpu")
-    records = {v["name"]: _run(v, info) for v in json.loads(Path(variants_path).read_text())}
-    if info.is_main:
-        torch.save(records, out)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     sys.modules["bitsandbytes"] = None  # not needed; its import costs ~5 s per process
-    main(sys.argv[1], sys.argv[2])
+    worker_main(_run, sys.argv[1], sys.argv[2])

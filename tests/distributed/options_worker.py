@@ -11,25 +11,13 @@ trainable weights and the names of the sharded parameters (``torch.save``). The 
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tiny import FP32, TinyLM, batches, train
+from tiny import FP32, ROWS, STEPS, TinyLM, batches, mean_over_ranks, train, worker_main
 
 from turbotune.distributed.config import DistributedConfig
-from turbotune.distributed.env import build_mesh, device_for, init_distributed
+from turbotune.distributed.env import build_mesh, device_for
 from turbotune.distributed.shard import apply_fsdp
-
-STEPS, ROWS = 3, 2  # rows per rank per step
-
-
-def _mean(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
 
 
 def _run(variant: dict, info) -> dict:
@@ -40,23 +28,13 @@ def _run(variant: dict, info) -> dict:
     apply_fsdp(model, cfg, FP32, mesh)
     rows = slice(info.rank * ROWS, (info.rank + 1) * ROWS)
     local = [{k: v[rows] for k, v in b.items()} for b in batches(STEPS, rows=2 * ROWS)]
-    losses, weights = train(model, local, reduce=_mean)
+    losses, weights = train(model, local, reduce=mean_over_ranks)
     sharded = sorted(n for n, p in model.named_parameters() if hasattr(p, "device_mesh"))
     return {"losses": losses, "weights": weights, "sharded": sharded}
-
-
-def main(out: str, variants_path: str) -> None:
-    torch.set_num_threads(1)
-    info = init_distributed("cpu")
-    records = {v["name"]: _run(v, info) for v in json.loads(Path(variants_path).read_text())}
-    if info.is_main:
-        torch.save(records, out)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     # TinyLM needs no bitsandbytes (turbotune's NF4 storage is its own); LoRALinear's check for
     # bitsandbytes layers would import it: ~5 s per process on two shared cores.
     sys.modules["bitsandbytes"] = None
-    main(sys.argv[1], sys.argv[2])
+    worker_main(_run, sys.argv[1], sys.argv[2])

@@ -15,15 +15,11 @@ the test allows 1e-5 on losses and 2e-5 on weights.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tests.distributed.tiny import TinyLM, assert_close, batches, train
+from tests.distributed.tiny import TinyLM, assert_close, batches, run_two_processes, train
 
 WORKER = Path(__file__).with_name("options_worker.py")
 VARIANTS = {
@@ -42,29 +38,7 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """Every variant's record from the two-process world."""
-    from turbotune.distributed.env import _free_port
-
-    tmp = tmp_path_factory.mktemp("options")
-    (tmp / "variants.json").write_text(
-        json.dumps([{"name": k, "config": v} for k, v in VARIANTS.items()])
-    )
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-            "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp / "out.pt"), str(tmp / "variants.json")],
-            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    return torch.load(tmp / "out.pt", weights_only=True)
+    return run_two_processes(WORKER, VARIANTS, tmp_path_factory.mktemp("options"))
 
 
 @pytest.fixture(scope="module")

@@ -155,3 +155,67 @@ def assert_close(got: dict, ref: dict, atol: float) -> None:
     for name in ref:
         d = (got[name] - ref[name]).abs()
         assert d.max() <= atol, f"{name}: max abs diff {d.max():.3g}, mean {d.mean():.3g}"
+
+
+# ---- two-process gloo worlds (``options_worker.py``, ``gptq_worker.py``) ----
+
+STEPS, ROWS = 3, 2  # AdamW steps of a worker run; rows per rank per step
+
+
+def run_two_processes(worker, variants: dict[str, dict], tmp) -> dict:
+    """Start ``worker OUT.pt VARIANTS.json`` as ranks 0 and 1 of a gloo world (CPU, eager
+    dequantizer) and return what rank 0 saved: one record per variant name."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from turbotune.distributed.env import _free_port
+
+    (tmp / "variants.json").write_text(
+        json.dumps([{"name": k, "config": v} for k, v in variants.items()])
+    )
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(tmp / "out.pt"), str(tmp / "variants.json")],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    return torch.load(tmp / "out.pt", weights_only=True)
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over the processes of the default group (a worker's global loss)."""
+    import torch.distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def worker_main(run, out: str, variants_path: str) -> None:
+    """A worker's body: ``run(variant, info)`` for each variant; rank 0 saves the records."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from turbotune.distributed.env import init_distributed
+
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    records = {v["name"]: run(v, info) for v in json.loads(Path(variants_path).read_text())}
+    if info.is_main:
+        torch.save(records, out)
+    dist.barrier()
+    dist.destroy_process_group()
