@@ -58,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from profile_point import build_point  # this folder is on sys.path when run as a script
 
-    built = build_point(args.scenarios, args.scenario, args.shape, 2 + args.steps)
-    if built is None:
-        print(f"no point {args.scenario} {args.shape}", file=sys.stderr)
-        return 2
-    step, batches = built
+    step, batches = build_point(args.scenarios, args.scenario, args.shape, 2 + args.steps)
     tokens = statistics.fmean(b.tokens for b in batches)
 
     names = args.variants.split(",")

@@ -35,11 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sort", default="cuda_time_total", help="key_averages sort key")
     args = parser.parse_args(argv)
 
-    built = build_point(args.scenarios, args.scenario, args.shape, 2 + args.steps, args.model)
-    if built is None:
-        print(f"no point {args.scenario} {args.shape}", file=sys.stderr)
-        return 2
-    step, batches = built
+    step, batches = build_point(
+        args.scenarios, args.scenario, args.shape, 2 + args.steps, args.model
+    )
 
     for batch in batches[:2]:
         step(batch)
@@ -71,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_point(
     scenarios: str, scenario: str, shape: str, n_batches: int, model: str | None = None
-) -> tuple[Callable[[Any], torch.Tensor], list[Any]] | None:
+) -> tuple[Callable[[Any], torch.Tensor], list[Any]]:
     """Build one benchmark point exactly as ``turbotune bench`` does (also for ``ab_point.py``).
 
     Returns:
         ``(step, batches)``: ``step(batch)`` runs forward, backward and a fused AdamW step and
-        returns the detached loss; ``n_batches`` batches on the GPU. ``None`` if no point of the
-        file is ``scenario`` at ``shape`` (and ``model``, when given).
+        returns the detached loss (``step.parts`` is ``(model, optimizer, autocast dtype)``);
+        ``n_batches`` batches on the GPU.
+
+    Raises:
+        SystemExit: if no point of the file is ``scenario`` at ``shape`` (and ``model``).
     """
     from turbotune.bench.models import resolve_model_config
     from turbotune.bench.scenarios import expand, load_scenarios
@@ -91,7 +92,7 @@ def build_point(
         and (model is None or p.model == model)
     ]
     if not points:
-        return None
+        raise SystemExit(f"no point {scenario} {shape} in {scenarios}")
     spec = points[0].spec("/tmp/profile-point")
     device = torch.device("cuda")
     config = resolve_model_config(spec["model"])

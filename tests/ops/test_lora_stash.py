@@ -92,8 +92,7 @@ def _assert_same(got: list, want: list, what: str, rtol: float = 1e-5) -> None:
     bf16 rounding of the largest value (2^-7 = 7.8e-3 relative), whatever the gradients' dtype."""
     for j, (g, w) in enumerate(zip(got, want)):
         diff = (g.float() - w.float()).abs()
-        tol = rtol
-        assert diff.max().item() <= tol * max(1.0, w.abs().max().item()), (
+        assert diff.max().item() <= rtol * max(1.0, w.abs().max().item()), (
             f"{what}: gradient {j} max abs diff {diff.max().item():.3e}, mean {diff.mean():.3e}"
         )
 
