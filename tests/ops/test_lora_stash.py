@@ -69,9 +69,8 @@ def _run(bases, ads, mode: str, dtype=torch.float32) -> tuple[list[torch.Tensor]
 _run.calls = 0
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # eager dequantization: fast, and counted here
+def _count_dequantizations(monkeypatch) -> None:
+    """Count every NF4 dequantization in ``_run.calls``; the stash on and empty."""
     real = weights.dequantize_nf4
 
     def dequantize(*args, **kwargs):
@@ -81,6 +80,12 @@ def counted(monkeypatch):
     monkeypatch.setattr(weights, "dequantize_nf4", dequantize)
     monkeypatch.setattr(lora_stash, "ENABLED", True)
     lora_stash.clear()
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # eager dequantization: fast, and counted here
+    _count_dequantizations(monkeypatch)
     yield
     lora_stash.clear()
 
@@ -155,15 +160,7 @@ def test_a_changed_adapter_is_not_served_a_stale_fold(counted):
 @pytest.mark.gpu
 def test_checkpointed_backward_reuses_the_recomputed_weights_gpu(monkeypatch):
     """The same hand-over with the Triton dequantizer and cuBLAS, bf16 compute."""
-    real = weights.dequantize_nf4
-
-    def dequantize(*args, **kwargs):
-        _run.calls += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(weights, "dequantize_nf4", dequantize)
-    monkeypatch.setattr(lora_stash, "ENABLED", True)
-    lora_stash.clear()
+    _count_dequantizations(monkeypatch)
     bases, ads = _params(0.0, device="cuda")
     want, plain_calls = _run(bases, ads, "plain", torch.bfloat16)
     got, calls = _run(bases, ads, "non-reentrant", torch.bfloat16)
