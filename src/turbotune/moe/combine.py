@@ -38,13 +38,9 @@ def _k_pad(top_k: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _combine_fwd_kernel(
-        y_ptr, row_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
-        TOP_K: tl.constexpr, K_PAD: tl.constexpr, HAS_ROW: tl.constexpr, HAS_W: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-    ):  # fmt: skip
-        """``out[t, cols] = sum_j w[t, j] * y[row(t, j), cols]`` for one token and column block."""
-        t = tl.program_id(0).to(tl.int64)
+    def _token_rows(t, row_ptr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, HAS_ROW: tl.constexpr):
+        """Token ``t``'s slots ``t * k + j``, the rows of ``y`` that hold them, and the mask of
+        real ``j < k`` among the ``K_PAD`` lanes."""
         js = tl.arange(0, K_PAD)
         j_mask = js < TOP_K
         slots = t * TOP_K + js
@@ -52,6 +48,17 @@ if HAS_TRITON:
             rows = tl.load(row_ptr + slots, mask=j_mask, other=0).to(tl.int64)
         else:
             rows = slots
+        return slots, rows, j_mask
+
+    @triton.jit
+    def _combine_fwd_kernel(
+        y_ptr, row_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
+        TOP_K: tl.constexpr, K_PAD: tl.constexpr, HAS_ROW: tl.constexpr, HAS_W: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):  # fmt: skip
+        """``out[t, cols] = sum_j w[t, j] * y[row(t, j), cols]`` for one token and column block."""
+        t = tl.program_id(0).to(tl.int64)
+        slots, rows, j_mask = _token_rows(t, row_ptr, TOP_K, K_PAD, HAS_ROW)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         c_mask = cols < H
         y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :],
@@ -70,13 +77,7 @@ if HAS_TRITON:
     ):  # fmt: skip
         """``dy[row(t, j)] = w[t, j] * g[t]`` and ``dw[t, j] = <g[t], y[row(t, j)]>`` of one token."""
         t = tl.program_id(0).to(tl.int64)
-        js = tl.arange(0, K_PAD)
-        j_mask = js < TOP_K
-        slots = t * TOP_K + js
-        if HAS_ROW:
-            rows = tl.load(row_ptr + slots, mask=j_mask, other=0).to(tl.int64)
-        else:
-            rows = slots
+        slots, rows, j_mask = _token_rows(t, row_ptr, TOP_K, K_PAD, HAS_ROW)
         w = tl.load(w_ptr + slots, mask=j_mask, other=0.0).to(tl.float32)
         acc = tl.zeros((K_PAD,), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
