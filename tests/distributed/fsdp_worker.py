@@ -31,6 +31,7 @@ def _record(result: Any) -> dict[str, Any]:
         "patches": dict(patches.counts) if patches is not None else {},
         "wrapped_blocks": sum("_turbotune_block_wrapped" in m.__dict__ for m in model.modules()),
         "trainer": type(result.trainer).__name__,
+        "batch_sampler": type(getattr(result.trainer, "_batch_sampler", None)).__name__,
         **_gptq_shards(model),
     }
 

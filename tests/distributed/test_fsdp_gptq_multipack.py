@@ -51,5 +51,6 @@ def test_padding_free_multipack_run_under_fsdp(stories260k, alpaca_tiny, tmp_pat
     got = _finish(proc, out)[0]
     losses = [got["losses"][k] for k in sorted(got["losses"], key=int)]
     assert got["world"] == 2 and got["trainer"] == "FsdpTrainer"
+    assert got["batch_sampler"] == "MultipackBatchSampler", got
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert sum(losses[3:]) < sum(losses[:3]), losses
