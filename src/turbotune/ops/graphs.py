@@ -162,15 +162,14 @@ class _GraphSet:
         # the default stream, and reaching it from the capture stream would break the capture.
         self.aliases = [tuple(nn.Parameter(p.detach()) for p in ps) for ps in params]
         self.layers = layers
-        n = len(inners)
         # Static inputs: the first layer's hidden state and the per-step tensors (cos/sin...).
         self.kw_static = [t.detach().clone() for t in tensors]
         kwargs = _rebuild_kwargs(slots, self.kw_static, constants)
         first = hidden.detach().clone().requires_grad_(hidden.requires_grad)
         self.pending = False
-        self._capture(inners, first, kwargs, n)
+        self._capture(inners, first, kwargs)
 
-    def _capture(self, inners, first: torch.Tensor, kwargs: dict, n: int) -> None:
+    def _capture(self, inners, first: torch.Tensor, kwargs: dict) -> None:
         autocast = torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda")
         pool = torch.cuda.graph_pool_handle()
@@ -202,12 +201,13 @@ class _GraphSet:
                 outs.append(out)
                 x = out.detach().requires_grad_(out.requires_grad)
             self.outputs = [o.detach() for o in outs]
-            self._capture_backward(outs, pool, side, n)
+            self._capture_backward(outs, pool, side)
         torch.cuda.synchronize()
 
     def _capture_backward(
-        self, outs: list[torch.Tensor], pool: Any, side: torch.cuda.Stream, n: int
+        self, outs: list[torch.Tensor], pool: Any, side: torch.cuda.Stream
     ) -> None:
+        n = len(outs)
         self.grad_out = [None] * n
         self.grad_in: list[torch.Tensor | None] = [None] * n
         self.param_grads: list[tuple] = [()] * n
@@ -236,8 +236,9 @@ class _GraphSet:
 
     # ---- replay ----
 
-    def start(self, hidden: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-        """Copy the first layer's input and the per-step tensors into the static buffers."""
+    def start(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy the per-step tensors (cos/sin, masks...) into their static buffers (the first
+        layer's input is copied by its replay)."""
         for static, t in zip(self.kw_static, tensors):
             if static.data_ptr() != t.data_ptr():
                 static.copy_(t)
@@ -367,7 +368,7 @@ class LayerGraphs:
                 return None
         if graphs.pending:  # a second forward before the first one's backward: eager
             return None
-        graphs.start(hidden, tensors)
+        graphs.start(tensors)
         self._active = graphs
         self._step_tensors = [id(t) for t in tensors]
         return graphs
