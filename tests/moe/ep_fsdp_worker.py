@@ -162,6 +162,16 @@ def _trainer_optimizer(model, ref, out_dir: str, device: torch.device):
     return opt, ref_opt, lambda: trainer._clip_grad_norm(model)
 
 
+def _step_both(model, ref, ids, rank: int, world: int, step: int, atol: float) -> None:
+    """Forward and backward of this rank's rows on ``model`` and of the whole batch on ``ref``;
+    this rank's loss equals the reference's loss of the same rows."""
+    mine = ids[rank * ROWS : (rank + 1) * ROWS]
+    loss = model(input_ids=mine, labels=mine).loss
+    loss.backward()
+    ref_losses = _reference_step(ref, ids, world)
+    assert abs(loss.item() - ref_losses[rank]) <= atol, (step, loss.item(), ref_losses)
+
+
 def _train_and_compare(rank, world, device, backend, peft: bool, atol: float,
                        out_dir: str | None = None):  # fmt: skip
     """Steps of the sharded model against the reference; ``out_dir``: the optimizer and the
@@ -178,11 +188,7 @@ def _train_and_compare(rank, world, device, backend, peft: bool, atol: float,
     else:
         opt, ref_opt, clip = _trainer_optimizer(model, ref, out_dir, device)
     for step, ids in enumerate(_batches(world, device)):
-        mine = ids[rank * ROWS : (rank + 1) * ROWS]
-        loss = model(input_ids=mine, labels=mine).loss
-        loss.backward()
-        ref_losses = _reference_step(ref, ids, world)
-        assert abs(loss.item() - ref_losses[rank]) <= atol, (step, loss.item(), ref_losses)
+        _step_both(model, ref, ids, rank, world, step, atol)
         checked = _check_grads(model, ref, rank, world, step, atol)
         kinds = {"lora_A", "lora_B", "gate", "gate_up_proj", "down_proj"} if peft else {"gate"}
         assert checked >= 2 * len(kinds), checked
@@ -238,11 +244,7 @@ def _check_framework(rank, world, device, backend, out_dir: str, atol: float) ->
     assert not any(hasattr(p, "device_mesh") for p in experts)
     opt, ref_opt = _adamw(model, split=True), _adamw(ref, split=False)
     for step, ids in enumerate(_batches(world, device)):
-        mine = ids[rank * ROWS : (rank + 1) * ROWS]
-        loss = model(input_ids=mine, labels=mine).loss
-        loss.backward()
-        ref_losses = _reference_step(ref, ids, world)
-        assert abs(loss.item() - ref_losses[rank]) <= atol, (step, loss.item(), ref_losses)
+        _step_both(model, ref, ids, rank, world, step, atol)
         ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
         for name, p in model.named_parameters():
             if p.requires_grad:
