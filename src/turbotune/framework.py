@@ -123,7 +123,14 @@ class AccelerationFramework:
         training_args: TrainingArguments | None = None,
         peft_config: Any = None,
     ) -> tuple[PreTrainedModel, TrainingArguments | None]:
-        """Apply every active plugin's augmentation, in order (adapters before patches)."""
+        """Apply every active plugin's augmentation, in order (adapters before patches).
+
+        The model is prepared for training: its forwards build no KV cache (transformers would
+        fill a DynamicCache every step: memory for nothing, and the layers could not be
+        replayed as CUDA graphs); ``generate`` still asks for one explicitly.
+        """
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
         for p in self.plugins:
             p.check_model(model)
             model, training_args = p.augment(model, training_args, peft_config)

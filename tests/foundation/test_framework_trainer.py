@@ -31,7 +31,9 @@ def test_trainer_through_framework(tmp_path, tiny_llama_dir):
         output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
         report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
     )  # fmt: skip
+    assert model.config.use_cache
     model, args = fw.augment(model, args, peft_config)
+    assert not model.config.use_cache  # training forwards build no KV cache
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert any("q_proj" in n for n in trainable) and not any("k_proj" in n for n in trainable)

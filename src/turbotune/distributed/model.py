@@ -215,9 +215,6 @@ def shard_model(
     device = device_for(info, backend)
     mesh = build_mesh(config.strategy, info, device, config.shard_size)
     source = _source_of(model)
-    config_of = getattr(model, "config", None)
-    if config_of is not None:  # training forwards build no KV cache (memory, recomputation)
-        config_of.use_cache = False
     if source is None:
         model.to(device if not config.cpu_offload else "cpu")
     apply_fsdp(model, config, plan, mesh, ignored_params=_ignored_of(model) or None)

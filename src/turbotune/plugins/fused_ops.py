@@ -76,10 +76,6 @@ class FusedOpsPlugin(Plugin):
             from turbotune.moe.peft_experts import reroute_expert_lora
 
             reroute_expert_lora(model)
-        # A training forward needs no KV cache: transformers would otherwise fill a DynamicCache
-        # at every step (memory for nothing) and the layers could not be graphed.
-        if getattr(model, "config", None) is not None:
-            model.config.use_cache = False
         self.graphs = _install_graphs(model) if self.config.cuda_graphs else None
         return model, training_args
 
