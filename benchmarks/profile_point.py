@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         "--busy", action="store_true", help="report GPU busy/idle time only (no Python stacks)"
     )
     parser.add_argument("--sort", default="cuda_time_total", help="key_averages sort key")
+    parser.add_argument(
+        "--categories", action="store_true", help="also sum kernel time by kind (GEMM, ...)"
+    )
     args = parser.parse_args(argv)
 
     step, batches = build_point(
@@ -59,12 +62,51 @@ def main(argv: list[str] | None = None) -> int:
     print(
         prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
     )
+    if args.categories:
+        category_report(prof, args.steps)
     trace = args.trace or ("/tmp/profile-point.json" if args.gaps or args.busy else None)
     if trace:
         prof.export_chrome_trace(trace)
     if args.gaps or args.busy:
         gap_report(trace)
     return 0
+
+
+# Kernel name patterns -> kind, first match wins (names of torch 2.11 / triton 3.6 on an H100).
+_KINDS = (
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("nf4 dequant", ("dequant",)),
+    ("cross-entropy", ("_fwd_kernel", "cross_entropy", "logsumexp")),
+    ("rms norm", ("rms",)),
+    ("rope", ("rope", "rotary")),
+    ("swiglu", ("swiglu", "glu")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("GEMM", ("gemm", "nvjet", "sm90_xmma", "cutlass", "splitk", "splitK")),
+    ("reduce", ("reduce",)),
+    ("copy/fill", ("copy", "memcpy", "memset", "fill", "cat", "Memcpy", "Memset")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def category_report(prof: Any, steps: int) -> None:
+    """Sum device kernel time per kind of kernel, in ms per step."""
+    sums: dict[str, float] = {}
+    other: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if evt.device_type != torch.autograd.DeviceType.CUDA or not us:
+            continue
+        kind = next((k for k, pats in _KINDS if any(p in evt.key for p in pats)), None)
+        if kind is None:
+            other[evt.key] = other.get(evt.key, 0.0) + us
+            kind = "other"
+        sums[kind] = sums.get(kind, 0.0) + us
+    total = sum(sums.values())
+    print(f"== device time by kind (ms per step; total {total / 1e3 / steps:.1f})")
+    for kind, us in sorted(sums.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:14s} {us / 1e3 / steps:8.2f}")
+    for name, us in sorted(other.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"    other: {us / 1e3 / steps:7.2f}  {name[:90]}")
 
 
 def build_point(
