@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sort", default="cuda_time_total", help="key_averages sort key")
     parser.add_argument(
+        "--shapes", action="store_true", help="eager layers, ops grouped by input shapes"
+    )
+    parser.add_argument(
         "--categories", action="store_true", help="also sum kernel time by kind (GEMM, ...)"
     )
     args = parser.parse_args(argv)
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         args.scenarios, args.scenario, args.shape, 2 + args.steps, args.model
     )
 
+    if args.shapes:
+        from ab_point import _switch
+
+        _switch(step.parts[0], graphs=False)
     for batch in batches[:2]:
         step(batch)
     torch.cuda.synchronize()
@@ -54,13 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     print(f"unprofiled: {1e3 * (time.perf_counter() - wall) / (len(batches) - 2):.1f} ms/step")
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts, with_stack=args.gaps) as prof:
+    with torch.profiler.profile(
+        activities=acts, with_stack=args.gaps, record_shapes=args.shapes
+    ) as prof:
         for batch in batches[2:]:
             step(batch)
         torch.cuda.synchronize()
     print(f"== {args.scenario} {args.shape}: {args.steps} steps")
     print(
-        prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
+        prof.key_averages(group_by_input_shape=args.shapes).table(
+            sort_by=args.sort, row_limit=args.rows, max_name_column_width=70
+        )
     )
     if args.categories:
         category_report(prof, args.steps)
