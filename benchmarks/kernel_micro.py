@@ -21,14 +21,22 @@ from functools import partial
 
 import torch
 
+_SCRATCH: list[torch.Tensor] = []
 
-def _time_ms(fn, repeats: int = 20, warmup: int = 5) -> float:
+
+def _time_ms(fn, repeats: int = 20, warmup: int = 5, cold: bool = False) -> float:
+    """Median CUDA-event time; ``cold`` evicts the 50 MB L2 before each repeat (a memory-bound
+    op in a training step finds its input in HBM, not in a cache warmed by the previous repeat)."""
+    if cold and not _SCRATCH:
+        _SCRATCH.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if cold:
+            _SCRATCH[0].zero_()
         start.record()
         fn()
         end.record()
@@ -88,7 +96,7 @@ def dequant() -> None:
         "gate/up": (14336, 4096),
         "down": (4096, 14336),
     }
-    print("== NF4 (double quant, blocksize 64) -> bf16")
+    print("== NF4 (double quant, blocksize 64) -> bf16, L2 cold")
     total = {"turbotune": 0.0, "bitsandbytes": 0.0, "copy": 0.0}
     per_layer = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}
     for name, shape in shapes.items():
@@ -97,9 +105,9 @@ def dequant() -> None:
             w, blocksize=64, compress_statistics=True, quant_type="nf4"
         )
         out = torch.empty_like(w)
-        ours = _time_ms(partial(dequantize_nf4, packed, state, out=out), repeats=50)
-        theirs = _time_ms(partial(bnbf.dequantize_4bit, packed, state, out=out), repeats=50)
-        copy = _time_ms(partial(out.copy_, w), repeats=50)
+        ours = _time_ms(partial(dequantize_nf4, packed, state, out=out), repeats=30, cold=True)
+        theirs = _time_ms(partial(bnbf.dequantize_4bit, packed, state, out=out), 30, cold=True)
+        copy = _time_ms(partial(out.copy_, w), repeats=30, cold=True)
         ref = bnbf.dequantize_4bit(packed, state).to(torch.bfloat16)
         diff = (dequantize_nf4(packed, state, out=out) - ref).abs().max().item()
         moved = w.numel() * 2 + w.numel() / 2 + w.numel() / 64  # write bf16, read nibbles+scales
@@ -122,7 +130,7 @@ def skinny() -> None:
 
     bf = {"device": "cuda", "dtype": torch.bfloat16}
     for m in (4096, 8192):
-        print(f"== LoRA rank-sized products, {m} tokens (us; GB/s of the big operand)")
+        print(f"== LoRA rank-sized products, {m} tokens, L2 cold (us; GB/s of the big operand)")
         cases = []
         for name, k, r in (
             ("qkv t=xA^T", 4096, 48),
@@ -180,7 +188,7 @@ def skinny() -> None:
                 )
             )
         for name, nbytes, cublas, ours, ref in cases:
-            tc, ts = _time_ms(cublas, repeats=50), _time_ms(ours, repeats=50)
+            tc, ts = _time_ms(cublas, repeats=30, cold=True), _time_ms(ours, repeats=30, cold=True)
             err = (ours().float() - ref).abs().max().item() / ref.abs().max().item()
             print(
                 f"  {name:22s} cuBLAS {1e3 * tc:7.1f} ({nbytes / tc / 1e6:5.0f})"

@@ -37,21 +37,23 @@ _MIN_ROWS = 1024
 
 @triton.jit
 def _skinny_mm_kernel(
-    a_ptr, b_ptr, out_ptr, M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, alpha,
+    a_ptr, b_ptr, part_ptr, M, N, K, k_per_split,
+    stride_am, stride_ak, stride_bk, stride_bn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    """``out[rows, :] = alpha * a[rows, :] @ b`` for one block of ``BLOCK_M`` rows."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    """``part[split, rows, :] = a[rows, ks] @ b[ks, :]`` over this split's slice ``ks`` of K."""
+    pid_m, split = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rows < M, cols < N
     a_rows = a_ptr + rows[:, None].to(tl.int64) * stride_am
+    first = split * k_per_split
+    last = tl.minimum(first + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(first, last, BLOCK_K):
         k = k0 + ks
-        k_ok = k < K
+        k_ok = k < last
         a = tl.load(
             a_rows + k[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
@@ -65,10 +67,8 @@ def _skinny_mm_kernel(
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
         else:
             acc += tl.dot(a, b)
-    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
-    tl.store(
-        out, (acc * alpha).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :]
-    )
+    part = part_ptr + (split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]
+    tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -134,7 +134,7 @@ def _output(shape: tuple[int, int], like: torch.Tensor, out: torch.Tensor | None
 def skinny_mm(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0
 ) -> torch.Tensor:
-    """``alpha * a @ b`` for a narrow ``b``.
+    """``alpha * a @ b`` for a narrow ``b`` (split over K so that every SM streams ``a``).
 
     Args:
         a: ``[M, K]`` (any strides).
@@ -148,26 +148,43 @@ def skinny_mm(
     (m, k), n = a.shape, b.shape[1]
     if b.shape[0] != k or n > MAX_SKINNY:
         raise ValueError(f"skinny_mm: [{m}, {k}] @ {list(b.shape)} (N at most {MAX_SKINNY})")
-    out = _output((m, n), a, out)
-    block_m = 32
-    _skinny_mm_kernel[(triton.cdiv(m, block_m),)](
-        a, b, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), float(alpha),
-        BLOCK_M=block_m, BLOCK_N=_block(n), BLOCK_K=128, DOT_FP32=interpreting(),
+    block_m, block_k = 128, 64
+    row_blocks = triton.cdiv(m, block_m)
+    splits = _splits(k, row_blocks, a.device, min_per_split=256)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=a.device)
+    _skinny_mm_kernel[(row_blocks, splits)](
+        a, b, part, m, n, k, k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        BLOCK_M=block_m, BLOCK_N=_block(n), BLOCK_K=block_k, DOT_FP32=interpreting(),
         num_warps=4, num_stages=4,
     )  # fmt: skip
-    return out
+    return _finish(part, alpha, (m, n), a.dtype, out)
 
 
-def _splits(m: int, col_blocks: int, device: torch.device) -> int:
-    """Row splits so that ~2 programs run per SM, each over >= 256 rows."""
-    sms = (
-        torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else 8
-    )
-    want = max(1, (2 * sms) // max(col_blocks, 1))
-    return max(1, min(want, m // 256))
+def _finish(
+    part: torch.Tensor,
+    alpha: float,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Sum the fp32 partials, scale, round once into ``out`` (or a new tensor)."""
+    total = part[0] if part.shape[0] == 1 else part.sum(0)
+    if alpha != 1.0:
+        total.mul_(alpha)
+    if out is None:
+        return total.to(dtype)
+    return _output(shape, total, out).copy_(total)
+
+
+def _splits(length: int, blocks: int, device: torch.device, min_per_split: int = 256) -> int:
+    """Splits of the reduced ``length`` so that ~2 programs run per SM, each >= ``min_per_split``."""
+    sms = 8
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, (2 * sms) // max(blocks, 1))
+    return max(1, min(want, length // min_per_split))
 
 
 def skinny_tn(
@@ -204,10 +221,4 @@ def skinny_tn(
         BLOCK_M=64, BLOCK_R=_block(r), BLOCK_N=block_n, DOT_FP32=interpreting(),
         num_warps=4, num_stages=3,
     )  # fmt: skip
-    total = part[0] if splits == 1 else part.sum(0)
-    if alpha != 1.0:
-        total.mul_(alpha)
-    if out is None:
-        return total.to(out_dtype or b.dtype)
-    _output((r, n), b, out).copy_(total)
-    return out
+    return _finish(part, alpha, (r, n), out_dtype or b.dtype, out)
