@@ -40,7 +40,7 @@ def _compare(got: dict, want: dict, atol: float) -> None:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm", TRITON])
+@pytest.mark.parametrize("backend", ["loop", "mm_loop", "grouped_mm", TRITON])
 def test_block_matches_transformers(family: str, backend: str) -> None:
     torch.set_num_threads(1)
     model = tiny_model(family)

@@ -36,7 +36,7 @@ def _run(fn, x, index, weights, gate_up, down, grad, dtype):
     return [out.detach().float()] + [t.grad.float() for t in leaves]
 
 
-@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm", "mm_loop"])
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_bf16_error_within_twice_eager(name: str, backend: str) -> None:
     if backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
@@ -71,7 +71,7 @@ def test_nf4_stacks_on_gpu() -> None:
     assert torch.equal(out, want) and torch.equal(xb.grad, xd.grad)
 
 
-@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm", "mm_loop"])
 def test_empty_and_crowded_experts(backend: str) -> None:
     """Skewed routing on the GPU: experts without tokens get zero weight gradients, an expert
     with most tokens spans many blocks; bf16 vs the fp32 loop within twice the bf16 loop."""
@@ -98,7 +98,8 @@ def test_empty_and_crowded_experts(backend: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("backend", "rank"), [("grouped_mm", 16), ("grouped_mm", 4), ("triton", 16)]
+    ("backend", "rank"),
+    [("grouped_mm", 16), ("grouped_mm", 4), ("triton", 16), ("mm_loop", 16), ("mm_loop", 4)],
 )
 def test_expert_lora_bf16(backend: str, rank: int) -> None:
     """Per-expert LoRA as grouped rank-r products at the Qwen3 shape, bf16: error vs the fp32
@@ -136,3 +137,41 @@ def test_expert_lora_bf16(backend: str, rank: int) -> None:
     for i, (r, e, o) in enumerate(zip(ref, eager, ours, strict=True)):
         err_eager, err_ours = (e - r).abs().max().item(), (o - r).abs().max().item()
         assert err_ours <= 2 * err_eager + 1e-6, f"[{i}] {err_ours:.3e} vs eager {err_eager:.3e}"
+
+
+def test_mm_loop_side_streams_same_result(monkeypatch) -> None:
+    """Experts' products alternating over side streams give the one-stream result up to bf16
+    rounding (output and every gradient, Mixtral shape; cuBLAS may pick another split per
+    stream workspace): a missing fork or join would read or leave unwritten rows."""
+    from turbotune.moe import expert_loop
+
+    args = _inputs(SHAPES["mixtral"])
+    runs = []
+    for side in (0, 1, 2):
+        monkeypatch.setattr(expert_loop, "SIDE_STREAMS", side)
+        runs.append(_run(lambda *a: moe_experts(*a, backend="mm_loop"), *args, torch.bfloat16))
+    for side, run in zip((1, 2), runs[1:]):
+        for i, (a, b) in enumerate(zip(run, runs[0], strict=True)):
+            d = (a - b).abs()
+            assert d.max() <= 1e-2 * b.abs().max(), (
+                f"{side} side streams, [{i}]: max abs diff {d.max():.3e} mean {d.mean():.3e}"
+            )
+
+
+def test_auto_backend_rule_on_gpu() -> None:
+    """``auto``: the per-expert loop at the Mixtral shape from 8192 tokens, grouped_mm at the
+    Qwen3 shape and during CUDA graph capture (the loop reads counts on the host)."""
+    from turbotune.moe import resolve_backend
+
+    if not hasattr(torch, "_grouped_mm") or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs torch._grouped_mm on sm90+")
+    x = torch.zeros(8192, 64, device="cuda", dtype=torch.bfloat16)
+    assert resolve_backend("auto", x, 8, 2) == "mm_loop"
+    assert resolve_backend("auto", x, 128, 8) == "grouped_mm"
+    assert resolve_backend("auto", x[:1024], 8, 2) == "grouped_mm"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chosen = resolve_backend("auto", x, 8, 2)
+        y = x + 1
+    graph.replay()
+    assert chosen == "grouped_mm" and y.float().mean() == 1

@@ -77,7 +77,7 @@ class _Stack:
         return self.dense.to(dtype)
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm", TRITON])
+@pytest.mark.parametrize("backend", ["loop", "mm_loop", "grouped_mm", TRITON])
 def test_dequantizable_stacks(backend: str) -> None:
     """Stacks behind ``.dequantize`` are dequantized in forward and again in backward only."""
     index = _routing(11, 4, 2, seed=3, skew=True)
@@ -95,7 +95,7 @@ def test_dequantizable_stacks(backend: str) -> None:
     _diff("grad_weights", weights.grad, ref_w.grad, 1e-4)
 
 
-@pytest.mark.parametrize("backend", ["loop", TRITON])
+@pytest.mark.parametrize("backend", ["loop", "mm_loop", TRITON])
 def test_expert_lora_as_grouped_products(backend: str) -> None:
     """Per-expert LoRA as rank-r grouped products equals the experts on the merged stacks
     ``W + s * lhs @ rhs`` (output and the gradients of input and of the four factors)."""

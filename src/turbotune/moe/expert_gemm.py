@@ -6,7 +6,11 @@ backend only decides how the grouped products run:
 - ``triton``: the gather/scatter kernels of :mod:`turbotune.moe.grouped_gemm` (no gathered copy
   of the input, no un-permute pass over the output);
 - ``grouped_mm``: ``torch._grouped_mm`` (CUTLASS on sm90 in bf16) on explicitly gathered rows;
-- ``loop``: one ``mm`` per expert (the eager reference; also the CPU fallback).
+- ``mm_loop``: one cuBLAS ``mm`` per expert over slices of the sorted rows
+  (:mod:`turbotune.moe.expert_loop`), the row counts read on the host once per layer
+  (``ExpertPlan.sizes``); a gathered input is gathered once and kept for the weight gradient;
+- ``loop``: the same per-expert products with no host counts on the plan (one sync per
+  product) and the gather redone in backward: the eager reference, also the CPU fallback.
 
 Two layouts cover an expert MLP. ``gather`` reads tokens (``[T, K]``, row ``order[s] // k``)
 and writes sorted rows: the gate/up projection. ``scatter`` reads sorted rows and writes slot
@@ -25,9 +29,10 @@ from typing import Any, Literal
 import torch
 
 from turbotune.moe.combine import sum_rows
+from turbotune.moe.expert_loop import mm_rows, mm_wgrad
 from turbotune.moe.plan import ExpertPlan
 
-Backend = Literal["triton", "grouped_mm", "loop"]
+Backend = Literal["triton", "grouped_mm", "mm_loop", "loop"]
 Layout = Literal["gather", "scatter", "sorted"]
 
 
@@ -41,13 +46,7 @@ def _grouped_mm(a: torch.Tensor, w_t: torch.Tensor, plan: ExpertPlan, backend: s
     """``[S, K] x [E, K, N] -> [S, N]`` over the sorted rows."""
     if backend == "grouped_mm":
         return torch._grouped_mm(a, w_t, offs=plan.ends)
-    out = a.new_empty(a.shape[0], w_t.shape[2])
-    start = 0
-    for e, end in enumerate(plan.ends.tolist()):  # one sync for the whole loop
-        if end > start:
-            torch.mm(a[start:end], w_t[e], out=out[start:end])
-        start = end
-    return out
+    return mm_rows(a, w_t, plan)
 
 
 def _grouped_wgrad(
@@ -56,13 +55,7 @@ def _grouped_wgrad(
     """``dW[e] = g_e^T a_e``: ``[S, N], [S, K] -> [E, N, K]``."""
     if backend == "grouped_mm":
         return torch._grouped_mm(g.t(), a, offs=plan.ends)
-    dw = a.new_zeros(plan.num_experts, g.shape[1], a.shape[1])
-    start = 0
-    for e, end in enumerate(plan.ends.tolist()):
-        if end > start:
-            torch.mm(g[start:end].t(), a[start:end], out=dw[e])
-        start = end
-    return dw
+    return mm_wgrad(g, a, plan)
 
 
 def _sorted_input(a: torch.Tensor, plan: ExpertPlan, layout: Layout) -> torch.Tensor:
@@ -83,6 +76,11 @@ class ExpertGEMM(torch.autograd.Function):
         w = _dense(weight, dtype)
         ctx.weight, ctx.plan, ctx.layout, ctx.backend = weight, plan, layout, backend
         ctx.dtype = dtype
+        if backend == "mm_loop":  # gather once; the weight gradient reads the same sorted rows
+            sorted_a = _sorted_input(a, plan, layout)
+            ctx.save_for_backward(sorted_a if ctx.needs_input_grad[1] else None)
+            out = mm_rows(sorted_a, w.transpose(1, 2), plan)
+            return _to_slots(out, plan) if layout == "scatter" else out
         # The input serves the weight gradient only: frozen stacks (LoRA/QLoRA) need not keep it.
         ctx.save_for_backward(a if ctx.needs_input_grad[1] else None)
         if backend == "triton":
@@ -136,8 +134,9 @@ def _torch_backward(grad, a, w, plan, layout, backend, need_a: bool, need_w: boo
         grad_a = _grouped_mm(sorted_grad, w, plan, backend)
         if layout == "gather":  # each token's k sorted rows summed (fp32), no slot-order copy
             grad_a = sum_rows(grad_a, plan.row_of_slot, plan.top_k)
-    if need_w:
-        grad_w = _grouped_wgrad(sorted_grad, _sorted_input(a, plan, layout), plan, backend)
+    if need_w:  # mm_loop saved the sorted input already
+        rows = a if backend == "mm_loop" else _sorted_input(a, plan, layout)
+        grad_w = _grouped_wgrad(sorted_grad, rows, plan, backend)
     return grad_a, grad_w
 
 
@@ -153,7 +152,7 @@ def expert_gemm(
         plan: :func:`~turbotune.moe.plan.plan_experts` of the routing.
         layout: ``gather`` (sorted ``[S, N]`` out), ``scatter`` (slot-order ``[T * k, N]`` out) or
             ``sorted`` (sorted in, sorted out).
-        backend: ``triton``, ``grouped_mm`` or ``loop``.
+        backend: ``triton``, ``grouped_mm``, ``mm_loop`` or ``loop``.
 
     Returns:
         ``[S, N]`` tensor of ``a.dtype``.

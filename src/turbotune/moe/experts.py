@@ -1,4 +1,4 @@
-"""A routed expert MLP without a Python loop over experts: the functional entry.
+"""A routed expert MLP as grouped expert products: the functional entry.
 
 Design note. transformers 5 stores a family's experts as two stacked parameters,
 ``gate_up_proj [E, 2I, H]`` (gate rows first, then up rows) and ``down_proj [E, H, I]``, and
@@ -8,7 +8,10 @@ gathers the tokens itself, the fused gated activation (:mod:`turbotune.ops.swigl
 product for down that keeps the sorted order, then ``sum_j w[t, j] * y[row(t, j)]`` in fp32 read
 straight from the sorted rows (:mod:`turbotune.moe.combine`; deterministic, unlike
 ``index_add_``). Gradients reach the inputs, both weight stacks and the routing weights (hence
-the router) through autograd.
+the router) through autograd. The grouped products are one launch each (``grouped_mm``,
+``triton``), or, for few experts with many rows each, one cuBLAS ``mm`` per expert over slices of
+the sorted rows (``mm_loop``, :mod:`turbotune.moe.expert_loop`); :func:`resolve_backend` says
+which ``auto`` takes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from turbotune.moe.expert_gemm import Backend, expert_gemm
 from turbotune.moe.plan import ExpertPlan, plan_experts
 from turbotune.ops._triton import use_triton
 
-BackendChoice = Literal["auto", "triton", "grouped_mm", "loop"]
+BackendChoice = Literal["auto", "triton", "grouped_mm", "mm_loop", "loop"]
+
+MM_LOOP_MAX_EXPERTS = 16
+"""Most experts ``auto`` runs as a per-expert ``mm`` loop: 6 ``mm`` calls per expert per layer
+forward+backward (~100 at 16, a few ms of host time against far more GPU time)."""
+MM_LOOP_MIN_ROWS = 1024
+"""Fewest sorted rows per expert (on average) ``auto`` runs as a per-expert ``mm`` loop: each
+product then spans at least 8 row tiles of 128, a GEMM that fills the GPU on its own."""
 
 
 class ExpertLoRA(NamedTuple):
@@ -40,20 +50,42 @@ class ExpertLoRA(NamedTuple):
     scale: float
 
 
-def resolve_backend(backend: BackendChoice, hidden: torch.Tensor) -> Backend:
-    """``auto``: ``grouped_mm`` for CUDA bf16 where ``torch._grouped_mm`` exists (CUTLASS), the
-    Triton kernels for other CUDA dtypes (and on CPU under ``TRITON_INTERPRET=1``), else the loop."""
+def resolve_backend(
+    backend: BackendChoice, hidden: torch.Tensor, num_experts: int = 0, top_k: int = 1
+) -> Backend:
+    """The expert kernels for ``hidden`` (``[T, H]``) routed ``top_k`` ways over ``num_experts``.
+
+    ``auto`` on CUDA: ``mm_loop`` for few experts with many rows each (at most
+    :data:`MM_LOOP_MAX_EXPERTS` experts, at least :data:`MM_LOOP_MIN_ROWS` rows per expert on
+    average, i.e. ``T * k / E``; Mixtral-8x7B from 4096 tokens on): each expert's products are
+    large cuBLAS GEMMs and the loop costs a few dozen host calls; not while a CUDA graph is
+    being captured (the loop reads row counts on the host). Else ``grouped_mm`` for bf16 on sm90+
+    where ``torch._grouped_mm`` exists (CUTLASS, one launch per product: many small experts,
+    Qwen3-30B-A3B), the Triton kernels for other CUDA dtypes (and on CPU under
+    ``TRITON_INTERPRET=1``); on CPU the loop.
+    """
     if backend == "triton" and not use_triton(hidden):
         raise ValueError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1)")
     if backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         raise ValueError(f"torch {torch.__version__} has no torch._grouped_mm")
+    capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+    if backend in ("mm_loop", "loop") and capturing:
+        raise ValueError(f"the {backend} MoE backend reads row counts on the host: no CUDA graphs")
     if backend != "auto":
         return backend
+    if hidden.is_cuda and not capturing and prefers_mm_loop(hidden.shape[0] * top_k, num_experts):
+        return "mm_loop"
     if hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
         major, _ = torch.cuda.get_device_capability(hidden.device)
         if major >= 9:
             return "grouped_mm"
     return "triton" if use_triton(hidden) and hidden.is_cuda else "loop"
+
+
+def prefers_mm_loop(num_slots: int, num_experts: int) -> bool:
+    """Whether ``num_slots`` sorted rows over ``num_experts`` experts are few experts with many
+    rows each (see :data:`MM_LOOP_MAX_EXPERTS`, :data:`MM_LOOP_MIN_ROWS`)."""
+    return 0 < num_experts <= MM_LOOP_MAX_EXPERTS and num_slots >= MM_LOOP_MIN_ROWS * num_experts
 
 
 class _GatedSiLU(torch.autograd.Function):
@@ -126,8 +158,10 @@ def moe_experts(
     # Compute in the stacks' dtype, as transformers does (an fp32 input under autocast would
     # otherwise upcast whole bf16 / dequantized stacks).
     x = hidden.to(getattr(gate_up, "dtype", hidden.dtype))
-    chosen = resolve_backend(backend, x)
+    chosen = resolve_backend(backend, x, num_experts, top_k_index.shape[-1])
     plan = plan_experts(top_k_index, num_experts)
+    if chosen == "mm_loop":
+        plan = plan.on_host()  # the layer's one sync: every product reuses these counts
     gate_up_rows = expert_gemm(x, gate_up, plan, layout="gather", backend=chosen)
     if gate_up_lora is not None:
         gate_up_rows = gate_up_rows + _lora(x, gate_up_lora, plan, "gather", chosen)

@@ -4,7 +4,9 @@ Design note. A token routed to ``k`` experts owns ``k`` *slots* (slot ``t * k + 
 choice). Sorting the ``T * k`` slots by expert id (stably, so ties keep token order and results
 are deterministic) makes each expert's rows one contiguous run; ``ends`` (the cumulative counts,
 int32) is the ``offs`` argument of ``torch._grouped_mm`` and the row bounds of the Triton kernels.
-Nothing here syncs with the device: counts come from ``scatter_add``, not ``bincount``.
+Nothing here syncs with the device: counts come from ``scatter_add``, not ``bincount``. Only the
+per-expert ``mm`` loop needs the counts on the host: :meth:`ExpertPlan.on_host` reads them once
+(one sync) into ``sizes``, which every product of the layer, forward and backward, then reuses.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ExpertPlan(NamedTuple):
         row_of_slot: ``[S]`` int64 inverse of ``order``: the sorted row of slot ``s``
             (``row_of_slot[order[r]] = r``), what :func:`~turbotune.moe.combine.combine_rows`
             reads the down projection's sorted rows through.
+        sizes: ``counts`` on the host (a tuple of ints), or None until :meth:`on_host` read them.
     """
 
     order: torch.Tensor
@@ -34,6 +37,13 @@ class ExpertPlan(NamedTuple):
     ends: torch.Tensor
     top_k: int
     row_of_slot: torch.Tensor
+    sizes: tuple[int, ...] | None = None
+
+    def on_host(self) -> ExpertPlan:
+        """This plan with ``sizes`` filled (one device sync, none when already filled)."""
+        if self.sizes is not None:
+            return self
+        return self._replace(sizes=tuple(self.counts.tolist()))
 
     @property
     def num_experts(self) -> int:
