@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from turbotune.ops import lora_direct, lora_fold, lora_group
+from turbotune.ops import lora_direct, lora_fold, lora_group, lora_mlp_backward
 from turbotune.ops.lora import (
     LoRAWeights,
     dropout_keep,
@@ -62,6 +62,14 @@ def no_weight_copies(monkeypatch):
             return _fn(*args, **kwargs)
 
         monkeypatch.setattr(f"turbotune.ops.lora.direct_{name}", counted)
+
+    # The MLP's down projection runs its direct backward in two halves (input gradient first,
+    # ``ops/lora_mlp_backward.py``): its first half counts as that projection's backward.
+    def counted_input(*args, _fn=lora_mlp_backward.direct_input_backward, **kwargs):
+        calls["backward"] += 1
+        return _fn(*args, **kwargs)
+
+    monkeypatch.setattr(lora_mlp_backward, "direct_input_backward", counted_input)
     return calls
 
 

@@ -7,8 +7,9 @@ source* (anything :func:`turbotune.quant.weights.dense_weight` accepts: a tensor
 parameter, a module) that is dequantized in forward and again in backward, then dropped; the
 dropout mask is regenerated in backward from a seed. What is saved per projection group is the
 input ``x`` once (shared by q/k/v, or by gate/up) and the tiny ``[tokens, r]`` products.
-The SwiGLU/GeGLU MLP saves ``x`` and ``[e | u]`` and recomputes ``h = act(e) * u`` in backward
-(the "LoRA MLP" of Unsloth, github.com/unslothai/unsloth, written anew here).
+The SwiGLU/GeGLU MLP saves ``x`` and ``[e | u]`` (the "LoRA MLP" of Unsloth,
+github.com/unslothai/unsloth, written anew here); its backward writes ``h = act(e) * u`` in the
+same pass as ``de``, ``du`` (``ops/lora_mlp_backward.py``).
 
 Projections that share an input run as one group (``ops/lora_group.py``): their weights are
 dequantized into one stacked buffer, the input gradient is one matmul over it, and without
@@ -51,8 +52,8 @@ from turbotune.ops.lora_group import (
     lora_backward,
     lora_forward,
 )
+from turbotune.ops.lora_mlp_backward import down_and_glu_backward, glu_forward
 from turbotune.ops.lora_stash import holds
-from turbotune.ops.swiglu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 
 __all__ = [
     "LoRAMLPFunction",
@@ -110,38 +111,6 @@ def dropout_seed() -> int:
     checkpointing (which restores the CPU RNG state before recomputing) draws the same seed.
     """
     return int(torch.randint(0, 2**62, (1,)).item())
-
-
-# ---- gated activation ----
-
-
-def _glu_forward(e: torch.Tensor, u: torch.Tensor, activation: Activation) -> torch.Tensor:
-    """``h = act(e) * u`` (Triton where it runs, else eager)."""
-    if activation == "silu":
-        return swiglu_forward(e, u)
-    return geglu_forward(e, u, _approx(activation))
-
-
-def _glu_backward_inplace(
-    dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, activation: Activation
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``de = dh * u * act'(e)``, ``du = dh * act(e)``, written over ``e`` and ``u``.
-
-    In place saves two ``[M, inter]`` activations at the backward's peak; the saved ``e`` and
-    ``u`` are dead afterwards (a second backward is refused, see ``LoRAMLPFunction``).
-    """
-    if activation == "silu":
-        de, du = swiglu_backward(dh, e, u, inplace=True)
-    else:
-        de, du = geglu_backward(dh, e, u, _approx(activation), inplace=True)
-    if de.data_ptr() != e.data_ptr():  # the eager fallback returns new tensors
-        e.copy_(de)
-        u.copy_(du)
-    return e, u
-
-
-def _approx(activation: Activation) -> str:
-    return "tanh" if activation == "gelu_tanh" else "none"
 
 
 # ---- autograd functions (no maths: they route tensors to ``lora_group``) ----
@@ -248,12 +217,13 @@ def _projections_backward(
 
 
 class LoRAMLPFunction(torch.autograd.Function):
-    """``y = (act(x Wg'^T) * (x Wu'^T)) Wd'^T``, saving ``x`` and ``[e | u]``, recomputing ``h``.
+    """``y = (act(x Wg'^T) * (x Wu'^T)) Wd'^T``, saving ``x`` and ``[e | u]``, not ``h``.
 
-    Gate and up are one group with a stacked output ``eu = [e | u]``. Backward: ``h = act(e) *
-    u``; the down projection's backward gives ``dh`` (and ``dA_d``, ``dB_d`` from ``D(h)``);
-    ``de = dh * u * act'(e)``, ``du = dh * act(e)`` are written over ``e`` and ``u``, so ``eu``
-    becomes ``[de | du]`` and ``dx = [de | du] [Wg; Wu]`` is one matmul (plus the LoRA terms).
+    Gate and up are one group with a stacked output ``eu = [e | u]``. Backward
+    (``ops/lora_mlp_backward.py``): the down projection's input gradient ``dh`` (and ``dB_d``)
+    first; one kernel then writes ``de = dh * u * act'(e)``, ``du = dh * act(e)`` over ``e`` and
+    ``u`` and ``h = act(e) * u`` over ``dh``, for ``dA_d = g^T D(h)``; ``eu`` is then
+    ``[de | du]`` and ``dx = [de | du] [Wg; Wu]`` is one matmul (plus the LoRA terms).
     """
 
     @staticmethod
@@ -261,7 +231,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         gate, up, down = _slots(meta, tensors)
         gu_layout, gu_weights = plan_group([gate, up], x, stacked=True)
         eu, saved_gu = _projections_forward(x, [gate, up], gu_layout, gu_weights, stacked=True)
-        h = _glu_forward(*_halves(eu), activation)
+        h = glu_forward(*_halves(eu), activation)
         down_layout, down_weights = plan_group([down], h, stacked=False)
         (y,), saved_down = _projections_forward(h, [down], down_layout, down_weights, False)
         del h
@@ -286,14 +256,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         needs = [_needs(need, 3, i) for i in range(3)]
         e, u = _halves(eu)
         with _no_autocast(dy.device):
-            h = _glu_forward(e, u, ctx.activation)
-            down_needs = [needs[2]._replace(x=True)]
-            dh, lora_down = _projections_backward(
-                dy, [dy], h, [down], down_layout, saved_down, down_needs
-            )
-            del h
-            _glu_backward_inplace(dh, e, u, ctx.activation)  # eu is now [de | du]
-            del dh
+            lora_down = down_and_glu_backward(
+                dy, e, u, down, down_layout, saved_down, needs[2], ctx.activation
+            )  # eu is now [de | du]
             dx, lora_gu = _projections_backward(
                 eu, [e, u], x, [gate, up], gu_layout, saved_gu, needs[:2]
             )

@@ -39,7 +39,14 @@ from turbotune.ops import lora_group
 from turbotune.ops.lora_group import Layout, Needs, Slot, layout_of, lora_backward, lora_forward
 from turbotune.quant.weights import plain_weight, weight_shape
 
-__all__ = ["DIRECT_BASES", "direct_backward", "direct_forward", "direct_weights", "plan_group"]
+__all__ = [
+    "DIRECT_BASES",
+    "direct_backward",
+    "direct_forward",
+    "direct_input_backward",
+    "direct_weights",
+    "plan_group",
+]
 
 # "auto": use the weights as stored where the traffic model says it pays; "1": always (for
 # plain weights in the compute dtype); "0": never (A/B measurements: TURBOTUNE_LORA_DIRECT).
@@ -207,9 +214,20 @@ def direct_backward(
         x: ``[M, in]`` the saved input.
         saved: what :func:`direct_forward` returned.
     """
-    dx = None
-    if needs[0].x:
-        dx = torch.mm(dys[0], weights[0])
-        for dy, w in zip(dys[1:], weights[1:]):
-            dx.addmm_(dy, w)
+    dx = direct_input_backward(dys, weights) if needs[0].x else None
     return dx, lora_backward(dys, x, slots, layout, saved, dx, needs)
+
+
+def direct_input_backward(
+    dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The base part of the input gradient, ``dx = sum_i dy_i W_i`` (adapters not included).
+
+    Args:
+        dys: ``[M, out_i]`` each.
+        weights: ``[out_i, in]`` each, as stored.
+    """
+    dx = torch.mm(dys[0], weights[0])
+    for dy, w in zip(dys[1:], weights[1:]):
+        dx.addmm_(dy, w)
+    return dx

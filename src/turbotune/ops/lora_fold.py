@@ -23,7 +23,8 @@ any row stride). ``R`` is padded to a multiple of 8 so rows stay 16-byte aligned
 
 A lone projection whose input is much wider than its output (the MLP's down projection) gets
 the backward half of the trick the other way round (K grows): ``dx = [dy | g] [W; A]`` costs a
-copy of ``dy`` and saves the read-modify-write of the wide ``dx``.
+copy of ``dy`` and saves the read-modify-write of the wide ``dx``. Its ``dA = g^T x`` is the
+only part that reads ``x``: :func:`wide_input_backward` leaves it to the caller.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from turbotune.ops.lora_group import (
 from turbotune.ops.lora_stash import keep, take
 from turbotune.quant.weights import dense_weight
 
-__all__ = ["fold_backward", "fold_forward", "wide_backward"]
+__all__ = ["fold_backward", "fold_forward", "wide_backward", "wide_input_backward"]
 
 
 def _padded(r: int) -> int:
@@ -183,19 +184,40 @@ def wide_backward(
     Returns:
         ``dx`` and ``(dA, dB)``.
     """
+    dx, d_b, g = wide_input_backward(dy, slot, saved, needs.B)
+    d_a = cast(torch.mm(g.t(), x), slot.A.dtype) if needs.A else None
+    return dx, (d_a, d_b)
+
+
+def wide_input_backward(
+    dy: torch.Tensor, slot: Slot, saved: Sequence[torch.Tensor], need_b: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The half of :func:`wide_backward` that needs no ``x``: ``dx``, ``dB`` and ``g``.
+
+    ``dA = g^T x`` is left to the caller, who may build ``x`` only now (the LoRA MLP writes its
+    down projection's input ``h`` in the pass that consumes ``dx``).
+
+    Args:
+        dy: ``[M, out]``.
+        saved: ``[t, A, B]`` of the shared path (``ops.lora_group.lora_forward``).
+        need_b: whether to compute ``dB``.
+
+    Returns:
+        ``dx [M, in]``, ``dB`` (or None) and ``g = s dy B`` (``[M, r]``, a column view of the
+        ``[M, out + r_padded]`` buffer ``[dy | g]``).
+    """
     t, a, b = saved
     n_out, r = dy.shape[1], t.shape[1]
     rp = _padded(r)
-    d_b = scaled_db(dy, t, b, slot) if needs.B else None
+    d_b = scaled_db(dy, t, b, slot) if need_b else None
     dyg = torch.empty((dy.shape[0], n_out + rp), dtype=dy.dtype, device=dy.device)
     dyg.narrow(1, 0, n_out).copy_(dy)
     g = dyg.narrow(1, n_out, r)
     torch.addmm(g, dy, b, beta=0, alpha=slot.scaling, out=g)
-    d_a = cast(torch.mm(g.t(), x), slot.A.dtype) if needs.A else None
-    weight = torch.empty((n_out + rp, x.shape[1]), dtype=dy.dtype, device=dy.device)
+    weight = torch.empty((n_out + rp, a.shape[1]), dtype=dy.dtype, device=dy.device)
     dense_weight(slot.base, dy.dtype, out=weight[:n_out])
     weight[n_out : n_out + r].copy_(a)
     if rp > r:
         dyg.narrow(1, n_out + r, rp - r).zero_()
         weight[n_out + r :].zero_()
-    return torch.mm(dyg, weight), (d_a, d_b)
+    return torch.mm(dyg, weight), d_b, g

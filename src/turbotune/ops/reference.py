@@ -157,6 +157,33 @@ def glu_backward(
     return (dh * u * dact).to(gate.dtype), (dh * act).to(up.dtype)
 
 
+def glu_backward_with_h(
+    grad_h: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    activation: Literal["silu", "gelu_tanh", "gelu"] = "silu",
+    keep: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`glu_backward` and the forward's ``h = act(gate) * up``, each rounded once from fp32.
+
+    With a keep mask, ``h`` comes dropped out: ``D(h) = h * keep / (1 - dropout)`` (the input
+    of a LoRA down projection's ``dA``). The eager fallback of ``swiglu_backward_with_h``.
+
+    Returns:
+        ``(grad_gate, grad_up, h)``; ``h`` in ``promote(gate.dtype, up.dtype)``.
+    """
+    grad_gate, grad_up = glu_backward(grad_h, gate, up, activation)
+    g, u = gate.float(), up.float()
+    if activation == "silu":
+        h = swiglu(g, u)
+    else:
+        h = geglu(g, u, "tanh" if activation == "gelu_tanh" else "none")
+    if keep is not None:
+        h = h * keep * (1.0 / (1.0 - dropout))
+    return grad_gate, grad_up, h.to(torch.promote_types(gate.dtype, up.dtype))
+
+
 # ---- cross-entropy fused with the LM head ----
 
 

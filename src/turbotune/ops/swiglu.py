@@ -8,6 +8,9 @@ Everything is computed in fp32 and rounded once at the store, where HF's ``Llama
 
 ``swiglu_forward`` / ``swiglu_backward`` (and the GeGLU pair) are plain tensor functions
 without autograd, for fused blocks that write their own backward (the LoRA MLP).
+``swiglu_backward_with_h`` (and its GeGLU twin) also writes ``h`` (optionally ``D(h)``, dropped
+out by a keep mask) from the same pass: a block whose backward needs ``h`` after ``dh`` (the LoRA
+MLP's down adapter, ``dA = g^T D(h)``) then reads ``g`` and ``u`` once instead of twice.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ __all__ = [
     "GLUFunction",
     "geglu",
     "geglu_backward",
+    "geglu_backward_with_h",
     "geglu_forward",
     "swiglu",
     "swiglu_backward",
+    "swiglu_backward_with_h",
     "swiglu_forward",
 ]
 
@@ -122,6 +127,53 @@ def _bwd_kernel(
     tl.store(du_ptr + row * stride_dum + cols, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _bwd_h_kernel(
+    dg_ptr,
+    stride_dgm,
+    du_ptr,
+    stride_dum,
+    h_ptr,
+    stride_hm,
+    dh_ptr,
+    stride_dhm,
+    g_ptr,
+    stride_gm,
+    u_ptr,
+    stride_um,
+    keep_ptr,
+    stride_km,
+    keep_scale,
+    n_cols,
+    ACTIVATION: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """``dg = dh * u * act'(g)``, ``du = dh * act(g)`` and ``h = act(g) * u`` on one block.
+
+    With ``HAS_KEEP``: ``h = act(g) * u * keep * keep_scale`` (``D(h)``, ``keep`` a 0/1 byte
+    mask). Any output may alias an input at the same element (``dg``/``du`` over ``g``/``u``,
+    ``h`` over ``dh``): every element is read before it is written. ``h`` is rounded once from
+    fp32 exactly as :func:`_fwd_kernel` rounds it, so it equals the forward's ``h`` bit for bit.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    dh = tl.load(dh_ptr + row * stride_dhm + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_gm + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_um + cols, mask=mask, other=0.0).to(tl.float32)
+    act, dact = _act_and_grad(g, ACTIVATION)
+    h = act * u
+    if HAS_KEEP:
+        kept = tl.load(keep_ptr + row * stride_km + cols, mask=mask, other=0)
+        h = tl.where(kept != 0, h * keep_scale, 0.0)
+    tl.store(
+        dg_ptr + row * stride_dgm + cols, (dh * u * dact).to(dg_ptr.dtype.element_ty), mask=mask
+    )
+    tl.store(du_ptr + row * stride_dum + cols, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + row * stride_hm + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """``[..., I] -> [N, I]`` without a copy when possible; the kernels need unit column stride."""
     rows = t.reshape(-1, t.shape[-1])
@@ -175,6 +227,51 @@ def _glu_backward(
     return dg.view(gate.shape), du.view(up.shape)
 
 
+def _writable_rows(out: torch.Tensor) -> torch.Tensor | None:
+    """``out`` as ``[N, I]`` rows over its own storage with unit column stride, else None."""
+    rows = out.reshape(-1, out.shape[-1])
+    return rows if rows.data_ptr() == out.data_ptr() and rows.stride(-1) == 1 else None
+
+
+def _glu_backward_with_h(
+    grad_h: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    activation: Activation,
+    inplace: bool,
+    out_h: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    dropout: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(gate, up)
+    g, u, dh = _as_rows(gate), _as_rows(up), _as_rows(grad_h)
+    inplace = inplace and g.data_ptr() == gate.data_ptr() and u.data_ptr() == up.data_ptr()
+    dg = g if inplace else torch.empty(g.shape, dtype=gate.dtype, device=g.device)
+    du = u if inplace else torch.empty(u.shape, dtype=up.dtype, device=u.device)
+    h = None if out_h is None else _writable_rows(out_h)
+    if h is None:  # no buffer given, or one the kernel cannot write row by row
+        dtype = torch.promote_types(gate.dtype, up.dtype) if out_h is None else out_h.dtype
+        h = torch.empty(g.shape, dtype=dtype, device=g.device)
+    # A bool mask is one byte per element: read as uint8 (a view), compared with 0 in-kernel.
+    k = h if keep is None else _as_rows(keep).view(torch.uint8)
+    if g.numel():
+        grid, block = _grid(*g.shape)
+        _bwd_h_kernel[grid](
+            dg, dg.stride(0), du, du.stride(0), h, h.stride(0), dh, dh.stride(0),
+            g, g.stride(0), u, u.stride(0), k, k.stride(0), 1.0 / (1.0 - dropout), g.shape[1],
+            ACTIVATION=_ACTIVATION_IDS[activation], HAS_KEEP=keep is not None, BLOCK_SIZE=block,
+        )  # fmt: skip
+    if out_h is None:
+        h = h.view(gate.shape)
+    elif h.data_ptr() != out_h.data_ptr():
+        h = out_h.copy_(h.view(out_h.shape))
+    else:
+        h = out_h
+    if inplace:
+        return gate, up, h
+    return dg.view(gate.shape), du.view(up.shape), h
+
+
 def _gelu_activation(approximate: str) -> Activation:
     if approximate not in ("tanh", "none"):
         raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
@@ -216,6 +313,67 @@ def swiglu_backward(
     return reference.glu_backward(grad_h, gate, up, "silu")
 
 
+def _backward_with_h(
+    grad_h: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    activation: Activation,
+    inplace: bool,
+    out_h: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    dropout: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel or eager reference; the eager path honours ``inplace`` and ``out_h`` by copies."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if keep is not None and keep.shape != gate.shape:
+        raise ValueError(f"keep {tuple(keep.shape)} must have gate's shape {tuple(gate.shape)}")
+    if keep is not None and keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a bool mask, got {keep.dtype}")
+    tensors = (grad_h, gate, up) if keep is None else (grad_h, gate, up, keep)
+    if use_triton(*tensors):
+        return _glu_backward_with_h(grad_h, gate, up, activation, inplace, out_h, keep, dropout)
+    _check(gate, up)
+    dg, du, h = reference.glu_backward_with_h(grad_h, gate, up, activation, keep, dropout)
+    if inplace:
+        dg, du = gate.copy_(dg), up.copy_(du)
+    return dg, du, h if out_h is None else out_h.copy_(h)
+
+
+def swiglu_backward_with_h(
+    grad_h: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    *,
+    inplace: bool = False,
+    out_h: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``h = silu(gate) * up`` and ``h`` itself from one pass over the inputs.
+
+    For a backward that needs ``h`` after ``grad_h`` (the LoRA MLP's down adapter): reads
+    ``grad_h``, ``gate`` and ``up`` once, writes ``grad_gate``, ``grad_up`` and ``h`` (3 reads,
+    3 writes) where :func:`swiglu_forward` then :func:`swiglu_backward` would take 5 reads.
+
+    Args:
+        grad_h: ``[..., I]`` gradient of ``h``.
+        gate: ``[..., I]`` the forward's gate input.
+        up: ``[..., I]`` the forward's up input.
+        inplace: write ``grad_gate``/``grad_up`` into ``gate``/``up``.
+        out_h: where to write ``h`` (``[..., I]``); may be ``grad_h`` itself (each element is
+            read before it is written). None: a new tensor in ``promote(gate, up)``'s dtype.
+        keep: optional bool keep mask (``gate``'s shape): ``h`` is then written dropped out,
+            ``D(h) = h * keep / (1 - dropout)``.
+        dropout: the probability ``keep`` was drawn with.
+
+    Returns:
+        ``(grad_gate, grad_up, h)``; ``h`` equals :func:`swiglu_forward`'s bit for bit (on the
+        kernel; without ``keep``).
+    """
+    return _backward_with_h(grad_h, gate, up, "silu", inplace, out_h, keep, dropout)
+
+
 def geglu_forward(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """``gelu(gate, approximate) * up`` without autograd; see :func:`swiglu_forward`."""
     if use_triton(gate, up):
@@ -236,6 +394,23 @@ def geglu_backward(
     if use_triton(grad_h, gate, up):
         return _glu_backward(grad_h, gate, up, activation, inplace)
     return reference.glu_backward(grad_h, gate, up, activation)
+
+
+def geglu_backward_with_h(
+    grad_h: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    approximate: str = "tanh",
+    *,
+    inplace: bool = False,
+    out_h: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``h = gelu(gate, approximate) * up`` and ``h``; see
+    :func:`swiglu_backward_with_h`."""
+    activation = _gelu_activation(approximate)
+    return _backward_with_h(grad_h, gate, up, activation, inplace, out_h, keep, dropout)
 
 
 class GLUFunction(torch.autograd.Function):
