@@ -37,88 +37,125 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _values(
-        nib, offs, mask, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+    def _block_scales(
+        absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, first_block, n_blocks,
+        BLOCKS: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+        MASKED: tl.constexpr,
     ):  # fmt: skip
-        """fp32 ``code4[nib] * absmax[offs // BLOCKSIZE]`` of flat element indices ``offs``."""
-        value = tl.load(code_ptr + nib)
-        block = offs // BLOCKSIZE
+        """fp32 ``absmax`` of quant blocks ``first_block .. first_block + BLOCKS - 1``: [BLOCKS].
+
+        Double quantization: ``code2[qabsmax[b]] * absmax2[b // BLOCKSIZE2] + offset``.
+        """
+        blocks = first_block + tl.arange(0, BLOCKS)
+        mask = blocks < n_blocks if MASKED else None
         if NESTED:
-            q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            scale2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
-            absmax = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)
+            q = tl.load(absmax_ptr + blocks, mask=mask, other=0 if MASKED else None)
+            if BLOCKSIZE2 % BLOCKS == 0:  # first_block is a multiple of BLOCKS: one group
+                scale2 = tl.load(absmax2_ptr + first_block // BLOCKSIZE2)
+            else:
+                group = blocks // BLOCKSIZE2
+                scale2 = tl.load(absmax2_ptr + group, mask=mask, other=0.0 if MASKED else None)
+            absmax = tl.load(code2_ptr + q.to(tl.int32)) * scale2 + tl.load(offset_ptr)
         else:
-            absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-        return value * absmax
+            absmax = tl.load(absmax_ptr + blocks, mask=mask, other=0.0 if MASKED else None)
+        return absmax
+
+    @triton.jit
+    def _tile_values(
+        packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, first_block,
+        n_elements, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+        BLOCKS: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr,
+    ):  # fmt: skip
+        """fp32 ``code4[nibble] * absmax`` of ``BLOCKS`` whole quant blocks: [BLOCKS, BLOCKSIZE].
+
+        Row ``r`` holds flat elements ``(first_block + r) * BLOCKSIZE + 0 .. BLOCKSIZE - 1``:
+        one quant block, so its scale is computed once and broadcast along the row.
+        """
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        # Capping the known contiguity at VEC bytes makes each thread load VEC bytes at a time:
+        # after the nibble split that is 2 * VEC outputs, one 16-byte store for VEC = 4 in bf16,
+        # with the lanes of a warp side by side (a wider load would leave each lane's outputs
+        # 64 bytes apart, and Triton would reshuffle them through shared memory).
+        cols = tl.max_contiguous(tl.arange(0, HALF), VEC)
+        local = tl.arange(0, BLOCKS)[:, None] * HALF + cols[None, :]
+        tile_bytes = packed_ptr + first_block * HALF
+        if MASKED:
+            # Bytes left from this tile on, clamped so that the compare stays in int32.
+            left = tl.minimum((n_elements + 1) // 2 - first_block * HALF, BLOCKS * HALF)
+            byte = tl.load(tile_bytes + local, mask=local < left.to(tl.int32), other=0)
+        else:
+            byte = tl.load(tile_bytes + local)
+        n_blocks = (n_elements + BLOCKSIZE - 1) // BLOCKSIZE
+        scale = _block_scales(
+            absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, first_block, n_blocks,
+            BLOCKS, BLOCKSIZE2, NESTED, MASKED,
+        )[:, None]  # fmt: skip
+        byte = byte.to(tl.int32)
+        # Element 2j is the high nibble of byte j: interleave(high, low) restores flat order.
+        high = tl.load(code_ptr + (byte >> 4)) * scale
+        low = tl.load(code_ptr + (byte & 0xF)) * scale
+        return tl.interleave(high, low)
 
     @triton.jit
     def _dequant_4bit_kernel(
-        packed_ptr,
-        absmax_ptr,
-        code_ptr,
-        code2_ptr,
-        absmax2_ptr,
-        offset_ptr,
-        out_ptr,
-        n_elements,
-        BLOCKSIZE: tl.constexpr,
-        BLOCKSIZE2: tl.constexpr,
-        NESTED: tl.constexpr,
-        BLOCK_BYTES: tl.constexpr,
-    ):
-        """out[i] = code4[nibble(i)] * absmax[i // BLOCKSIZE], one program per BLOCK_BYTES bytes."""
-        pid = tl.program_id(0).to(tl.int64)
-        byte_offs = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-        n_bytes = (n_elements + 1) // 2
-        byte = tl.load(packed_ptr + byte_offs, mask=byte_offs < n_bytes, other=0).to(tl.int32)
-        # Element 2j is the high nibble of byte j: interleave(hi, lo) restores flat order.
-        nib = tl.interleave(byte >> 4, byte & 0xF)
-        offs = pid * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
-        mask = offs < n_elements
-        value = _values(
-            nib, offs, mask, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-            BLOCKSIZE, BLOCKSIZE2, NESTED,
-        )  # fmt: skip
-        tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+        packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
+        n_elements, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+        BLOCKS: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr,
+    ):  # fmt: skip
+        """Contiguous ``out``: program ``p`` writes quant blocks ``p * BLOCKS ..`` (flat order)."""
+        first_block = tl.program_id(0).to(tl.int64) * BLOCKS
+        value = _tile_values(
+            packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, first_block,
+            n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCKS, MASKED, VEC,
+        ).to(out_ptr.dtype.element_ty)  # fmt: skip
+        local = tl.arange(0, BLOCKS)[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        tile_out = out_ptr + first_block * BLOCKSIZE
+        if MASKED:
+            left = tl.minimum(n_elements - first_block * BLOCKSIZE, BLOCKS * BLOCKSIZE)
+            tl.store(tile_out + local, value, mask=local < left.to(tl.int32))
+        else:
+            tl.store(tile_out + local, value)
 
     @triton.jit
     def _dequant_4bit_rows_kernel(
-        packed_ptr,
-        absmax_ptr,
-        code_ptr,
-        code2_ptr,
-        absmax2_ptr,
-        offset_ptr,
-        out_ptr,
-        n_cols,
-        stride_out,
-        BLOCKSIZE: tl.constexpr,
-        BLOCKSIZE2: tl.constexpr,
-        NESTED: tl.constexpr,
-        BLOCK_BYTES: tl.constexpr,
-    ):
-        """The same into rows of a wider buffer (row stride ``stride_out``): program ``(r, c)``
-        writes columns ``c * 2 * BLOCK_BYTES ...`` of row ``r``; ``n_cols`` is even, so rows
-        start on whole bytes."""
-        row = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1).to(tl.int64)
-        row_bytes = n_cols // 2
-        byte_cols = chunk * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-        byte_mask = byte_cols < row_bytes
-        byte = tl.load(packed_ptr + row * row_bytes + byte_cols, mask=byte_mask, other=0)
-        byte = byte.to(tl.int32)
-        nib = tl.interleave(byte >> 4, byte & 0xF)
-        cols = chunk * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
-        mask = cols < n_cols
-        value = _values(
-            nib, row * n_cols + cols, mask, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr,
-            offset_ptr, BLOCKSIZE, BLOCKSIZE2, NESTED,
-        )  # fmt: skip
-        tl.store(out_ptr + row * stride_out + cols, value.to(out_ptr.dtype.element_ty), mask=mask)
+        packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
+        n_elements, n_cols, stride_out, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+        NESTED: tl.constexpr, BLOCKS: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr,
+        WHOLE_BLOCKS: tl.constexpr,
+    ):  # fmt: skip
+        """Rows of a wider buffer (``out[r, c]`` at ``r * stride_out + c``), same tiles as the
+        contiguous kernel. ``WHOLE_BLOCKS`` (``n_cols % BLOCKSIZE == 0``): no quant block
+        crosses a row, so the row of each block is found once per block, not per element."""
+        first_block = tl.program_id(0).to(tl.int64) * BLOCKS
+        value = _tile_values(
+            packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, first_block,
+            n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCKS, MASKED, VEC,
+        ).to(out_ptr.dtype.element_ty)  # fmt: skip
+        rows = tl.arange(0, BLOCKS)[:, None]
+        cols = tl.arange(0, BLOCKSIZE)[None, :]
+        if WHOLE_BLOCKS:
+            # int32 block indices (n_elements < 2^31 * BLOCKSIZE); int64 once times the stride.
+            block = tl.program_id(0) * BLOCKS + rows
+            blocks_per_row = n_cols // BLOCKSIZE
+            row = block // blocks_per_row
+            start = row.to(tl.int64) * stride_out + (block - row * blocks_per_row) * BLOCKSIZE
+            ptrs = out_ptr + start + cols
+        else:  # blocks cross rows (widths that are no multiple of BLOCKSIZE): row per element
+            flat = first_block * BLOCKSIZE + (rows * BLOCKSIZE + cols)
+            row = flat // n_cols
+            ptrs = out_ptr + row * stride_out + (flat - row * n_cols)
+        if MASKED:
+            left = tl.minimum(n_elements - first_block * BLOCKSIZE, BLOCKS * BLOCKSIZE)
+            tl.store(ptrs, value, mask=rows * BLOCKSIZE + cols < left.to(tl.int32))
+        else:
+            tl.store(ptrs, value)
 
 
-_BLOCK_BYTES = 1024
+# Elements per program (whole quant blocks) and per thread: 4096 = 128 threads (4 warps) x 32,
+# i.e. per thread four 4-byte loads of packed nibbles and four 16-byte bf16 stores.
+_TILE_ELEMENTS = 4096
+_ELEMENTS_PER_THREAD = 32
+_BYTES_PER_LOAD = 4  # the kernels' VEC
 _CODE_CACHE: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
@@ -145,9 +182,18 @@ class _Static(NamedTuple):
     grid: tuple[int]
     code: torch.Tensor
     nested: bool
-    blocksize2: int
     offset_source: Any  # the ``quant_state.offset`` object ``offset`` was made from
     offset: torch.Tensor | None
+    tiled: bool  # the blocksize is a power of two (always, in bitsandbytes): the kernels apply
+    constants: dict[str, Any]  # constexprs and num_warps of both kernels
+
+
+def _tile_config(blocksize: int, n: int) -> tuple[int, int, bool]:
+    """``(quant blocks per program, num_warps, masked)`` of the tiled kernels."""
+    blocks = max(1, _TILE_ELEMENTS // blocksize)
+    tile = blocks * blocksize
+    num_warps = min(16, max(1, tile // (32 * _ELEMENTS_PER_THREAD)))
+    return blocks, num_warps, n % tile != 0
 
 
 def _static(quant_state: Any, device: torch.device) -> _Static:
@@ -158,11 +204,18 @@ def _static(quant_state: Any, device: torch.device) -> _Static:
         return cached
     shape = tuple(quant_state.shape)
     n = math.prod(shape)
-    n_programs = ((n + 1) // 2 + _BLOCK_BYTES - 1) // _BLOCK_BYTES  # over the packed bytes
+    blocksize = quant_state.blocksize
+    blocks, num_warps, masked = _tile_config(blocksize, n)
+    constants = dict(
+        BLOCKSIZE=blocksize, BLOCKSIZE2=state2.blocksize if state2 is not None else 1,
+        NESTED=state2 is not None, BLOCKS=blocks, MASKED=masked,
+        VEC=min(_BYTES_PER_LOAD, max(1, blocksize // 2)), num_warps=num_warps,
+    )  # fmt: skip
     cached = _Static(
-        device, shape, n, (n_programs,), _code(quant_state.quant_type, device),
-        state2 is not None, state2.blocksize if state2 is not None else 1, offset,
+        device, shape, n, (-(-n // (blocks * blocksize)),),
+        _code(quant_state.quant_type, device), state2 is not None, offset,
         None if offset is None else torch.as_tensor(offset, dtype=torch.float32, device=device),
+        blocksize >= 2 and blocksize & (blocksize - 1) == 0, constants,
     )  # fmt: skip
     quant_state._turbotune_static = cached
     return cached
@@ -186,15 +239,15 @@ def _output(shape: tuple[int, ...], dtype: torch.dtype, device, out: torch.Tenso
         return torch.empty(shape, dtype=dtype, device=device)
     if tuple(out.shape) != shape or not (out.is_contiguous() or _row_strided(out)):
         raise ValueError(
-            f"out must be a {shape} tensor, contiguous or with unit column stride and an even "
-            f"number of columns; got {tuple(out.shape)} with strides {out.stride()}"
+            f"out must be a {shape} tensor, contiguous or 2-D with unit column stride; got "
+            f"{tuple(out.shape)} with strides {out.stride()}"
         )
     return out
 
 
 def _row_strided(out: torch.Tensor) -> bool:
     """Rows of a wider buffer (``buf[:, :n]``): the row kernel writes those."""
-    return out.dim() == 2 and out.stride(1) == 1 and out.shape[1] % 2 == 0
+    return out.dim() == 2 and out.stride(1) == 1
 
 
 def dequantize_4bit_launch(
@@ -212,7 +265,7 @@ def dequantize_4bit_launch(
         dtype: output dtype.
         out: optional ``quant_state.shape`` tensor of ``dtype`` to write into: contiguous (a
             row block of a larger buffer, e.g. q, k and v stacked) or 2-D with unit column
-            stride and an even number of columns (``buf[:, :in]``: a column block).
+            stride (``buf[:, :in]``: a column block).
 
     Returns:
         ``quant_state.shape`` tensor of ``dtype`` (``out`` when given).
@@ -227,6 +280,8 @@ def _launch(
     out = _output(st.shape, dtype, packed.device, out)
     if st.n == 0:
         return out
+    if not st.tiled:  # a blocksize bitsandbytes never makes (our own quantizer takes any)
+        return out.copy_(dequantize_4bit_reference(packed, quant_state, dtype))
     if st.nested:
         state2 = quant_state.state2
         absmax, code2, absmax2 = quant_state.absmax, _fp32(state2.code), _fp32(state2.absmax)
@@ -235,19 +290,15 @@ def _launch(
         # The nested-only pointers are unused by the kernel; any valid pointer will do.
         absmax = _fp32(quant_state.absmax)
         code2 = absmax2 = offset = st.code
-    constants = dict(
-        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=st.blocksize2, NESTED=st.nested,
-        BLOCK_BYTES=_BLOCK_BYTES,
-    )  # fmt: skip
     if out.is_contiguous():
         _dequant_4bit_kernel[st.grid](
-            packed, absmax, st.code, code2, absmax2, offset, out, st.n, **constants
+            packed, absmax, st.code, code2, absmax2, offset, out, st.n, **st.constants
         )
         return out
-    n_rows, n_cols = out.shape
-    grid = (n_rows, (n_cols // 2 + _BLOCK_BYTES - 1) // _BLOCK_BYTES)
-    _dequant_4bit_rows_kernel[grid](
-        packed, absmax, st.code, code2, absmax2, offset, out, n_cols, out.stride(0), **constants
+    n_cols = out.shape[1]
+    _dequant_4bit_rows_kernel[st.grid](
+        packed, absmax, st.code, code2, absmax2, offset, out, st.n, n_cols, out.stride(0),
+        WHOLE_BLOCKS=n_cols % quant_state.blocksize == 0, **st.constants,
     )  # fmt: skip
     return out
 
@@ -265,7 +316,7 @@ def dequantize_nf4(
         quant_state: the weight's ``QuantState``; defaults to ``weight.quant_state``.
         dtype: output dtype; defaults to ``quant_state.dtype`` (the dtype it was quantized from).
         out: optional ``quant_state.shape`` tensor to write into (its dtype wins): contiguous,
-            or 2-D with unit column stride and an even number of columns.
+            or 2-D with unit column stride.
 
     Returns:
         ``quant_state.shape`` (``[out_features, in_features]`` for a Linear) tensor of ``dtype``.
