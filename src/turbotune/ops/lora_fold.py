@@ -39,7 +39,6 @@ from turbotune.ops.lora_group import (
     Slot,
     cast,
     placeholder,
-    rank_product,
     scaled_db,
     split_da,
     stack_cast,
@@ -89,7 +88,7 @@ def fold_forward(
     x_aug = torch.empty((n_rows, n_in + _padded(rank)), dtype=x.dtype, device=x.device)
     x_aug.narrow(1, 0, n_in).copy_(x)
     a_stacked = stack_cast([slots[i].A for i in layout.adapters], x.dtype)
-    rank_product(x, a_stacked, out=x_aug.narrow(1, n_in, rank))
+    torch.mm(x, a_stacked.t(), out=x_aug.narrow(1, n_in, rank))
     if x_aug.shape[1] > n_in + rank:
         x_aug.narrow(1, n_in + rank, x_aug.shape[1] - n_in - rank).zero_()
     weight = _folded_weight(slots, layout, x.dtype, x.device)

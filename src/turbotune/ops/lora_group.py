@@ -32,7 +32,6 @@ from typing import Any, NamedTuple
 import torch
 
 from turbotune.ops.lora_stash import keep, take
-from turbotune.ops.skinny import skinny_mm, use_skinny
 from turbotune.quant.weights import dense_weight, weight_shape
 
 __all__ = [
@@ -287,7 +286,7 @@ def lora_forward(
     b_casts = [cast(slots[i].B, dtype) for i in layout.adapters]
     if layout.shared:
         a_stacked = stack_cast([slots[i].A for i in layout.adapters], dtype)
-        t_all = rank_product(x, a_stacked)
+        t_all = torch.mm(x, a_stacked.t())
         for k, i in enumerate(layout.adapters):
             start, stop = layout.ranks[k]
             ys[i].addmm_(
@@ -297,22 +296,10 @@ def lora_forward(
     saved = []
     for k, i in enumerate(layout.adapters):
         slot, a = slots[i], cast(slots[i].A, dtype)
-        t = rank_product(_dropped(x, _keep(x, slot), slot.dropout), a)
+        t = torch.mm(_dropped(x, _keep(x, slot), slot.dropout), a.t())
         ys[i].addmm_(t, b_casts[k].t(), alpha=slot.scaling)
         saved += [t, a, b_casts[k]]
     return saved
-
-
-# Rank-sized products through ops/skinny.py (split over K, every SM busy) where cuBLAS leaves most
-# SMs idle. TURBOTUNE_SKINNY=0 keeps cuBLAS, for A/B measurements.
-SKINNY = os.environ.get("TURBOTUNE_SKINNY", "1").lower() not in ("0", "false", "no", "off")
-
-
-def rank_product(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``t = x A^T`` (``[M, r]``) for an adapter's ``A`` (``[r, in]``), into ``out`` if given."""
-    if SKINNY and use_skinny(x, a.shape[0]):
-        return skinny_mm(x, a.t(), out=out)
-    return torch.mm(x, a.t(), out=out)
 
 
 def stack_cast(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
