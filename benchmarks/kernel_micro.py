@@ -124,85 +124,12 @@ def dequant() -> None:
     )
 
 
-def skinny() -> None:
-    """The LoRA rank-sized products of one Llama-8B layer: cuBLAS vs ``ops/skinny.py``."""
-    from turbotune.ops.skinny import skinny_mm, skinny_tn
-
-    bf = {"device": "cuda", "dtype": torch.bfloat16}
-    for m in (4096, 8192):
-        print(f"== LoRA rank-sized products, {m} tokens, L2 cold (us; GB/s of the big operand)")
-        cases = []
-        for name, k, r in (
-            ("qkv t=xA^T", 4096, 48),
-            ("o t=xA^T", 4096, 16),
-            ("gate_up t=xA^T", 4096, 32),
-            ("down t=hA^T", 14336, 16),
-        ):
-            x, a = torch.randn(m, k, **bf), torch.randn(r, k, **bf)
-            cases.append(
-                (
-                    name,
-                    x.numel() * 2,
-                    partial(torch.mm, x, a.t()),
-                    partial(skinny_mm, x, a.t()),
-                    (x.float() @ a.float().t()),
-                )
-            )
-        for name, n, r in (("o g=dyB", 4096, 16), ("up g=dyB (half)", 14336, 16)):
-            dy = torch.randn(m, 2 * n, **bf)[:, n:] if "half" in name else torch.randn(m, n, **bf)
-            b = torch.randn(n, r, **bf)
-            cases.append(
-                (
-                    name,
-                    dy.numel() * 2,
-                    partial(torch.mm, dy, b),
-                    partial(skinny_mm, dy, b),
-                    dy.float() @ b.float(),
-                )
-            )
-        for name, k, r in (
-            ("qkv dA=g^T x", 4096, 48),
-            ("o dA=g^T x", 4096, 16),
-            ("down dA=g^T h", 14336, 16),
-        ):
-            g, x = torch.randn(m, r, **bf), torch.randn(m, k, **bf)
-            cases.append(
-                (
-                    name,
-                    x.numel() * 2,
-                    partial(torch.mm, g.t(), x),
-                    partial(skinny_tn, g, x),
-                    g.float().t() @ x.float(),
-                )
-            )
-        for name, n, r in (("up dB=dy^T t (half)", 14336, 16), ("o dB=dy^T t", 4096, 16)):
-            dy = torch.randn(m, 2 * n, **bf)[:, n:] if "half" in name else torch.randn(m, n, **bf)
-            t = torch.randn(m, r, **bf)
-            cases.append(
-                (
-                    name,
-                    dy.numel() * 2,
-                    partial(torch.mm, dy.t(), t),
-                    lambda dy=dy, t=t: skinny_tn(t, dy).t(),
-                    dy.float().t() @ t.float(),
-                )
-            )
-        for name, nbytes, cublas, ours, ref in cases:
-            tc, ts = _time_ms(cublas, repeats=30, cold=True), _time_ms(ours, repeats=30, cold=True)
-            err = (ours().float() - ref).abs().max().item() / ref.abs().max().item()
-            print(
-                f"  {name:22s} cuBLAS {1e3 * tc:7.1f} ({nbytes / tc / 1e6:5.0f})"
-                f"  skinny {1e3 * ts:7.1f} ({nbytes / ts / 1e6:5.0f})  {tc / ts:5.2f}x"
-                f"  rel err {err:.1e}"
-            )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="attention,dequant,skinny")
+    parser.add_argument("--only", default="attention,dequant")
     args = parser.parse_args(argv)
     for name in args.only.split(","):
-        {"attention": attention, "dequant": dequant, "skinny": skinny}[name]()
+        {"attention": attention, "dequant": dequant}[name]()
     return 0
 
 
