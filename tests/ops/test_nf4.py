@@ -15,6 +15,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
+import turbotune.ops.nf4 as nf4_mod
 from turbotune.ops._triton import interpreting, use_triton
 from turbotune.ops.nf4 import dequantize_4bit_launch, dequantize_nf4
 from turbotune.ops.reference import (
@@ -114,17 +115,23 @@ def test_kernel_matches_bitsandbytes(device, quant_type, nested, blocksize, dtyp
         got = dequantize_nf4(packed, state)
         assert got.shape == shape and got.dtype == dtype
         got32 = dequantize_nf4(packed, state, torch.float32)
-        if nested and device.type == "cuda":
-            _assert_within_nested_scale_rounding(got32.to(dtype), expected, state)
-            continue
-        # fp32 output is the kernel's arithmetic before any rounding: it must be exact.
-        assert torch.equal(got32.to(dtype), expected), f"{shape}: {_diff(got32, expected)}"
-        if dtype == torch.bfloat16 and interpreting():
-            # The Triton interpreter truncates fp32 -> bf16 where the GPU rounds to nearest
-            # even, so here the kernel may sit 1 ulp off; on GPU it must be exact.
-            _assert_within_bf16_ulp(got, expected)
-        else:
-            assert torch.equal(got, expected), f"{shape}: {_diff(got, expected)}"
+        _assert_matches(got32, got, expected, state)
+
+
+def _assert_matches(got32, got, expected, state) -> None:
+    """Our fp32 output ``got32`` and ``expected.dtype`` output ``got`` against bitsandbytes'."""
+    shape, dtype = tuple(expected.shape), expected.dtype
+    if state.state2 is not None and got.is_cuda:
+        _assert_within_nested_scale_rounding(got32.to(dtype), expected, state)
+        return
+    # fp32 output is the kernel's arithmetic before any rounding: it must be exact.
+    assert torch.equal(got32.to(dtype), expected), f"{shape}: {_diff(got32, expected)}"
+    if dtype == torch.bfloat16 and interpreting():
+        # The Triton interpreter truncates fp32 -> bf16 where the GPU rounds to nearest
+        # even, so here the kernel may sit 1 ulp off; on GPU it must be exact.
+        _assert_within_bf16_ulp(got, expected)
+    else:
+        assert torch.equal(got, expected), f"{shape}: {_diff(got, expected)}"
 
 
 def test_dequantize_params4bit_and_linear4bit():
@@ -245,3 +252,116 @@ def test_dequantize_into_a_block_of_a_larger_buffer(source_kind, layout):
     assert bool((buffer[~written] == 7).all()), "values outside out changed"
     with pytest.raises(ValueError, match="unit column stride"):
         dense_weight(lin.weight, torch.bfloat16, out=torch.empty(2100, 40).t())
+
+
+# The tiled kernels process whole quant blocks, 4096 elements per program by default: shapes
+# that are a whole number of tiles take the unmasked path; more than 256 blocks span several
+# nested (absmax2) groups; blocksize 4096 is one block per program, 32 the narrowest row.
+TILE_CASES = [  # (shape, blocksize, quant_type, dtype)
+    ((200, 160), 64, "nf4", torch.bfloat16),  # 500 blocks, 2 groups, last tile partial
+    ((64, 256), 64, "fp4", torch.float16),  # 4 whole tiles, exactly one group
+    ((96, 512), 32, "nf4", torch.float16),  # 12 whole tiles, 6 groups
+    ((3, 4096), 4096, "fp4", torch.bfloat16),  # one block per program, whole tiles
+    ((5, 1000), 4096, "nf4", torch.float32),  # a partial 4096-block
+    ((1, 1), 64, "fp4", torch.bfloat16),  # one element: half a byte
+]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_kernel_tile_edges(device, case, nested):
+    shape, blocksize, quant_type, dtype = case
+    packed, state = _quantize(shape, dtype, quant_type, nested, blocksize, torch.uint8)
+    expected = bnbf.dequantize_4bit(packed, state).to(device)
+    state.to(device)
+    packed = packed.to(device)
+    got32 = dequantize_nf4(packed, state, torch.float32)
+    _assert_matches(got32, dequantize_nf4(packed, state, dtype), expected, state)
+
+
+ROW_CASES = [  # (shape, blocksize, quant_type, dtype): written into buf[:, 3 : 3 + cols]
+    ((48, 192), 64, "nf4", torch.bfloat16),  # 3 blocks per row, last tile partial
+    ((64, 128), 64, "fp4", torch.float16),  # whole tiles
+    ((4, 8192), 4096, "nf4", torch.float32),  # one block per program, 2 per row
+    ((37, 75), 64, "fp4", torch.bfloat16),  # odd width: blocks cross rows
+    ((5, 40), 64, "nf4", torch.float16),  # rows narrower than a block
+]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_row_strided_output(device, case, nested):
+    """``out`` as a column block of a wider buffer (odd row stride, odd start column): every
+    element lands in its row and the columns around it keep their values."""
+    shape, blocksize, quant_type, dtype = case
+    packed, state = _quantize(shape, dtype, quant_type, nested, blocksize, torch.uint8, seed=1)
+    expected = bnbf.dequantize_4bit(packed, state).to(device)
+    state.to(device)
+    packed = packed.to(device)
+    rows, cols = shape
+    outs = {}
+    for out_dtype in (torch.float32, dtype):
+        buffer = torch.full((rows, cols + 8), 7.0, dtype=out_dtype, device=device)
+        block = buffer[:, 3 : 3 + cols]
+        assert not block.is_contiguous()
+        assert dequantize_nf4(packed, state, out=block).data_ptr() == block.data_ptr()
+        border = torch.cat((buffer[:, :3], buffer[:, 3 + cols :]), 1)
+        assert bool((border == 7).all()), "values outside out changed"
+        outs[out_dtype] = block
+    _assert_matches(outs[torch.float32], outs[dtype], expected, state)
+
+
+@pytest.mark.parametrize("tile,bytes_per_load", [(1024, 4), (32768, 16)])
+def test_tile_settings(device, monkeypatch, tile, bytes_per_load):
+    """Other tile sizes give the same values; 32768 elements = 512 blocks of 64 per program,
+    more than one nested group (256 blocks): the per-block group index path."""
+    monkeypatch.setattr(nf4_mod, "_TILE_ELEMENTS", tile)
+    monkeypatch.setattr(nf4_mod, "_BYTES_PER_LOAD", bytes_per_load)
+    packed, state = _quantize((200, 160), torch.bfloat16, "nf4", True, 64, torch.uint8)
+    expected = bnbf.dequantize_4bit(packed, state).to(device)
+    state.to(device)
+    packed = packed.to(device)
+    got = dequantize_nf4(packed, state, torch.float32)
+    assert state._turbotune_static.constants["BLOCKS"] == tile // 64
+    buffer = torch.zeros(200, 170, dtype=torch.bfloat16, device=device)
+    rows = dequantize_nf4(packed, state, out=buffer[:, 5:165])
+    _assert_matches(got, rows, expected, state)
+
+
+def test_non_power_of_two_blocksize_takes_the_reference(device):
+    """Our own quantizer accepts any blocksize; the tiled kernels need a power of two, so such
+    a weight is dequantized by the eager reference (bitsandbytes never makes one)."""
+    from turbotune.distributed.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    layer = NF4Linear(150, 20, blocksize=48, compute_dtype=torch.float32, device=device)
+    layer.load_dense(torch.randn(20, 150, device=device))
+    state = layer.quant_state()
+    expected = dequantize_4bit_reference(state.nibbles, state, torch.float32)
+    got = layer.dequantize(torch.float32)
+    assert torch.equal(got, expected), _diff(got, expected)
+    buffer = torch.zeros(20, 160, device=device)
+    layer.dequantize(out=buffer[:, :150])
+    assert torch.equal(buffer[:, :150], expected) and bool((buffer[:, 150:] == 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False), ("nf4", False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_strided_output_cuda(quant_type, nested, dtype):
+    """Column blocks of wider buffers at real widths: 4096 columns in a 4112-wide buffer (whole
+    blocks per row, aligned, unmasked) and 4100 columns (blocks cross rows, last tile partial)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for shape in ((4096, 4096), (1000, 4100)):
+        w = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+        packed, state = bnbf.quantize_4bit(
+            w, blocksize=64, compress_statistics=nested, quant_type=quant_type
+        )
+        expected = bnbf.dequantize_4bit(packed, state)
+        buffer = torch.full((shape[0], shape[1] + 16), 7.0, dtype=dtype, device="cuda")
+        got = dequantize_4bit_launch(packed, state, dtype, out=buffer[:, 8 : 8 + shape[1]])
+        assert bool((buffer[:, :8] == 7).all()) and bool((buffer[:, 8 + shape[1] :] == 7).all())
+        if nested:
+            _assert_within_nested_scale_rounding(got, expected, state)
+        else:
+            assert torch.equal(got, expected), f"{shape}: {_diff(got, expected)}"

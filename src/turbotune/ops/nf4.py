@@ -333,10 +333,10 @@ def dequantize_nf4(
             "eval mode without grad on AVX512-BF16 CPUs); call .train() before the first forward"
         )
     dtype = out.dtype if out is not None else (dtype or quant_state.dtype)
-    if out is not None:
-        _output(tuple(quant_state.shape), dtype, out.device, out)  # checks shape and layout
     packed = _packed_bytes(weight)
     if use_triton(packed):
-        return _launch(packed, quant_state, dtype, out)
+        return _launch(packed, quant_state, dtype, out)  # checks ``out`` itself
+    if out is not None:
+        _output(tuple(quant_state.shape), dtype, out.device, out)  # checks shape and layout
     dense = dequantize_4bit_reference(packed, quant_state, dtype)
     return dense if out is None else out.copy_(dense)
