@@ -193,6 +193,94 @@ def test_lora_mlp_parity(parity, dtype, activation, kind, dropout, bias, hidden,
     parity(ours, ref, master, dtype, torch.device("cpu"))
 
 
+# ---- the MLP's backward: h written once, by the activation's backward kernel ----
+
+# name: (base, dropout, hidden, inter, down adapter, activation, the path that gives dh).
+# "compute": a dense base stored in the compute dtype (weights used as stored, lora_direct).
+DOWN_CASES = {
+    "direct": ("compute", 0.0, 16, 34, "trainable", "silu", "direct"),
+    "direct-dropout": ("compute", 0.25, 23, 20, "trainable", "silu", "direct"),
+    "wide": ("nf4", 0.0, 16, 34, "trainable", "silu", "wide"),
+    "wide-gelu": ("fp4", 0.0, 16, 34, "trainable", "gelu", "wide"),
+    "stacked": ("nf4", 0.0, 23, 20, "trainable", "gelu_tanh", "stacked"),
+    "stacked-dropout": ("nf4", 0.2, 24, 20, "trainable", "silu", "stacked"),
+    "frozen-A": ("nf4", 0.0, 16, 34, "frozen", "silu", "wide"),
+    "no-adapter": ("nf4", 0.0, 16, 34, "none", "gelu_tanh", "stacked"),
+}
+
+
+@pytest.fixture
+def mlp_backward_calls(monkeypatch):
+    """Records which input-gradient path the down projection took, and counts the gated
+    activation's kernels: forward (``h``), backward with ``h``, backward without."""
+    from turbotune.ops import lora_direct, lora_group, lora_mlp_backward
+
+    monkeypatch.setattr(lora_direct, "DIRECT_BASES", "auto")
+    monkeypatch.setattr(lora_group, "FOLD_ADAPTERS", True)
+    calls = {"paths": [], "forward": 0, "with_h": 0, "without_h": 0}
+    spies = {
+        "direct_input_backward": "direct", "wide_input_backward": "wide",
+        "base_backward": "stacked", "swiglu_forward": "forward", "geglu_forward": "forward",
+        "swiglu_backward_with_h": "with_h", "geglu_backward_with_h": "with_h",
+        "swiglu_backward": "without_h", "geglu_backward": "without_h",
+    }  # fmt: skip
+
+    def spy(fn, what):
+        def counted(*args, **kwargs):
+            if what in ("direct", "wide", "stacked"):
+                calls["paths"].append(what)
+            else:
+                calls[what] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name, what in spies.items():
+        monkeypatch.setattr(lora_mlp_backward, name, spy(getattr(lora_mlp_backward, name), what))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(DOWN_CASES))
+def test_lora_mlp_down_layouts(parity, mlp_backward_calls, dtype, case):
+    """Forward and every gradient vs the reference for each layout of the down projection, and
+    the proof that ``h`` is computed once in forward and not again from ``e, u`` in backward:
+    the activation's backward kernel writes it (only when the down adapter's ``dA`` needs it)."""
+    kind, dropout, hidden, inter, down_ad, activation, path = DOWN_CASES[case]
+    tokens, r = 13, 5
+    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
+    bases = [_base("dense" if kind == "compute" else kind, o, i, seed=k)
+             for k, (o, i) in enumerate(shapes)]  # fmt: skip
+    ag, ad = _adapter(inter, hidden, r, 20), _adapter(hidden, inter, r, 21)
+    master = {"x": torch.randn(tokens, hidden).requires_grad_(), "Ag": ag["A"], "Bg": ag["B"]}
+    if down_ad != "none":
+        master["Ad"] = ad["A"] if down_ad == "trainable" else ad["A"].detach()
+        master["Bd"] = ad["B"]
+
+    def projections(x, Ag, Bg, Ad=None, Bd=None, ours=True):
+        if kind == "compute":  # the base stored in the compute dtype
+            ws = [b[1].to(x.dtype) for b in bases]
+        else:
+            ws = [b[0] if ours else b[1] for b in bases]
+        down = LoRAWeights(Ad, Bd, 0.75, dropout) if Ad is not None else None
+        return (ws[0], LoRAWeights(Ag, Bg, 2.0, dropout)), (ws[1], None), (ws[2], down)
+
+    def ours(x, **t):
+        torch.manual_seed(STEP_SEED)
+        return lora_mlp(x, *projections(x, **t), activation=activation)
+
+    def ref(x, **t):
+        keeps = _ref_keeps(3, [x.shape, x.shape, (tokens, inter)], [dropout] * 3)
+        gate, up, down = projections(x, **t, ours=False)
+        return lora_mlp_reference(x, gate, up, down, activation=activation, keeps=keeps)
+
+    parity(ours, ref, master, dtype, torch.device("cpu"))
+    with_h = down_ad == "trainable"
+    assert mlp_backward_calls == {
+        "paths": [path], "forward": 1, "with_h": int(with_h), "without_h": int(not with_h)
+    }, case  # fmt: skip
+
+
 def _assert_close(name, got, want, eager, slack=2.0, floor=1e-5):
     """Flash-attention rule: error vs the fp32 reference <= slack x the eager low-precision error
     + a floor + one ulp of the largest value (a lucky eager run on tiny tensors)."""
