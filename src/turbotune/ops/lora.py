@@ -357,7 +357,8 @@ def lora_mlp(
     """Gated MLP ``y = (act(x Wg'^T) * x Wu'^T) Wd'^T``, each ``'`` including its LoRA term.
 
     ``activation`` is ``"silu"`` (SwiGLU: Llama, Mistral, Qwen) or ``"gelu_tanh"`` / ``"gelu"``
-    (GeGLU: Gemma). Saves ``x``, ``e = x Wg'^T`` and ``u = x Wu'^T``; ``h`` is recomputed.
+    (GeGLU: Gemma). Saves ``x``, ``e = x Wg'^T`` and ``u = x Wu'^T``; ``h`` is not saved (backward
+    writes it in the activation's backward pass, for the down adapter's ``dA``).
 
     Args:
         x: ``[..., hidden]``.
