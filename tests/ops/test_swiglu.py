@@ -306,3 +306,21 @@ def test_gpu_real_shape(op, parity):
         torch.bfloat16,
         torch.device("cuda"),
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gpu_backward_with_h_real_shape(activation):
+    """Llama-8B MLP, 4096 tokens x 14336, bf16, as the LoRA MLP calls it (halves of [M, 2I],
+    h over grad_h, a dropout mask): compiled kernel vs the fp32 reference."""
+    rows, inter, p = 4096, 14336, 0.1
+    cuda = torch.device("cuda")
+    gate, up, grad_h = _inputs((rows, inter), torch.bfloat16, seed=9)
+    keep = torch.rand(rows, inter, generator=torch.Generator().manual_seed(10)) >= p
+    eu = torch.cat([gate, up], dim=1).to(cuda, torch.bfloat16)
+    dh = grad_h.to(cuda, torch.bfloat16)
+    WITH_H[activation][0](
+        dh, eu[:, :inter], eu[:, inter:], inplace=True, out_h=dh, keep=keep.to(cuda), dropout=p
+    )
+    got = (eu[:, :inter], eu[:, inter:], dh)
+    _check_with_h(activation, got, gate, up, grad_h, torch.bfloat16, cuda, keep, p)
