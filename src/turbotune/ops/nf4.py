@@ -185,7 +185,8 @@ class _Static(NamedTuple):
     offset_source: Any  # the ``quant_state.offset`` object ``offset`` was made from
     offset: torch.Tensor | None
     tiled: bool  # the blocksize is a power of two (always, in bitsandbytes): the kernels apply
-    constants: dict[str, Any]  # constexprs and num_warps of both kernels
+    constants: dict[str, Any]  # constexprs and num_warps of the contiguous kernel
+    rows_constants: dict[str, Any]  # the same for the row-strided kernel (2-D weights)
 
 
 def _tile_config(blocksize: int, n: int) -> tuple[int, int, bool]:
@@ -216,6 +217,7 @@ def _static(quant_state: Any, device: torch.device) -> _Static:
         _code(quant_state.quant_type, device), state2 is not None, offset,
         None if offset is None else torch.as_tensor(offset, dtype=torch.float32, device=device),
         blocksize >= 2 and blocksize & (blocksize - 1) == 0, constants,
+        dict(constants, WHOLE_BLOCKS=len(shape) == 2 and shape[-1] % blocksize == 0),
     )  # fmt: skip
     quant_state._turbotune_static = cached
     return cached
@@ -295,10 +297,9 @@ def _launch(
             packed, absmax, st.code, code2, absmax2, offset, out, st.n, **st.constants
         )
         return out
-    n_cols = out.shape[1]
     _dequant_4bit_rows_kernel[st.grid](
-        packed, absmax, st.code, code2, absmax2, offset, out, st.n, n_cols, out.stride(0),
-        WHOLE_BLOCKS=n_cols % quant_state.blocksize == 0, **st.constants,
+        packed, absmax, st.code, code2, absmax2, offset, out, st.n, st.shape[1], out.stride(0),
+        **st.rows_constants,
     )  # fmt: skip
     return out
 
