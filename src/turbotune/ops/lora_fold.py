@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from turbotune.ops import spare_columns
 from turbotune.ops.lora_group import (
     Layout,
     Needs,
@@ -85,8 +86,11 @@ def fold_forward(
     """
     n_rows, n_in = x.shape
     rank = layout.ranks[-1][1]
-    x_aug = torch.empty((n_rows, n_in + _padded(rank)), dtype=x.dtype, device=x.device)
-    x_aug.narrow(1, 0, n_in).copy_(x)
+    # The norm that produced x may have left room for T behind it (ops/spare_columns.py).
+    x_aug = spare_columns.claim(x, _padded(rank))
+    if x_aug is None:
+        x_aug = torch.empty((n_rows, n_in + _padded(rank)), dtype=x.dtype, device=x.device)
+        x_aug.narrow(1, 0, n_in).copy_(x)
     a_stacked = stack_cast([slots[i].A for i in layout.adapters], x.dtype)
     torch.mm(x, a_stacked.t(), out=x_aug.narrow(1, n_in, rank))
     if x_aug.shape[1] > n_in + rank:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from turbotune.ops import reference
+from turbotune.ops import reference, spare_columns
 from turbotune.ops._triton import num_programs_hint, row_block_settings, tl, triton, use_triton
 from turbotune.ops.reference import Casting
 
@@ -108,7 +108,12 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: Casting
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float,
+    casting: Casting,
+    spare: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
@@ -116,6 +121,8 @@ def rms_norm_forward(
         x: ``[N, H]`` with unit column stride (any row stride).
         weight: ``[H]``.
         eps, offset, casting: see :func:`rms_norm`.
+        spare: allocate ``y`` as the first ``H`` columns of an ``[N, H + spare]`` buffer
+            (``ops/spare_columns.py``).
 
     Returns:
         ``(y [N, H], rstd [N] fp32)``.
@@ -123,7 +130,7 @@ def rms_norm_forward(
     n_rows, n_cols = x.shape
     block, num_warps = row_block_settings(n_cols)
     out_dtype = x.dtype if casting == "gemma" else torch.promote_types(x.dtype, weight.dtype)
-    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    y = torch.empty((n_rows, n_cols + spare), dtype=out_dtype, device=x.device)[:, :n_cols]
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows > 0:
         _fwd_kernel[(n_rows,)](
@@ -182,7 +189,9 @@ class RMSNormFunction(torch.autograd.Function):
         ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: Casting
     ) -> torch.Tensor:
         rows = _as_rows(x)
-        y, rstd = rms_norm_forward(rows, weight, eps, offset, casting)
+        spare = spare_columns.wanted()
+        y, rstd = rms_norm_forward(rows, weight, eps, offset, casting, spare)
+        spare_columns.offer(y, spare)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.offset, ctx.casting, ctx.shape = offset, casting, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])

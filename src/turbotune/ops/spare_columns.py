@@ -1,0 +1,81 @@
+"""Spare columns behind a normalized activation, so a folded LoRA group needs no copy of it.
+
+Design note. With adapters folded into the base matmul (``ops/lora_fold.py``) a group of
+projections multiplies ``[x | T]`` (``T = x A^T``, the adapters' rank columns) instead of ``x``.
+Building ``[x | T]`` costs a full copy of ``x``: at Llama-8B shape and 4096 tokens 32 MB read
+and written twice per layer (q/k/v and gate/up), 44 us each as a strided copy, ~3 ms of a
+260 ms step and twice that under checkpointing. The activation those groups read is the output
+of an RMSNorm, and the norm can simply allocate its output with spare columns to the right:
+``[N, H + spare]`` and return the ``[N, H]`` view. The group then writes ``T`` into the spare
+columns and uses the whole row block as ``[x | T]``.
+
+The handoff is explicit and one-shot: the norm *offers* its buffer (keyed by the data pointer
+of the view it returns) and the first folded group that receives that very view *claims* it.
+A second consumer of the same norm output (models whose attention and MLP share one norm) finds
+nothing to claim and copies as before, so no two groups ever write the same spare columns.
+How many columns to offer is learned: a group that finds too few (or none) asks for more, and
+later norms allocate them (rounded up to 16, at most ``MAX_SPARE``). The first step therefore
+copies; every later step, including CUDA-graph captures and checkpoint recomputations, does not.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+__all__ = ["MAX_SPARE", "claim", "offer", "reset", "wanted"]
+
+# Off: norms allocate no spare columns and folded groups always copy (A/B and tests).
+ENABLED = True
+MAX_SPARE = 256
+# Offers not claimed stay only until newer ones push them out: a handful of norms per layer.
+_KEEP = 16
+_offers: OrderedDict[int, tuple[int, int]] = OrderedDict()  # data_ptr -> (row stride, spare)
+_wanted = 0
+claims = 0  # successful claims so far (tests, logs)
+
+
+def wanted() -> int:
+    """Spare columns a norm should allocate now (0 until a folded group has asked)."""
+    return _wanted if ENABLED else 0
+
+
+def reset() -> None:
+    """Forget the learned width and every pending offer (tests)."""
+    global _wanted, claims
+    _wanted = claims = 0
+    _offers.clear()
+
+
+def offer(rows: torch.Tensor, spare: int) -> None:
+    """Register ``rows`` (``[N, H]``, a column view of an ``[N, H + spare]`` buffer)."""
+    if spare <= 0 or rows.numel() == 0:
+        return
+    _offers[rows.data_ptr()] = (rows.stride(0), spare)
+    _offers.move_to_end(rows.data_ptr())
+    while len(_offers) > _KEEP:
+        _offers.popitem(last=False)
+
+
+def claim(x: torch.Tensor, columns: int) -> torch.Tensor | None:
+    """``[x | spare]`` as one ``[N, H + columns]`` view, if ``x`` was offered with enough room.
+
+    Args:
+        x: ``[N, H]`` the group's input (unit column stride).
+        columns: spare columns the caller will write (already padded).
+
+    Returns:
+        the widened view (the caller owns its last ``columns`` columns from now on), or None
+        (the caller copies; the next norms will offer ``columns``).
+    """
+    global _wanted, claims
+    if not ENABLED:
+        return None
+    entry = _offers.pop(x.data_ptr(), None) if x.dim() == 2 and x.stride(1) == 1 else None
+    if entry is not None and entry[0] == x.stride(0) and entry[1] >= columns:
+        claims += 1
+        return x.as_strided((x.shape[0], x.shape[1] + columns), (x.stride(0), 1))
+    if columns <= MAX_SPARE:
+        _wanted = max(_wanted, -(-columns // 16) * 16)
+    return None
