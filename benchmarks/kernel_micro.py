@@ -124,12 +124,44 @@ def dequant() -> None:
     )
 
 
+def lora_t() -> None:
+    """``t = x A^T`` as the folded LoRA groups run it: into a column block of ``[x | T]``."""
+    bf = {"device": "cuda", "dtype": torch.bfloat16}
+    for m in (4096, 8192):
+        print(f"== t = x A^T, {m} tokens, L2 cold: contiguous output vs a column block of [x | T]")
+        for r in (16, 32, 48):
+            x, a = torch.randn(m, 4096, **bf), torch.randn(r, 4096, **bf)
+            wide = torch.empty(m, 4096 + 64, **bf)
+            block = wide[:, 4096 : 4096 + r]
+            plain = _time_ms(partial(torch.mm, x, a.t()), repeats=30, cold=True)
+            into = _time_ms(partial(torch.mm, x, a.t(), out=block), repeats=30, cold=True)
+            via = _time_ms(lambda x=x, a=a, b=block: b.copy_(torch.mm(x, a.t())), 30, cold=True)
+            names = []
+            for fn in (partial(torch.mm, x, a.t()), partial(torch.mm, x, a.t(), out=block)):
+                with torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CUDA]
+                ) as prof:
+                    fn()
+                    torch.cuda.synchronize()
+                names.append(
+                    "/".join(
+                        e.key[:48]
+                        for e in prof.key_averages()
+                        if "nvjet" in e.key or "gemm" in e.key
+                    )
+                )
+            print(
+                f"  r={r:2d}  contiguous {1e3 * plain:6.1f} us  into [x|T] {1e3 * into:6.1f} us"
+                f"  contiguous+copy {1e3 * via:6.1f} us   kernels: {names[0]} | {names[1]}"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="attention,dequant")
     args = parser.parse_args(argv)
     for name in args.only.split(","):
-        {"attention": attention, "dequant": dequant}[name]()
+        {"attention": attention, "dequant": dequant, "lora_t": lora_t}[name]()
     return 0
 
 
