@@ -6,7 +6,8 @@ Builds the point once (as ``turbotune bench`` does), then times each variant of 
 below in turn, ``--rounds`` times, so that drift of the GPU (clocks, temperature) spreads over
 all variants alike. Prints the median step time and tokens/s of each variant, and its ratio
 to the first. Switches: the CUDA graphs of the decoder layers (``ops/graphs.py``) and the
-folding of LoRA adapters into the base matmuls (``ops.lora_group.FOLD_ADAPTERS``); add one to
+folding of LoRA adapters into the base matmuls (``ops.lora_group.FOLD_ADAPTERS``), the norms'
+spare columns for the folded groups (``ops.spare_columns.ENABLED``); add one to
 ``VARIANTS`` and ``_switch`` to A/B it. Also prints the peak memory of the whole run.
 """
 
@@ -24,14 +25,29 @@ VARIANTS = {
     "eager": {"graphs": False},
     "fold": {"fold": True},
     "no-fold": {"fold": False},
+    "spare": {"spare": True},
+    "no-spare": {"spare": False},
 }
 
 
-def _switch(net: torch.nn.Module, fold: bool | None = None, graphs: bool | None = None) -> None:
-    if fold is not None:
-        from turbotune.ops import lora_group
+def _switch(
+    net: torch.nn.Module,
+    fold: bool | None = None,
+    graphs: bool | None = None,
+    spare: bool | None = None,
+) -> None:
+    from turbotune.ops import lora_group, spare_columns
 
-        lora_group.FOLD_ADAPTERS = fold
+    if fold is not None or spare is not None:
+        lora_group.FOLD_ADAPTERS = lora_group.FOLD_ADAPTERS if fold is None else fold
+        spare_columns.ENABLED = spare_columns.ENABLED if spare is None else spare
+        # Captured graphs replay the kernels of the old setting: capture anew (warm-up steps).
+        for m in net.modules():
+            layer_graphs = m.__dict__.get("_turbotune_graphs")
+            if layer_graphs is not None:
+                layer_graphs.sets.clear()
+                layer_graphs.seen.clear()
+                break
     if graphs is not None:
         layer_graphs = next(
             (
