@@ -2,9 +2,10 @@
 
 Design note. QLoRA keeps each frozen base weight as bitsandbytes 4-bit storage and dequantizes
 it on the fly, once in forward and once more in backward, so the dense weight never outlives the
-matmul that needs it. This file is that dequantizer: one Triton kernel that reads the packed
+matmul that needs it. This file is that dequantizer: Triton kernels that read the packed
 nibbles, the per-block scales (plain fp32 ``absmax``, or the double-quantized uint8 ``absmax``
-with its own fp32 scales, 8-bit code and offset) and writes the weight in bf16/fp16/fp32.
+with its own fp32 scales, 8-bit code and offset) and write the weight in bf16/fp16/fp32, into a
+contiguous tensor or into a column block of a wider buffer (``buf[:, :n]``, the row kernel).
 
 Storage format (bitsandbytes 0.50, ``functional.quantize_4bit``), for a weight of ``n`` elements
 flattened row-major from ``quant_state.shape`` (``[out_features, in_features]`` for a Linear):
@@ -17,9 +18,19 @@ flattened row-major from ``quant_state.shape`` (``[out_features, in_features]`` 
 - ``w[i] = code4[nibble[i]] * absmax[i // blocksize]`` in fp32, then rounded to the out dtype,
   where ``code4`` is the 16-entry NF4 or FP4 table of ``ops/reference.py``.
 
-The kernel mirrors that order of operations, so it matches ``bitsandbytes.functional.
+The kernels mirror that order of operations, so they match ``bitsandbytes.functional.
 dequantize_4bit`` bit for bit (on GPU the nested scale may be fused into one FMA: 1 fp32 ulp).
 Without Triton (or on CPU without ``TRITON_INTERPRET=1``) the eager reference runs instead.
+
+Speed: the op is memory-bound (2.5 bytes moved per bf16 element: 2 written, 0.5 read), so the
+kernels keep the work per element small. A program takes a tile of whole quant blocks
+(``[BLOCKS, blocksize]``, 4096 elements): each block's scale (and its nested ``code2`` /
+``absmax2`` / ``offset`` lookups) is computed once per block and broadcast along its row,
+which leaves one gather per element, ``code4[nibble]`` from a 64-byte table that stays in L1.
+Each thread loads 4 packed bytes at a time, which become 8 outputs: one 16-byte store in bf16,
+the lanes of a warp side by side (fully coalesced, no reshuffle through shared memory). Whole
+tiles (every Llama shape) run without masks. The row kernel finds each block's row once per
+block when the width is a multiple of the blocksize, and per element otherwise (odd widths).
 """
 
 from __future__ import annotations
