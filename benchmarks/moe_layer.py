@@ -5,20 +5,31 @@ trainable, 8192 tokens) with its experts computed by:
 
 - ``hf-grouped_mm`` / ``hf-eager``: transformers' ``config._experts_implementation``;
 - ``loop``: a plain per-expert loop (``turbotune.moe.reference``);
-- ``tt-grouped_mm`` / ``tt-triton`` / ``tt-auto``: turbotune's experts patch with that backend.
+- ``tt-grouped_mm`` / ``tt-mm_loop`` / ``tt-triton`` / ``tt-auto``: turbotune's experts patch
+  with that backend; ``tt-mm_loop:s1`` (``:s2``) runs the per-expert loop's products alternately
+  on one (two) side CUDA streams, ``tt-mm_loop:g4096`` its products with at most 4096 output
+  columns as one ``torch._grouped_mm`` (the switches of ``turbotune.moe.expert_loop``).
 
 Timing: CUDA events around forward+backward, median of ``--iters`` after ``--warmup`` (the
 Triton autotuner runs during warmup). ``--frozen`` times the QLoRA/LoRA case (expert stacks
 frozen: no weight-gradient products). The FLOP floor is ``6 * T * k * 3 * H * I`` (forward 2 FLOP
 per multiply-add for 3 projections, backward twice that) at ``--peak`` TFLOP/s.
 
+``--gemms`` adds a table of the six expert products of one layer (gate/up and down: forward,
+input gradient, weight gradient) at the block's own routing: the per-expert ``mm`` loop against
+``torch._grouped_mm`` and against one dense ``mm`` of the same FLOPs (what cuBLAS reaches on
+that shape without experts). ``--profile`` prints the top GPU kernels of one forward+backward
+of each implementation.
+
     python benchmarks/moe_layer.py                      # both shapes, all implementations
     python benchmarks/moe_layer.py --shapes qwen3 --impls hf-grouped_mm,tt-triton --iters 50
+    python benchmarks/moe_layer.py --shapes mixtral --impls hf-grouped_mm,tt-mm_loop --gemms
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 import types
@@ -29,7 +40,9 @@ SHAPES = {  # name: (config class, block class, hidden, intermediate, experts, t
     "mixtral": ("MixtralConfig", "MixtralSparseMoeBlock", 4096, 14336, 8, 2),
     "qwen3": ("Qwen3MoeConfig", "Qwen3MoeSparseMoeBlock", 2048, 768, 128, 8),
 }
-IMPLS = ["hf-grouped_mm", "hf-eager", "loop", "tt-grouped_mm", "tt-triton", "tt-auto"]
+IMPLS = [
+    "hf-grouped_mm", "hf-eager", "loop", "tt-grouped_mm", "tt-mm_loop", "tt-triton", "tt-auto",
+]  # fmt: skip
 
 
 def build_block(shape: str, impl: str, frozen: bool, device: str, shrink: int = 1):
@@ -70,7 +83,7 @@ def _set_experts(experts: torch.nn.Module, impl: str) -> None:
         from turbotune.moe.patch import experts_forward
         from turbotune.patches.engine import PatchSet
 
-        PatchSet("bench").bind(experts, "moe", experts_forward(impl[3:]))
+        PatchSet("bench").bind(experts, "moe", experts_forward(impl[3:].split(":")[0]))
     elif impl == "loop":
         from turbotune.moe.reference import moe_experts_reference
 
@@ -78,6 +91,108 @@ def _set_experts(experts: torch.nn.Module, impl: str) -> None:
             return moe_experts_reference(hidden, index, weights, self.gate_up_proj, self.down_proj)
 
         experts.forward = types.MethodType(loop, experts)
+
+
+@contextlib.contextmanager
+def impl_options(impl: str):
+    """``tt-mm_loop:sN:gC``: N side streams for the per-expert loop, products with at most C
+    output columns as one ``torch._grouped_mm`` (``turbotune.moe.expert_loop`` switches)."""
+    from turbotune.moe import expert_loop
+
+    names = {"s": "SIDE_STREAMS", "g": "GROUPED_MAX_COLUMNS"}
+    saved = {name: getattr(expert_loop, name) for name in names.values()}
+    for option in impl.split(":")[1:]:
+        setattr(expert_loop, names[option[0]], int(option[1:]))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(expert_loop, name, value)
+
+
+def profile_block(block: torch.nn.Module, tokens: int, rows: int = 12) -> None:
+    """Print the top GPU kernels of one forward+backward (after the timed runs: warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    param = next(block.parameters())
+    x = torch.randn(1, tokens, block.experts.hidden_dim, device=param.device, dtype=param.dtype)
+    x.requires_grad_()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        block(x).backward(torch.randn_like(x))
+        torch.cuda.synchronize()
+    block.zero_grad(set_to_none=True)
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=rows))
+
+
+def _median_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    times = []
+    for i in range(warmup + iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def gemm_table(block: torch.nn.Module, tokens: int, peak: float) -> None:
+    """The six expert products of one layer at the block's routing: per-expert ``mm`` loop,
+    ``torch._grouped_mm`` and one dense ``mm`` of the same shape totals (ms and TFLOP/s)."""
+    from turbotune.moe.expert_loop import mm_rows, mm_wgrad
+    from turbotune.moe.plan import plan_experts
+
+    experts = block.experts
+    gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    num_experts, hidden, inter = dn.shape
+    x = torch.randn(tokens, hidden, device=gu.device, dtype=gu.dtype)
+    with torch.no_grad():
+        _, _, index = (getattr(block, "gate", None) or block.router)(x)
+    plan = plan_experts(index, num_experts).on_host()
+    slots = plan.num_slots
+    rows = x.index_select(0, plan.order // plan.top_k)
+    h, dgu = torch.randn(slots, inter, **_like(gu)), torch.randn(slots, 2 * inter, **_like(gu))
+    dy = torch.randn(slots, hidden, **_like(gu))
+    products = [  # name, rows A, stack as [E, K, N] (or None: weight gradient of G^T A), G
+        ("gate_up fwd", rows, gu.transpose(1, 2), None),
+        ("down fwd", h, dn.transpose(1, 2), None),
+        ("down dgrad", dy, dn, None),
+        ("down wgrad", h, None, dy),
+        ("gate_up dgrad", dgu, gu, None),
+        ("gate_up wgrad", rows, None, dgu),
+    ]
+    sizes = plan.sizes if num_experts <= 16 else f"{min(plan.sizes)}..{max(plan.sizes)} each"
+    print(f"## expert products, {slots} rows over {num_experts} experts: {sizes}")
+    print("| product | M x N x K | mm loop ms | grouped_mm ms | dense mm ms | loop TFLOP/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    total = {"loop": 0.0, "grouped": 0.0, "dense": 0.0}
+    for name, a, w_t, g in products:
+        if g is None:
+            m, k, n = a.shape[0], w_t.shape[1], w_t.shape[2]
+            loop = _median_ms(lambda a=a, w_t=w_t: mm_rows(a, w_t, plan))
+            grouped = _median_ms(lambda a=a, w_t=w_t: torch._grouped_mm(a, w_t, offs=plan.ends))
+            dense_b = torch.randn(k, n, **_like(gu))
+            dense = _median_ms(lambda a=a, b=dense_b: torch.mm(a, b))
+        else:  # dW [E, N, K] = G^T A: reduction over the rows
+            m, n, k = a.shape[0], g.shape[1], a.shape[1]
+            loop = _median_ms(lambda a=a, g=g: mm_wgrad(g, a, plan))
+            grouped = _median_ms(lambda a=a, g=g: torch._grouped_mm(g.t(), a, offs=plan.ends))
+            # one [N, K] reduced over all rows: the same 2 * M * N * K FLOPs
+            dense = _median_ms(lambda a=a, g=g: torch.mm(g.t(), a))
+        flops = 2 * m * n * k
+        total["loop"] += loop
+        total["grouped"] += grouped
+        total["dense"] += dense
+        print(f"| {name} | {m}x{n}x{k} | {loop:.3f} | {grouped:.3f} | {dense:.3f} |"
+              f" {flops / loop / 1e9:.0f} |")  # fmt: skip
+    floor = 6 * slots * 3 * hidden * inter / (peak * 1e12) * 1e3
+    print(f"| all six | | {total['loop']:.2f} | {total['grouped']:.2f} | {total['dense']:.2f} |"
+          f" floor {floor:.2f} ms |")  # fmt: skip
+
+
+def _like(t: torch.Tensor) -> dict:
+    return {"device": t.device, "dtype": t.dtype}
 
 
 def time_block(block: torch.nn.Module, tokens: int, warmup: int, iters: int):
@@ -120,6 +235,8 @@ def main() -> None:
     parser.add_argument("--frozen", action="store_true", help="expert stacks frozen (LoRA/QLoRA)")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (use --shrink)")
     parser.add_argument("--shrink", type=int, default=1, help="divide hidden/intermediate by this")
+    parser.add_argument("--gemms", action="store_true", help="time the six expert products")
+    parser.add_argument("--profile", action="store_true", help="top GPU kernels per impl")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"# {gpu} torch {torch.__version__} tokens {args.tokens} bf16 fwd+bwd"
@@ -133,12 +250,19 @@ def main() -> None:
         multiplier = 4 if args.frozen else 6  # no weight-gradient products when frozen
         floor_ms = multiplier * args.tokens * k * 3 * hidden * inter / (args.peak * 1e12) * 1e3
         results = {}
-        for impl in args.impls.split(","):
+        impls = args.impls.split(",")
+        for impl in impls:
             block = build_block(shape, impl, args.frozen, args.device, args.shrink)
             try:
-                results[impl] = time_block(block, args.tokens, args.warmup, args.iters)
+                with impl_options(impl):
+                    results[impl] = time_block(block, args.tokens, args.warmup, args.iters)
+                    if args.profile and args.device == "cuda":
+                        print(f"## {shape} {impl}: top kernels of one forward+backward")
+                        profile_block(block, args.tokens)
             except torch.OutOfMemoryError:
                 results[impl] = (float("nan"), float("nan"))
+            if args.gemms and impl == impls[0] and args.device == "cuda":
+                gemm_table(block, args.tokens, args.peak)
             del block
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from turbotune.moe.combine import sum_rows
-from turbotune.moe.expert_loop import mm_rows, mm_wgrad
+from turbotune.moe.expert_loop import mm_rows, mm_wgrad, prefers_grouped
 from turbotune.moe.plan import ExpertPlan
 
 Backend = Literal["triton", "grouped_mm", "mm_loop", "loop"]
@@ -44,7 +44,7 @@ def _dense(weight: Any, dtype: torch.dtype) -> torch.Tensor:
 
 def _grouped_mm(a: torch.Tensor, w_t: torch.Tensor, plan: ExpertPlan, backend: str) -> torch.Tensor:
     """``[S, K] x [E, K, N] -> [S, N]`` over the sorted rows."""
-    if backend == "grouped_mm":
+    if backend == "grouped_mm" or (backend == "mm_loop" and prefers_grouped(a, w_t)):
         return torch._grouped_mm(a, w_t, offs=plan.ends)
     return mm_rows(a, w_t, plan)
 
@@ -79,7 +79,7 @@ class ExpertGEMM(torch.autograd.Function):
         if backend == "mm_loop":  # gather once; the weight gradient reads the same sorted rows
             sorted_a = _sorted_input(a, plan, layout)
             ctx.save_for_backward(sorted_a if ctx.needs_input_grad[1] else None)
-            out = mm_rows(sorted_a, w.transpose(1, 2), plan)
+            out = _grouped_mm(sorted_a, w.transpose(1, 2), plan, backend)
             return _to_slots(out, plan) if layout == "scatter" else out
         # The input serves the weight gradient only: frozen stacks (LoRA/QLoRA) need not keep it.
         ctx.save_for_backward(a if ctx.needs_input_grad[1] else None)

@@ -19,12 +19,15 @@ Where it loses: many experts with few rows each (Qwen3-30B-A3B at 8192 tokens: 1
 ~512 rows, 768 ``mm`` calls per layer forward+backward, each a few microseconds of GPU work behind
 ~20-40 us of host work): one ``torch._grouped_mm`` launch per product is faster there.
 
-``side_streams``: consecutive experts' products alternate between the current stream and that
-many side streams, so one GEMM's last partial wave of tiles overlaps the next one's first (an
-output of ``[2048, 4096]`` is ~2 waves of 128x256 tiles on 132 SMs: up to a third of a wave
-idles per expert). Off by default (:data:`SIDE_STREAMS`) until measured. The side streams wait
-for the current stream before the loop and the current stream waits for them after it, so every
-tensor's later use and every reuse of its memory is ordered after the products.
+Two switches, off until measured on the GPU (``benchmarks/moe_layer.py``, impls
+``tt-mm_loop:s1`` and ``tt-mm_loop:g4096``), target the last partial wave of tiles of each
+expert's GEMM: an output of ``[2048, 4096]`` is ~2 waves of 128x256 tiles on 132 SMs, and 2100
+rows make it 3. :data:`SIDE_STREAMS` alternates consecutive experts' products over the current
+stream and side streams, so one GEMM's tail overlaps the next one's start (the side streams wait
+for the current stream before the loop and the current stream for them after it, so every later
+use of a tensor and every reuse of its memory is ordered after the products).
+:data:`GROUPED_MAX_COLUMNS` runs the narrow products as one ``torch._grouped_mm`` instead: a
+single launch over every expert's tiles has a single tail.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ from turbotune.moe.plan import ExpertPlan
 
 SIDE_STREAMS = 0
 """Side CUDA streams the products of consecutive experts alternate over (0: one stream)."""
+
+GROUPED_MAX_COLUMNS = 0
+"""Products of ``mm_loop`` with at most this many output columns run as one
+``torch._grouped_mm`` instead (0: none). Narrow outputs (``[2048, 4096]`` per expert: the down
+projection, the gate/up input gradient) are the ones whose last wave of tiles idles most; one
+grouped launch over every expert's tiles has a single tail. Off until measured."""
 
 _STREAMS: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 
@@ -109,6 +118,19 @@ def mm_rows(a: torch.Tensor, w_t: torch.Tensor, plan: ExpertPlan) -> torch.Tenso
         for i, (e, start, end) in enumerate(bounds):
             lanes.run(i, torch.mm, a[start:end], w_t[e], out=out[start:end])
     return out
+
+
+def prefers_grouped(a: torch.Tensor, w_t: torch.Tensor) -> bool:
+    """Whether ``mm_loop`` runs ``a [S, K] x w_t [E, K, N]`` as one ``torch._grouped_mm``
+    (:data:`GROUPED_MAX_COLUMNS`; CUDA bf16 with 16-byte strides, as CUTLASS wants them)."""
+    return (
+        0 < w_t.shape[2] <= GROUPED_MAX_COLUMNS
+        and a.is_cuda
+        and a.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and a.shape[1] % 8 == 0
+        and w_t.shape[2] % 8 == 0
+    )
 
 
 def mm_wgrad(g: torch.Tensor, a: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
