@@ -33,7 +33,10 @@ def _grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     }
 
 
-@pytest.mark.parametrize(("family", "backend"), [("mixtral", "grouped_mm"), ("qwen3_moe", "loop")])
+@pytest.mark.parametrize(
+    ("family", "backend"),
+    [("mixtral", "grouped_mm"), ("qwen3_moe", "loop"), ("mixtral", "mm_loop")],
+)
 def test_lora_on_experts_matches(family: str, backend: str, monkeypatch) -> None:
     # Eager SwiGLU for speed; the Triton kernels' LoRA products: test_kernels.py.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
