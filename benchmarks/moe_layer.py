@@ -15,6 +15,13 @@ Triton autotuner runs during warmup). ``--frozen`` times the QLoRA/LoRA case (ex
 frozen: no weight-gradient products). The FLOP floor is ``6 * T * k * 3 * H * I`` (forward 2 FLOP
 per multiply-add for 3 projections, backward twice that) at ``--peak`` TFLOP/s.
 
+Budget at the Mixtral shape (8192 tokens, 16384 sorted rows): the six expert products are
+17.3 TFLOP (21.9 ms at 790 TFLOP/s; the four of frozen stacks 14.6 ms); everything else moves
+about 5 GB (SwiGLU forward 1.4 GB and backward 2.35 GB, gather, combine and its backward, the
+input gradient's k-row sum, router: ~1.7 ms at 3 TB/s) plus ~0.2 ms of small kernels and the
+host read of the row counts. 1.5x transformers' grouped_mm (~37.5 / 28.4 ms on an H100) thus
+needs the products at ~750 TFLOP/s trainable, ~670 frozen.
+
 ``--gemms`` adds a table of the six expert products of one layer (gate/up and down: forward,
 input gradient, weight gradient) at the block's own routing: the per-expert ``mm`` loop against
 ``torch._grouped_mm`` and against one dense ``mm`` of the same FLOPs (what cuBLAS reaches on
@@ -164,31 +171,36 @@ def gemm_table(block: torch.nn.Module, tokens: int, peak: float) -> None:
     ]
     sizes = plan.sizes if num_experts <= 16 else f"{min(plan.sizes)}..{max(plan.sizes)} each"
     print(f"## expert products, {slots} rows over {num_experts} experts: {sizes}")
-    print("| product | M x N x K | mm loop ms | grouped_mm ms | dense mm ms | loop TFLOP/s |")
+    print("| ms (TFLOP/s): product | M x N x K | mm loop | mm loop, 1 side stream | grouped_mm"
+          " | one dense mm |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|")
-    total = {"loop": 0.0, "grouped": 0.0, "dense": 0.0}
+    totals = [0.0] * 4
     for name, a, w_t, g in products:
         if g is None:
             m, k, n = a.shape[0], w_t.shape[1], w_t.shape[2]
-            loop = _median_ms(lambda a=a, w_t=w_t: mm_rows(a, w_t, plan))
-            grouped = _median_ms(lambda a=a, w_t=w_t: torch._grouped_mm(a, w_t, offs=plan.ends))
             dense_b = torch.randn(k, n, **_like(gu))
-            dense = _median_ms(lambda a=a, b=dense_b: torch.mm(a, b))
-        else:  # dW [E, N, K] = G^T A: reduction over the rows
+            fns = [
+                lambda a=a, w_t=w_t: mm_rows(a, w_t, plan),
+                lambda a=a, w_t=w_t: torch._grouped_mm(a, w_t, offs=plan.ends),
+                lambda a=a, b=dense_b: torch.mm(a, b),
+            ]
+        else:  # dW [E, N, K] = G^T A, reduced over each expert's rows
             m, n, k = a.shape[0], g.shape[1], a.shape[1]
-            loop = _median_ms(lambda a=a, g=g: mm_wgrad(g, a, plan))
-            grouped = _median_ms(lambda a=a, g=g: torch._grouped_mm(g.t(), a, offs=plan.ends))
-            # one [N, K] reduced over all rows: the same 2 * M * N * K FLOPs
-            dense = _median_ms(lambda a=a, g=g: torch.mm(g.t(), a))
+            fns = [
+                lambda a=a, g=g: mm_wgrad(g, a, plan),
+                lambda a=a, g=g: torch._grouped_mm(g.t(), a, offs=plan.ends),
+                lambda a=a, g=g: torch.mm(g.t(), a),  # one [N, K] over all rows: same FLOPs
+            ]
+        times = [_median_ms(fns[0])]
+        with impl_options("tt-mm_loop:s1"):
+            times.append(_median_ms(fns[0]))
+        times += [_median_ms(fn) for fn in fns[1:]]
         flops = 2 * m * n * k
-        total["loop"] += loop
-        total["grouped"] += grouped
-        total["dense"] += dense
-        print(f"| {name} | {m}x{n}x{k} | {loop:.3f} | {grouped:.3f} | {dense:.3f} |"
-              f" {flops / loop / 1e9:.0f} |")  # fmt: skip
+        cells = " | ".join(f"{t:.3f} ({flops / t / 1e9:.0f})" for t in times)
+        print(f"| {name} | {m}x{n}x{k} | {cells} |")
+        totals = [a + b for a, b in zip(totals, times)]
     floor = 6 * slots * 3 * hidden * inter / (peak * 1e12) * 1e3
-    print(f"| all six | | {total['loop']:.2f} | {total['grouped']:.2f} | {total['dense']:.2f} |"
-          f" floor {floor:.2f} ms |")  # fmt: skip
+    print(f"| all six | floor {floor:.2f} | " + " | ".join(f"{t:.2f}" for t in totals) + " |")
 
 
 def _like(t: torch.Tensor) -> dict:
