@@ -155,7 +155,7 @@ def gemm_table(block: torch.nn.Module, tokens: int, peak: float) -> None:
     num_experts, hidden, inter = dn.shape
     x = torch.randn(tokens, hidden, device=gu.device, dtype=gu.dtype)
     with torch.no_grad():
-        _, _, index = (getattr(block, "gate", None) or block.router)(x)
+        index = (getattr(block, "gate", None) or block.router)(x)[-1]  # (logits, w, index)
     plan = plan_experts(index, num_experts).on_host()
     slots = plan.num_slots
     rows = x.index_select(0, plan.order // plan.top_k)
@@ -273,8 +273,14 @@ def main() -> None:
                         profile_block(block, args.tokens)
             except torch.OutOfMemoryError:
                 results[impl] = (float("nan"), float("nan"))
+            except Exception as error:  # one broken impl must not lose the others' numbers
+                print(f"## {shape} {impl} failed: {error!r}")
+                results[impl] = (float("nan"), float("nan"))
             if args.gemms and impl == impls[0] and args.device == "cuda":
-                gemm_table(block, args.tokens, args.peak)
+                try:  # a diagnostic: never lose the layer table to it
+                    gemm_table(block, args.tokens, args.peak)
+                except Exception as error:
+                    print(f"## expert products table failed: {error!r}")
             del block
             if args.device == "cuda":
                 torch.cuda.empty_cache()
