@@ -202,6 +202,9 @@ class TrainConfig:
     """With ``gradient_checkpointing``: keep each decoder layer's checkpointed input in pinned
     host memory instead of on the GPU (copied on side streams, prefetched one layer ahead in
     backward; ``turbotune.train.offload``). Saves ``layers x batch x seq x hidden`` bytes."""
+    activation_offload_layers: int | None = None
+    """With ``activation_offload``: offload only the first N decoder layers' inputs (the rest
+    stay on the GPU, still checkpointed): trades the copies' cost against memory. Empty: all."""
     optimizer: str | None = None
     """Any ``TrainingArguments.optim`` value, e.g. ``paged_adamw_8bit`` (bitsandbytes);
     empty: the Trainer's default (fused AdamW on CUDA)."""
@@ -238,6 +241,13 @@ class TrainConfig:
             raise ConfigError("'train.gradient_accumulation_steps' must be at least 1")
         if self.per_device_train_batch_size < 1:
             raise ConfigError("'train.per_device_train_batch_size' must be at least 1")
+        if self.activation_offload_layers is not None and (
+            self.activation_offload_layers < 0 or not self.activation_offload
+        ):
+            raise ConfigError(
+                "'train.activation_offload_layers' is how many layers 'train.activation_offload' "
+                "offloads: a number >= 0, with 'train.activation_offload: true'"
+            )
         if self.activation_offload and not self.gradient_checkpointing:
             raise ConfigError(
                 "'train.activation_offload' offloads the checkpointed layer inputs: "

@@ -94,6 +94,33 @@ def test_offloaded_checkpointing_trains_like_plain_and_none(dropout):
     _assert_same(runs["offload"], runs["hf"], "offloaded vs hf checkpointing", atol=1e-6)
 
 
+def test_offloading_only_the_first_layers_trains_the_same():
+    """``offload_layers=1``: layer 0 keeps its input on the host, the rest are plainly
+    checkpointed on the device; the run equals the unwrapped one."""
+    ref = _lora_llama(0.0)
+    model = copy.deepcopy(ref)
+    assert checkpoint_layers(model, offload=True, offload_layers=1) == LAYERS
+    kinds = [layer.__dict__["_turbotune_block_wrapped"] for layer in decoder_layers(model)]
+    assert kinds == [(True, True)] + [(True, False)] * (LAYERS - 1)
+    _assert_same(_run(model), _run(copy.deepcopy(ref)), "partly offloaded vs none", atol=1e-6)
+
+
+def test_offload_layers_needs_offload_and_a_count():
+    from turbotune.config import load_config
+    from turbotune.errors import ConfigError
+
+    on = {"gradient_checkpointing": True, "activation_offload": True}
+    assert (
+        load_config(
+            {"train": {**on, "activation_offload_layers": 3}}
+        ).train.activation_offload_layers
+        == 3
+    )
+    for bad in ({**on, "activation_offload_layers": -1}, {"activation_offload_layers": 2}):
+        with pytest.raises(ConfigError, match="activation_offload_layers"):
+            load_config({"train": bad})
+
+
 def test_dropout_changes_the_gradients():
     """The dropout case above is not vacuous: another seed gives other gradients."""
     ref = _lora_llama(0.2)

@@ -204,7 +204,7 @@ def prepare_turbotune(
     if offloads_checkpoints(cfg.train):  # turbotune's offloaded checkpoint, as run_training
         from turbotune.distributed.activations import checkpoint_layers
 
-        checkpoint_layers(model, offload=True)
+        checkpoint_layers(model, offload=True, offload_layers=cfg.train.activation_offload_layers)
     elif args.gradient_checkpointing:
         _enable_checkpointing(model, args.gradient_checkpointing_kwargs)
     trainable = "full" if cfg.adapter.method == "full" else "lora"

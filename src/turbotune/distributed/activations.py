@@ -140,7 +140,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def checkpoint_layers(
-    model: nn.Module, *, offload: bool, offloader: ActivationOffloader | None = None
+    model: nn.Module,
+    *,
+    offload: bool,
+    offloader: ActivationOffloader | None = None,
+    offload_layers: int | None = None,
 ) -> int:
     """Checkpoint every decoder layer of ``model`` with turbotune's wrapper (in place).
 
@@ -151,6 +155,8 @@ def checkpoint_layers(
         model: a transformers model, or a peft model around one.
         offload: keep each layer's input in host memory (:mod:`turbotune.train.offload`).
         offloader: pool and streams to use (default: the process's own).
+        offload_layers: with ``offload``, offload only the first this many layers' inputs
+            (None: all); the others are checkpointed on the GPU.
 
     Returns:
         The number of layers wrapped.
@@ -164,7 +170,7 @@ def checkpoint_layers(
             f"{type(model).__name__} has no transformers GradientCheckpointingLayer to checkpoint"
         )
     wrapped = 0
-    for layer in layers:
+    for i, layer in enumerate(layers):
         if "_turbotune_block_wrapped" in layer.__dict__:
             continue
         if getattr(layer, "gradient_checkpointing", False):
@@ -172,6 +178,7 @@ def checkpoint_layers(
                 "transformers' gradient checkpointing is on: turn it off (activation offload "
                 "checkpoints the layers itself)"
             )
-        wrap_block(layer, checkpoint=True, offload=offload, offloader=offloader)
+        host = offload and (offload_layers is None or i < offload_layers)
+        wrap_block(layer, checkpoint=True, offload=host, offloader=offloader)
         wrapped += 1
     return wrapped

@@ -118,8 +118,12 @@ def run_training(
     if offloads_checkpoints(cfg.train):  # in place of transformers' checkpointing
         from turbotune.distributed.activations import checkpoint_layers
 
-        n = checkpoint_layers(model, offload=True)
-        _say(f"[bold]activation offload[/] {n} checkpointed layers keep their inputs on the host")
+        limit = cfg.train.activation_offload_layers
+        n = checkpoint_layers(model, offload=True, offload_layers=limit)
+        host = n if limit is None else min(n, limit)
+        _say(
+            f"[bold]activation offload[/] {host} of {n} checkpointed layers keep their inputs on the host"
+        )
     _report_parameters(model)
     trainer = _build_trainer(cfg, fw, model, args, run, callbacks or [])
 
