@@ -52,6 +52,40 @@ def rms_norm(
     return (w * x_normed.to(x.dtype).float()).to(out_dtype)
 
 
+def add_rms_norm(
+    residual: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float = 0.0,
+    casting: Casting = "llama",
+    multiplier: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = residual + h`` (Granite: ``residual + h * multiplier``) and ``y = rms_norm(s)``.
+
+    Args:
+        residual, h: ``[..., H]``.
+        weight, eps, offset, casting: as :func:`rms_norm`.
+        multiplier: ``None`` for a plain add.
+
+    Returns:
+        ``(s, y)``, both ``[..., H]``.
+    """
+    s = residual + (h if multiplier is None else h * multiplier)
+    return s, rms_norm(s, weight, eps, offset, casting)
+
+
+def rms_norm_with_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float = 0.0,
+    casting: Casting = "llama",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, rms_norm(x))``: the first norm of a pre-norm layer, whose input is the residual."""
+    return x, rms_norm(x, weight, eps, offset, casting)
+
+
 # ---- rotary position embedding ----
 
 
