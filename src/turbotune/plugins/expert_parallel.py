@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ExpertParallelConfig:
-    backend: Literal["auto", "triton", "grouped_mm", "loop"] = "auto"
+    backend: Literal["auto", "triton", "grouped_mm", "mm_loop", "loop"] = "auto"
     """Expert kernels for the rows each process receives (as ``plugins.fused_ops.moe_backend``)."""
 
 
