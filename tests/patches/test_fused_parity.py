@@ -257,3 +257,84 @@ def test_patched_training_matches_unpatched_gpu_bf16(family):
     assert_close_losses(
         train(ours_model, batches), train(ref_model, batches), 1e-2, f"{family} bf16 GPU"
     )
+
+
+# ---- add_norm: residual adds fused into the decoder layers' norms ----
+
+ADD_NORM_FAMILIES = sorted(f for f in FAMILIES if FAMILIES[f].decoder_layers)
+
+
+def _add_norm_model(family):
+    if FAMILIES[family].experts and family != "mixtral":
+        from tests.moe.tiny import tiny_model as tiny_moe_model
+
+        model = tiny_moe_model(family)
+    else:
+        model = tiny_model(family)
+    if FAMILIES[family].residual_multiplier_attr:  # not a power of two: h * m must round
+        for layer in model.model.layers:
+            layer.residual_multiplier = 0.3
+    return model
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("family", ADD_NORM_FAMILIES)
+def test_add_norm_training_is_bit_equal(family, checkpointing, monkeypatch):
+    """Full fine-tuning (norm weights train): the fused residual adds give the very losses and
+    weights of the RMSNorm patch + torch adds, and match the unpatched model; under gradient
+    checkpointing the fused layer forward is what recomputes. Llama and Granite (multiplier)
+    run the Triton kernels (interpreter on CPU); the other families, whose layers differ only
+    in their attention and MLP, the eager references (the interpreter is slow)."""
+    from turbotune.ops import add_norm
+    from turbotune.ops._triton import use_triton
+
+    if family not in ("llama", "granite"):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif not use_triton(torch.zeros(1)):
+        pytest.skip("needs Triton (TRITON_INTERPRET=1 on CPU)")
+    torch.set_num_threads(1)
+    calls = []  # fused layer forwards that ran (bound when the patch is applied)
+    real = add_norm.add_rms_norm
+    monkeypatch.setattr(add_norm, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = _add_norm_model(family)
+    vocab = base.config.vocab_size
+    models = {k: copy.deepcopy(base) for k in ("plain", "norm", "fused")}
+    apply_patches(models["norm"], ["rms_norm"])
+    patches = apply_patches(models["fused"], ["rms_norm", "add_norm"])
+    assert patches.counts.get("add_norm") == base.config.num_hidden_layers, patches.counts
+    batches = data(2, seq=12, vocab=vocab)
+    losses = {k: train(m, batches, lr=1e-3, checkpointing=checkpointing) for k, m in models.items()}  # fmt: skip
+    layers = base.config.num_hidden_layers
+    assert len(calls) == 2 * layers * (2 if checkpointing else 1), len(calls)
+    assert losses["fused"] == losses["norm"], (losses["fused"], losses["norm"])
+    for (name, p), q in zip(models["fused"].named_parameters(), models["norm"].parameters()):
+        diff = (p - q).abs()
+        assert torch.equal(p, q), f"{name}: max abs diff {diff.max():.3e}, mean {diff.mean():.3e}"
+    assert_close_losses(losses["fused"], losses["plain"], 2e-5, f"{family} add_norm vs unpatched")
+
+
+def test_add_norm_undo_and_fallbacks(eager_ops):
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    original = layer.forward
+    ids = data(1)[0][0]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match="needs 'rms_norm'"):
+        apply_patches(model, ["add_norm"])
+    patches = apply_patches(model, ["rms_norm", "add_norm"])
+    assert layer.forward.__func__ is not type(layer).forward
+    seen = []
+    handle = layer.input_layernorm.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        hooked = model(input_ids=ids).logits  # the hook needs the norm to run: original forward
+    handle.remove()
+    with torch.no_grad():
+        fused = model(input_ids=ids).logits
+    patches.undo()
+    assert len(seen) == 1 and "forward" not in layer.__dict__ and layer.forward == original
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(after, before)
+    torch.testing.assert_close(fused, before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hooked, before, rtol=1e-5, atol=1e-5)

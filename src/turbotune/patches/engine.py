@@ -25,8 +25,9 @@ import torch
 from turbotune.errors import UnsupportedModelError
 from turbotune.patches.families import FAMILIES, Family
 
-KINDS = ("rms_norm", "rope", "swiglu", "cross_entropy", "lora", "moe")
-"""The kernel families a patch set can switch on."""
+KINDS = ("rms_norm", "rope", "swiglu", "cross_entropy", "lora", "moe", "add_norm")
+"""The kernel families a patch set can switch on (``add_norm``, the residual adds fused into the
+decoder layers' norms, needs ``rms_norm``)."""
 
 _MISSING = object()
 _GLOBAL_REFS: dict[tuple[str, str], tuple[Any, int]] = {}  # (module, name) -> (original, count)
@@ -123,13 +124,17 @@ def apply_patches(
     unknown = kinds - set(KINDS)
     if unknown:
         raise ValueError(f"unknown patch kinds {sorted(unknown)}; choose from {KINDS}")
+    if "add_norm" in kinds and "rms_norm" not in kinds:
+        raise ValueError("patch kind 'add_norm' fuses the RMSNorm kernels: it needs 'rms_norm'")
     name, fam = family_of(model)
     patches = PatchSet(name)
     # Projections of an MLP whose whole forward is fused need no patch of their own.
     in_fused_mlp = _fused_mlp_children(model, fam) if "swiglu" in kinds else set()
     for module in model.modules():
         cls = type(module).__name__
-        if "rms_norm" in kinds and cls in fam.norms:
+        if "add_norm" in kinds and forwards.is_standard_decoder_layer(module, fam):
+            patches.bind(module, "add_norm", forwards.decoder_layer_forward(fam, type(module)))
+        elif "rms_norm" in kinds and cls in fam.norms:
             patches.bind(module, "rms_norm", forwards.rms_norm_forward(fam))
         elif "swiglu" in kinds and cls in fam.mlps:
             patches.bind(

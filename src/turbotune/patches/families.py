@@ -43,6 +43,14 @@ class Family:
     sliding_window: str | None = None
     """Where attention reads the ``sliding_window`` it passes to the attention function:
     ``"config"`` (Mistral), ``"module"`` (Qwen2/3, set per layer type), or None (not passed)."""
+    decoder_layers: tuple[str, ...] = ()
+    """Pre-norm decoder layers (``residual + attn(input_layernorm(x))``, then
+    ``residual + mlp(post_attention_layernorm(.))``, both norms of a class in ``norms``): their
+    residual adds are fused with the norms (``add_norm`` kind, ``ops/add_norm.py``)."""
+    layer_mlp: str = "mlp"
+    """Attribute of the decoder layer holding its MLP or MoE block."""
+    residual_multiplier_attr: str | None = None
+    """Decoder-layer attribute scaling each branch before its residual add (Granite)."""
     experts: tuple[str, ...] = ()
     """MoE experts classes (transformers 5's stacked ``gate_up_proj``/``down_proj``, called as
     ``experts(hidden, top_k_index, top_k_weights)``): grouped expert kernels of
@@ -60,6 +68,7 @@ def _row(name: str, prefix: str, *, mlp: bool = True, **extra) -> Family:
         norms=(f"{prefix}RMSNorm",),
         mlps=(f"{prefix}MLP",) if mlp else (),
         attentions=(f"{prefix}Attention",),
+        decoder_layers=(f"{prefix}DecoderLayer",),
         **extra,
     )
 
@@ -72,7 +81,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen2": _row("qwen2", "Qwen2", sliding_window="module"),
     "qwen3": _row("qwen3", "Qwen3", sliding_window="module", qk_norm=True),
-    "granite": _row("granite", "Granite", logits_divisor_attr="logits_scaling"),
+    "granite": _row(
+        "granite",
+        "Granite",
+        logits_divisor_attr="logits_scaling",
+        residual_multiplier_attr="residual_multiplier",
+    ),
     # MoE families: experts through turbotune.moe; Qwen-MoE's shared expert / dense layers are
     # ordinary gated MLPs (``<Prefix>MLP``).
     "qwen2_moe": _row(
@@ -87,5 +101,7 @@ FAMILIES: dict[str, Family] = {
         mlp=False,
         logits_divisor_attr="logits_scaling",
         experts=("GraniteMoeExperts",),
+        layer_mlp="block_sparse_moe",
+        residual_multiplier_attr="residual_multiplier",
     ),
 }

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 class FusedOpsConfig:
     rms_norm: bool = True
     """Triton RMSNorm (forward and backward, weight gradient included)."""
+    add_norm: bool = True
+    """Each decoder layer's residual adds fused into the RMSNorms after them, forward and backward
+    (``ops/add_norm.py``); needs ``rms_norm`` (ignored without it)."""
     rope: bool = True
     """Triton rotary embedding that honours per-sequence positions."""
     swiglu: bool = True
@@ -55,8 +58,8 @@ class FusedOpsPlugin(Plugin):
 
     def kinds(self) -> list[str]:
         c = self.config
-        kinds = ("rms_norm", "rope", "swiglu", "cross_entropy", "lora", "moe")
-        return [k for k in kinds if getattr(c, k)]
+        kinds = ("rms_norm", "rope", "swiglu", "cross_entropy", "lora", "moe", "add_norm")
+        return [k for k in kinds if getattr(c, k) and (k != "add_norm" or c.rms_norm)]
 
     def augment(
         self, model: PreTrainedModel, training_args: TrainingArguments | None, peft_config: Any
