@@ -338,3 +338,18 @@ def test_add_norm_undo_and_fallbacks(eager_ops):
     assert torch.equal(after, before)
     torch.testing.assert_close(fused, before, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hooked, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "granite"])
+def test_add_norm_training_bit_equal_gpu_bf16(family):
+    """bf16 LoRA training on the GPU: the fused residual adds change no bit of the losses."""
+    base = tiny_model(
+        family, hidden_size=256, intermediate_size=512, num_attention_heads=8, vocab_size=4096
+    ).cuda()
+    runs = []
+    for kinds in (["rms_norm"], ["rms_norm", "add_norm"]):
+        model = with_lora(copy.deepcopy(base)).to(torch.bfloat16)
+        apply_patches(model, kinds)
+        runs.append(train(model, data(10, batch=4, seq=256, vocab=4096, device="cuda")))
+    assert runs[0] == runs[1], f"{family}: rms_norm only {runs[0]} vs add_norm {runs[1]}"
