@@ -186,10 +186,11 @@ def decoder_layer_forward(fam: Family, layer_cls: type) -> Callable[..., torch.T
         ):
             return self._turbotune_original_forward(hidden_states, *args, **kwargs)
         if checkpoints_itself and self.gradient_checkpointing and self.training:
-            if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None:
-                kwargs = {**kwargs, "use_cache": False}  # what transformers' wrapper does
-                if not self._can_checkpoint_with_cache and "past_key_values" in kwargs:
-                    kwargs["past_key_values"] = None
+            # What transformers' wrapper does: no cache written twice by the recomputation.
+            if kwargs.get("use_cache"):
+                kwargs = {**kwargs, "use_cache": False}
+            if kwargs.get("past_key_values") is not None and not self._can_checkpoint_with_cache:
+                kwargs = {**kwargs, "past_key_values": None}
             return self._gradient_checkpointing_func(
                 functools.partial(fused, self, **kwargs), hidden_states
             )
