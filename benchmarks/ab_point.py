@@ -27,6 +27,8 @@ VARIANTS = {
     "no-fold": {"fold": False},
     "spare": {"spare": True},
     "no-spare": {"spare": False},
+    "add-norm": {"add_norm": True},
+    "no-add-norm": {"add_norm": False},
 }
 
 
@@ -35,10 +37,14 @@ def _switch(
     fold: bool | None = None,
     graphs: bool | None = None,
     spare: bool | None = None,
+    add_norm: bool | None = None,
 ) -> None:
+    from turbotune.ops import add_norm as add_norm_op
     from turbotune.ops import lora_group, spare_columns
 
-    if fold is not None or spare is not None:
+    if add_norm is not None:
+        add_norm_op.ENABLED = add_norm
+    if fold is not None or spare is not None or add_norm is not None:
         lora_group.FOLD_ADAPTERS = lora_group.FOLD_ADAPTERS if fold is None else fold
         spare_columns.ENABLED = spare_columns.ENABLED if spare is None else spare
         # Captured graphs replay the kernels of the old setting: capture anew (warm-up steps).
