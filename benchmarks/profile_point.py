@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sort", default="cuda_time_total", help="key_averages sort key")
     parser.add_argument(
+        "--sync-debug", action="store_true", help="print the stack of every host sync in a step"
+    )
+    parser.add_argument(
         "--shapes", action="store_true", help="eager layers, ops grouped by input shapes"
     )
     parser.add_argument(
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batches[:2]:
         step(batch)
     torch.cuda.synchronize()
+    if args.sync_debug:
+        _sync_stacks(step, batches[2])
     # Wall time only: process time would count the final synchronize's spin as host work.
     import time
 
@@ -81,6 +86,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.gaps or args.busy:
         gap_report(trace)
     return 0
+
+
+def _sync_stacks(step: Callable[[Any], torch.Tensor], batch: Any) -> None:
+    """One step with ``torch.cuda.set_sync_debug_mode("warn")``: each synchronizing call's stack."""
+    import traceback
+    import warnings
+
+    seen: dict[str, int] = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        stack = "".join(traceback.format_stack(limit=14)[:-2])
+        seen[stack] = seen.get(stack, 0) + 1
+
+    old = warnings.showwarning
+    warnings.showwarning = show
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = old
+    print(f"== {sum(seen.values())} synchronizing calls in one step")
+    for stack, n in seen.items():
+        print(f"-- {n}x\n{stack}")
 
 
 # Kernel name patterns -> kind, first match wins (names of torch 2.11 / triton 3.6 on an H100).
