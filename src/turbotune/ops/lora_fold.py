@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from turbotune.ops import spare_columns
+from turbotune.ops.lora_fold_tail import write_adapter_block
 from turbotune.ops.lora_group import (
     Layout,
     Needs,
@@ -64,11 +65,7 @@ def _folded_weight(
     w_part, b_part = weight.narrow(1, 0, n_in), weight.narrow(1, n_in, padded)
     for slot, (start, stop) in zip(slots, layout.rows):
         dense_weight(slot.base, dtype, out=w_part[start:stop])
-    b_part.zero_()
-    for k, i in enumerate(layout.adapters):
-        (start, stop), (r0, r1) = layout.rows[i], layout.ranks[k]
-        # the cast to the compute dtype and the scaling in one kernel
-        torch.mul(slots[i].B, slots[i].scaling, out=b_part[start:stop].narrow(1, r0, r1 - r0))
+    write_adapter_block(b_part, slots, layout)  # one kernel for the zeros and every s_i B_i
     return weight
 
 
