@@ -109,7 +109,7 @@ def test_shipped_scenario_files_load():
     points = expand(ref)
     assert [s.name for s in ref] == [
         "hf-qlora-amp", "hf-qlora", "hf-qlora-kbit", "turbotune-qlora", "turbotune-qlora-fused",
-        "turbotune-qlora-fused-offload"]  # fmt: skip
+        "turbotune-qlora-fused-offload", "turbotune-qlora-fused-offload12"]  # fmt: skip
     assert ref[0].is_baseline and ref[0].settings.precision == "bf16_buffers_autocast"
     assert {(p.model, p.batch_size, p.seq_len, p.gradient_checkpointing) for p in points} == {
         ("llama-3.1-8b", 4, 1024, False), ("llama-3.1-8b", 8, 1024, True)}  # fmt: skip

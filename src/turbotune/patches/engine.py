@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from turbotune.errors import UnsupportedModelError
+from turbotune.patches import packing
 from turbotune.patches.families import FAMILIES, Family
 
 KINDS = ("rms_norm", "rope", "swiglu", "cross_entropy", "lora", "moe", "add_norm")
@@ -153,6 +154,10 @@ def apply_patches(
             patches.bind(module, "lora", forwards.lora_linear_forward)
     if patches.counts.get("rope"):
         patches.swap_global(fam.module, fam.rope_fn, forwards.rotary_dispatcher)
+    if patches.counts.get("cross_entropy") and hasattr(
+        importlib.import_module(packing.PROBE[0]), packing.PROBE[1]
+    ):
+        patches.swap_global(*packing.PROBE, packing.probe_without_sync)
     return patches
 
 

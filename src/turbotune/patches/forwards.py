@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from turbotune.ops.lora import LoRAWeights, Projection, lora_mlp, lora_projections
 from turbotune.patches.families import Family
+from turbotune.patches.packing import positions_are_default
 
 # --- peft LoRA layers ---------------------------------------------------------------------
 
@@ -385,10 +386,15 @@ def causal_lm_forward(fam: Family) -> Callable[..., Any]:
             kwargs["output_router_logits"] = (
                 self.config.output_router_logits if wanted is None else wanted
             )
-        outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
-        )  # fmt: skip
+        # No positions, mask or cache given: the model's positions are a plain arange, so
+        # transformers' packed-sequence probe (a host sync per step) is skipped (patches/packing.py).
+        default = position_ids is None and attention_mask is None and past_key_values is None
+        with positions_are_default(default):
+            outputs = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                **kwargs,
+            )  # fmt: skip
         hidden = outputs.last_hidden_state
         if shift_labels is None:  # what HF's ForCausalLMLoss does: predict token t+1 at t
             shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
