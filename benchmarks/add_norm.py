@@ -18,37 +18,16 @@ evicted before each repeat; bandwidth counts the fused kernel's bytes. About 20 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+from timing import time_ms  # this folder (scripts run from here)
 
 from turbotune.ops.add_norm import add_norm_backward, add_rms_norm, add_rms_norm_forward
 from turbotune.ops.rms_norm import rms_norm, rms_norm_backward, rms_norm_forward
 
-_SCRATCH: list[torch.Tensor] = []
-
-
-def _time_ms(fn, repeats: int = 40, warmup: int = 5) -> float:
-    """Median CUDA-event time of ``fn``, L2 (50 MB on an H100) evicted before each repeat."""
-    if not _SCRATCH:
-        _SCRATCH.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _SCRATCH[0].zero_()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
 
 def _row(name: str, unfused, fused, passes: int, nbytes: int, equal: bool) -> None:
-    t0, t1 = _time_ms(unfused), _time_ms(fused)
+    t0, t1 = time_ms(unfused, repeats=40), time_ms(fused, repeats=40)
     gbs = passes * nbytes / (t1 * 1e-3) / 1e9
     print(
         f"{name:<22} {t0 * 1e3:9.1f} {t1 * 1e3:9.1f} {t0 / t1:7.2f}x {(t0 - t1) * 1e3:8.1f}"

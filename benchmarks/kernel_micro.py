@@ -16,33 +16,14 @@ Times are CUDA-event medians over repeats after warm-up. Nothing here is a unit 
 from __future__ import annotations
 
 import argparse
-import statistics
 from functools import partial
 
 import torch
-
-_SCRATCH: list[torch.Tensor] = []
+from timing import time_ms  # this folder (scripts run from here)
 
 
 def _time_ms(fn, repeats: int = 20, warmup: int = 5, cold: bool = False) -> float:
-    """Median CUDA-event time; ``cold`` evicts the 50 MB L2 before each repeat (a memory-bound
-    op in a training step finds its input in HBM, not in a cache warmed by the previous repeat)."""
-    if cold and not _SCRATCH:
-        _SCRATCH.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if cold:
-            _SCRATCH[0].zero_()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return time_ms(fn, repeats, warmup, cold)
 
 
 def attention(batch: int = 4, seq: int = 1024, heads: int = 32, kv_heads: int = 8) -> None:

@@ -17,36 +17,14 @@ Times are CUDA-event medians. Nothing here is a unit test. About 30 s on an H100
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+from timing import time_ms  # this folder (scripts run from here)
 
 from turbotune.ops import lora as lora_ops
 from turbotune.ops.lora import LoRAWeights, lora_mlp
 from turbotune.ops.lora_mlp_backward import _glu_backward_inplace, glu_forward
 from turbotune.ops.swiglu import swiglu_backward, swiglu_backward_with_h, swiglu_forward
-
-_SCRATCH: list[torch.Tensor] = []
-
-
-def _time_ms(fn, repeats: int = 30, warmup: int = 5, cold: bool = True) -> float:
-    """Median CUDA-event time of ``fn``; ``cold`` evicts L2 (50 MB on an H100) first."""
-    if cold and not _SCRATCH:
-        _SCRATCH.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if cold:
-            _SCRATCH[0].zero_()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def kernels(tokens: int, inter: int) -> None:
@@ -68,7 +46,7 @@ def kernels(tokens: int, inter: int) -> None:
     print(f"== gated activation backward, [{tokens}, {inter}] bf16 (L2 evicted)")
     print(f"  {'variant':32s} {'ms':>8s} {'GB/s':>8s}")
     for name, (fn, passes) in runs.items():
-        ms = _time_ms(fn)
+        ms = time_ms(fn)
         print(f"  {name:32s} {ms:8.3f} {passes * elem / ms / 1e6:8.0f}")
 
 
@@ -113,7 +91,7 @@ def mlp(tokens: int, hidden: int, inter: int, r: int = 16) -> None:
         for label, fn in (("old", _old_down_and_glu_backward), ("new", new)):
             lora_ops.down_and_glu_backward = fn
             try:
-                times[label] = _time_ms(step, repeats=20, cold=False)
+                times[label] = time_ms(step, repeats=20, cold=False)
             finally:
                 lora_ops.down_and_glu_backward = new
         saved_us = 1000 * (times["old"] - times["new"])

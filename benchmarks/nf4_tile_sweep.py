@@ -15,7 +15,7 @@ import torch
 import turbotune.ops.nf4 as m
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_micro import _time_ms
+from timing import time_ms as _time_ms
 
 CONFIGS = (
     (4096, 32, 4),
