@@ -31,7 +31,14 @@ import torch
 from turbotune.ops import reference, spare_columns
 from turbotune.ops._triton import num_programs_hint, row_block_settings, tl, triton, use_triton
 from turbotune.ops.reference import Casting
-from turbotune.ops.rms_norm import _as_rows, rms_norm_backward, rms_norm_forward
+from turbotune.ops.rms_norm import (
+    _as_rows,
+    normalized_row,
+    rms_norm_backward,
+    rms_norm_forward,
+    row_input_grad,
+    row_weight_grad,
+)
 
 __all__ = [
     "AddRMSNormFunction",
@@ -79,14 +86,9 @@ def _add_fwd_kernel(
         h = (h * multiplier).to(h_ptr.dtype.element_ty).to(tl.float32)
     s = (r + h).to(s_ptr.dtype.element_ty)
     tl.store(s_ptr + row * n_cols + cols, s, mask=mask)
-    x = s.to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(rstd_ptr + row, rstd)
-    x_normed = x * rstd
-    if CAST_TO_INPUT:
-        x_normed = x_normed.to(s_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * stride_ym + cols, (x_normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+    y = normalized_row(s.to(tl.float32), w, rstd_ptr, row, n_cols, eps, s_ptr, CAST_TO_INPUT)
+    tl.store(y_ptr + row * stride_ym + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -130,19 +132,14 @@ def _add_bwd_kernel(
         x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row * stride_dym + cols, mask=mask, other=0.0).to(tl.float32)
         ds = tl.load(ds_ptr + row * stride_dsm + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        x_normed = x * rstd
-        g = dy * w
-        dx = rstd * (g - x_normed * (tl.sum(g * x_normed, axis=0) / n_cols))
+        dx, x_normed = row_input_grad(x, dy, w, tl.load(rstd_ptr + row), n_cols)
         d = (dx.to(d_ptr.dtype.element_ty).to(tl.float32) + ds).to(d_ptr.dtype.element_ty)
         tl.store(d_ptr + row * n_cols + cols, d, mask=mask)
         if HAS_MULT:
             dh = (d.to(tl.float32) * multiplier).to(dh_ptr.dtype.element_ty)
             tl.store(dh_ptr + row * n_cols + cols, dh, mask=mask)
         if COMPUTE_DW:
-            if CAST_TO_INPUT:
-                x_normed = x_normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-            dw_acc += dy * x_normed
+            dw_acc += row_weight_grad(dy, x_normed, x_ptr, CAST_TO_INPUT)
     if COMPUTE_DW:
         tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
 

@@ -22,6 +22,40 @@ from turbotune.ops.reference import Casting
 __all__ = ["RMSNormFunction", "rms_norm", "rms_norm_backward", "rms_norm_forward"]
 
 
+# ---- the row maths, shared with ops/add_norm.py (inlined by Triton: one source of truth) ----
+
+
+@triton.jit
+def normalized_row(x, w, rstd_ptr, row, n_cols, eps, round_ptr, CAST_TO_INPUT: tl.constexpr):
+    """fp32 ``w * cast(x * rstd)`` of one fp32 row (``w`` with its offset added); stores
+    ``rstd = 1 / sqrt(mean(x^2) + eps)``. ``cast`` rounds to ``round_ptr``'s dtype when
+    ``CAST_TO_INPUT`` (Llama) and is the identity otherwise."""
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(rstd_ptr + row, rstd)
+    x_normed = x * rstd
+    if CAST_TO_INPUT:
+        x_normed = x_normed.to(round_ptr.dtype.element_ty).to(tl.float32)
+    return x_normed * w
+
+
+@triton.jit
+def row_input_grad(x, dy, w, rstd, n_cols):
+    """``(dx, n)`` of one fp32 row: ``n = x * rstd``, ``g = dy * w``,
+    ``dx = rstd * (g - n * mean(g * n))``."""
+    x_normed = x * rstd
+    g = dy * w
+    dx = rstd * (g - x_normed * (tl.sum(g * x_normed, axis=0) / n_cols))
+    return dx, x_normed
+
+
+@triton.jit
+def row_weight_grad(dy, x_normed, round_ptr, CAST_TO_INPUT: tl.constexpr):
+    """One row's term of ``dw = sum_rows(dy * cast(n))``."""
+    if CAST_TO_INPUT:
+        x_normed = x_normed.to(round_ptr.dtype.element_ty).to(tl.float32)
+    return dy * x_normed
+
+
 @triton.jit
 def _fwd_kernel(
     y_ptr,
@@ -46,12 +80,8 @@ def _fwd_kernel(
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(rstd_ptr + row, rstd)
-    x_normed = x * rstd
-    if CAST_TO_INPUT:
-        x_normed = x_normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * stride_ym + cols, (x_normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+    y = normalized_row(x, w, rstd_ptr, row, n_cols, eps, x_ptr, CAST_TO_INPUT)
+    tl.store(y_ptr + row * stride_ym + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -88,15 +118,10 @@ def _bwd_kernel(
     for row in range(row_start, row_end):
         x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row * stride_dym + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        x_normed = x * rstd
-        g = dy * w
-        dx = rstd * (g - x_normed * (tl.sum(g * x_normed, axis=0) / n_cols))
+        dx, x_normed = row_input_grad(x, dy, w, tl.load(rstd_ptr + row), n_cols)
         tl.store(dx_ptr + row * stride_dxm + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
-            if CAST_TO_INPUT:
-                x_normed = x_normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-            dw_acc += dy * x_normed
+            dw_acc += row_weight_grad(dy, x_normed, x_ptr, CAST_TO_INPUT)
     if COMPUTE_DW:
         tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
 
