@@ -76,9 +76,10 @@ def test_rms_norm_offers_its_output_with_spare_columns():
 
 
 def test_qlora_training_equal_with_and_without_the_handoff(tmp_path):
-    """Fused NF4 QLoRA on a one-layer Llama (q/k/v and gate/up folded over dequantized
-    weights): the same losses bit for bit, and every folded group but the very first takes its
-    norm's spare columns instead of copying the activation."""
+    """Fused NF4 QLoRA on a two-layer Llama (q/k/v and gate/up folded over dequantized
+    weights): the same losses bit for bit, every folded group but the very first takes its
+    norm's spare columns instead of copying the activation, and the wide down projection's
+    backward takes the spare columns of its output gradient."""
     pytest.importorskip("bitsandbytes")
     from tests.helpers import train_steps
     from tests.patches.test_fused_parity import data, tiny_model
@@ -90,7 +91,10 @@ def test_qlora_training_equal_with_and_without_the_handoff(tmp_path):
     if not (HAS_TRITON and (interpreting() or torch.cuda.is_available())):
         pytest.skip("needs Triton (interpreter on CPU)")
     torch.set_num_threads(1)
-    tiny_model("llama", num_hidden_layers=1, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    # 2 layers, MLP 4x wide: the down projection takes the "wide" backward ([dy | g] [W; A]),
+    # whose dy (layer 0's output gradient) comes from layer 1's fused add-norm backward.
+    tiny = tiny_model("llama", num_hidden_layers=2, intermediate_size=256, dtype=torch.bfloat16)
+    tiny.save_pretrained(tmp_path)
     rows = [ids for ids, _ in data(2, batch=2, seq=16)]
     losses, claims = {}, {}
     for enabled in (True, False):
@@ -105,6 +109,7 @@ def test_qlora_training_equal_with_and_without_the_handoff(tmp_path):
         model, _ = fw.augment(model, None, peft_config)
         losses[enabled] = train_steps(model, rows, lr=1e-3)
         claims[enabled] = spare_columns.claims
-    # 2 groups x 2 steps; the first group of the run copies (it tells the norms the width).
-    assert claims == {True: 2 * 2 - 1, False: 0}, claims
+    # Forward: 2 folded groups x 2 layers x 2 steps, but the very first group of the run copies
+    # (it tells the norms the width); backward: layer 0's down projection, once per step.
+    assert claims == {True: 2 * 2 * 2 - 1 + 2, False: 0}, claims
     assert losses[True] == losses[False], losses

@@ -94,6 +94,7 @@ def _add_fwd_kernel(
 @triton.jit
 def _add_bwd_kernel(
     d_ptr,
+    stride_dm,
     dh_ptr,
     ds_ptr,
     stride_dsm,
@@ -119,7 +120,7 @@ def _add_bwd_kernel(
     With ``n = x * rstd`` and ``g = dy * (offset + w)``: ``dx = rstd * (g - n * mean(g * n))``
     (rounded to ``x``'s dtype before the sum, as autograd sums rounded gradients),
     ``dw = sum_rows(dy * cast(n))``, and with a multiplier ``dh = cast(d * m)``.
-    ``d`` and ``dh`` are contiguous ``[N, H]``.
+    ``d`` has row stride ``stride_dm`` (spare columns behind it), ``dh`` is contiguous ``[N, H]``.
     """
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
@@ -134,7 +135,7 @@ def _add_bwd_kernel(
         ds = tl.load(ds_ptr + row * stride_dsm + cols, mask=mask, other=0.0).to(tl.float32)
         dx, x_normed = row_input_grad(x, dy, w, tl.load(rstd_ptr + row), n_cols)
         d = (dx.to(d_ptr.dtype.element_ty).to(tl.float32) + ds).to(d_ptr.dtype.element_ty)
-        tl.store(d_ptr + row * n_cols + cols, d, mask=mask)
+        tl.store(d_ptr + row * stride_dm + cols, d, mask=mask)
         if HAS_MULT:
             dh = (d.to(tl.float32) * multiplier).to(dh_ptr.dtype.element_ty)
             tl.store(dh_ptr + row * n_cols + cols, dh, mask=mask)
@@ -212,18 +213,22 @@ def add_norm_backward(
     block, num_warps = row_block_settings(n_cols)
     n_programs = max(1, min(num_programs_hint(x.device), n_rows))
     rows_per_program = triton.cdiv(n_rows, n_programs)
-    d = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    dh = torch.empty_like(d) if multiplier is not None else d
+    # d is the layer input's gradient, i.e. the previous layer's output gradient: spare columns
+    # behind it let that layer's MLP build [dy | g] without a copy (ops/spare_columns.py).
+    spare = spare_columns.wanted() if multiplier is None else 0
+    d = torch.empty((n_rows, n_cols + spare), dtype=x.dtype, device=x.device)[:, :n_cols]
+    dh = d if multiplier is None else torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     dw_partial = torch.zeros(
         (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x.device
     )
     if n_rows > 0:
         _add_bwd_kernel[(n_programs,)](
-            d, dh, ds, ds.stride(0), dy, dy.stride(0), x, x.stride(0), weight.contiguous(), rstd,
+            d, d.stride(0), dh, ds, ds.stride(0), dy, dy.stride(0), x, x.stride(0), weight.contiguous(), rstd,
             dw_partial, n_rows, n_cols, offset, 1.0 if multiplier is None else float(multiplier),
             rows_per_program, HAS_MULT=multiplier is not None, CAST_TO_INPUT=casting == "llama",
             COMPUTE_DW=compute_dw, BLOCK_SIZE=block, num_warps=num_warps,
         )  # fmt: skip
+    spare_columns.offer(d, spare)
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
     return d, (dh if multiplier is not None else None), dw
 

@@ -210,8 +210,11 @@ def wide_input_backward(
     n_out, r = dy.shape[1], t.shape[1]
     rp = _padded(r)
     d_b = scaled_db(dy, t, b, slot) if need_b else None
-    dyg = torch.empty((dy.shape[0], n_out + rp), dtype=dy.dtype, device=dy.device)
-    dyg.narrow(1, 0, n_out).copy_(dy)
+    # The norm backward that produced dy may have left room for g behind it (spare_columns).
+    dyg = spare_columns.claim(dy, rp)
+    if dyg is None:
+        dyg = torch.empty((dy.shape[0], n_out + rp), dtype=dy.dtype, device=dy.device)
+        dyg.narrow(1, 0, n_out).copy_(dy)
     g = dyg.narrow(1, n_out, r)
     torch.addmm(g, dy, b, beta=0, alpha=slot.scaling, out=g)
     weight = torch.empty((n_out + rp, a.shape[1]), dtype=dy.dtype, device=dy.device)
