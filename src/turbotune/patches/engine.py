@@ -119,7 +119,7 @@ def apply_patches(
         moe_backend: expert kernels of the ``moe`` kind (``auto``, ``triton``, ``grouped_mm``,
             ``loop``; see :func:`turbotune.moe.resolve_backend`).
     """
-    from turbotune.patches import forwards
+    from turbotune.patches import forwards, layers
 
     kinds = set(kinds)
     unknown = kinds - set(KINDS)
@@ -133,8 +133,8 @@ def apply_patches(
     in_fused_mlp = _fused_mlp_children(model, fam) if "swiglu" in kinds else set()
     for module in model.modules():
         cls = type(module).__name__
-        if "add_norm" in kinds and forwards.is_standard_decoder_layer(module, fam):
-            patches.bind(module, "add_norm", forwards.decoder_layer_forward(fam, type(module)))
+        if "add_norm" in kinds and layers.is_standard_decoder_layer(module, fam):
+            patches.bind(module, "add_norm", layers.decoder_layer_forward(fam, type(module)))
         elif "rms_norm" in kinds and cls in fam.norms:
             patches.bind(module, "rms_norm", forwards.rms_norm_forward(fam))
         elif "swiglu" in kinds and cls in fam.mlps:
