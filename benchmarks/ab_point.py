@@ -29,6 +29,8 @@ VARIANTS = {
     "no-spare": {"spare": False},
     "add-norm": {"add_norm": True},
     "no-add-norm": {"add_norm": False},
+    "flat-grads": {"flat_grads": True},
+    "clone-grads": {"flat_grads": False},
 }
 
 
@@ -38,12 +40,17 @@ def _switch(
     graphs: bool | None = None,
     spare: bool | None = None,
     add_norm: bool | None = None,
+    flat_grads: bool | None = None,
 ) -> None:
     from turbotune.ops import add_norm as add_norm_op
     from turbotune.ops import lora_group, spare_columns
 
     if add_norm is not None:
         add_norm_op.ENABLED = add_norm
+    if flat_grads is not None:  # runs outside the graphs: no recapture needed
+        from turbotune.ops import graphs as graphs_op
+
+        graphs_op.FLAT_GRAD_COPIES = flat_grads
     if fold is not None or spare is not None or add_norm is not None:
         lora_group.FOLD_ADAPTERS = lora_group.FOLD_ADAPTERS if fold is None else fold
         spare_columns.ENABLED = spare_columns.ENABLED if spare is None else spare

@@ -184,3 +184,35 @@ def test_replaced_parameters_refuse_capture(single_thread, monkeypatch):
     hidden = torch.zeros(1, 4, model.config.hidden_size)
     assert graphs._maybe_capture(("key",), hidden, [], [], ()) is None
     assert "replaced" in graphs.disabled
+
+
+def test_gradient_copies_are_fresh_and_equal():
+    """The copies handed to autograd after a backward replay: equal values, their own memory
+    (the next replay overwrites the static buffers), None kept in place, one flat buffer for
+    one dtype, clones for mixed dtypes."""
+    from turbotune.ops import graphs
+
+    statics = [torch.randn(4, 3), None, torch.randn(3, 5), torch.randn(7)]
+    for flat in (True, False):
+        graphs.FLAT_GRAD_COPIES = flat
+        try:
+            copies = graphs._copies(statics)
+        finally:
+            graphs.FLAT_GRAD_COPIES = True
+        assert copies[1] is None
+        for got, want in zip(copies, statics):
+            if want is not None:
+                assert got.shape == want.shape and torch.equal(got, want)
+                assert got.data_ptr() != want.data_ptr()
+        if flat:  # views of one buffer, in order
+            base = copies[0].untyped_storage().data_ptr()
+            assert all(c.untyped_storage().data_ptr() == base for c in copies if c is not None)
+        before = [c.clone() for c in copies if c is not None]
+        for s in statics:
+            if s is not None:
+                s.add_(1.0)  # the next replay
+        assert all(torch.equal(a, b) for a, b in zip([c for c in copies if c is not None], before))
+    mixed = graphs._copies([torch.randn(2), torch.randn(2, dtype=torch.float64)])
+    assert mixed[1].dtype == torch.float64 and mixed[0].untyped_storage().data_ptr() != (
+        mixed[1].untyped_storage().data_ptr()
+    )
