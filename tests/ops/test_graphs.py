@@ -198,7 +198,7 @@ def test_gradient_copies_are_fresh_and_equal():
         try:
             copies = graphs._copies(statics)
         finally:
-            graphs.FLAT_GRAD_COPIES = True
+            graphs.FLAT_GRAD_COPIES = False
         assert copies[1] is None
         for got, want in zip(copies, statics):
             if want is not None:

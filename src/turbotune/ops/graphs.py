@@ -270,8 +270,10 @@ class _GraphSet:
 
 
 # One multi-tensor copy of a layer's parameter gradients instead of one clone each (~14 per
-# layer for LoRA); False: a clone each (A/B switch).
-FLAT_GRAD_COPIES = True
+# layer for LoRA). Off until measured on a GPU (session 4 ran out of device time): A/B with
+# ``benchmarks/ab_point.py ... --variants flat-grads,clone-grads`` and the GPU tests of
+# tests/ops/test_graphs.py, then make it the default.
+FLAT_GRAD_COPIES = False
 
 
 def _copies(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
