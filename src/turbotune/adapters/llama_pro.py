@@ -40,10 +40,12 @@ __all__ = [
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(name, ModuleList)`` of the decoder blocks (``model.layers`` in transformers)."""
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module):
-            return name, module
-    raise ConfigError("adapter.method llama_pro: the model has no list of decoder layers")
+    from turbotune.blocks import decoder_layer_list
+
+    found = decoder_layer_list(model)
+    if found is None:
+        raise ConfigError("adapter.method llama_pro: the model has no list of decoder layers")
+    return found
 
 
 def new_block_modules(config: Any) -> list[str]:

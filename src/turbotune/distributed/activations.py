@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from turbotune.blocks import checkpointing_layers
 from turbotune.train.offload import ActivationOffloader, offloaded_checkpoint
 
 __all__ = ["checkpoint_layers", "decoder_layers", "offload_saved_tensors", "wrap_block"]
@@ -124,19 +125,7 @@ def wrap_block(
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The outermost transformers ``GradientCheckpointingLayer`` modules of ``model``: the
     blocks transformers itself would checkpoint (decoder layers, in call order)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    found: list[nn.Module] = []
-
-    def visit(module: nn.Module) -> None:
-        for child in module.children():
-            if isinstance(child, GradientCheckpointingLayer):
-                found.append(child)
-            else:
-                visit(child)
-
-    visit(model)
-    return found
+    return checkpointing_layers(model)
 
 
 def checkpoint_layers(

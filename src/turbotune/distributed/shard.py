@@ -62,15 +62,18 @@ __all__ = [
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks of a causal LM (``model.layers`` of Llama-likes).
+    """The repeated transformer blocks of a causal LM (``model.layers`` of Llama-likes), as
+    :func:`turbotune.blocks.decoder_layers` finds them.
 
-    Found as the longest ``nn.ModuleList`` in the model, which is the block list of every
-    transformers decoder (Llama, Mistral, Qwen, Gemma, Mixtral, GPT-2's ``h``...).
+    Raises:
+        ConfigError: the model has no list of blocks.
     """
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
+    from turbotune.blocks import decoder_layers
+
+    blocks = decoder_layers(model)
+    if not blocks:
         raise ConfigError(f"{type(model).__name__} has no list of decoder blocks to shard")
-    return list(max(lists, key=len))
+    return blocks
 
 
 def mixed_precision_policy(plan: PrecisionPlan):

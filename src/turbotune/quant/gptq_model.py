@@ -82,12 +82,13 @@ class QuantizationResult:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers (the ``ModuleList`` as long as the layer count)."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == n:
-            return module
-    raise ValueError(f"{type(model).__name__}: no ModuleList of its {n} decoder layers found")
+    """The model's list of decoder layers (:func:`turbotune.blocks.decoder_layer_list`)."""
+    from turbotune.blocks import decoder_layer_list
+
+    found = decoder_layer_list(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__}: no ModuleList of decoder layers found")
+    return found[1]
 
 
 def _to(value: Any, device: torch.device) -> Any:
