@@ -54,6 +54,22 @@ def test_wanted_is_rounded_capped_and_switchable():
     assert spare_columns.wanted() == 0
 
 
+def test_rows_with_room_and_widened():
+    """The producer allocates with the learned room and offers it; the consumer gets the room
+    once, and a copy of ``x`` in a new buffer when there is none."""
+    assert spare_columns.rows_with_room(3, 8, torch.float32, torch.device("cpu")).stride(0) == 8
+    spare_columns.claim(torch.randn(3, 8), 16)  # a consumer asked for 16 columns
+    rows = spare_columns.rows_with_room(3, 8, torch.float32, torch.device("cpu"))
+    rows.copy_(torch.randn(3, 8))
+    assert rows.stride(0) == 24
+    wide = spare_columns.widened(rows, 16)
+    assert wide.data_ptr() == rows.data_ptr() and wide.shape == (3, 24)
+    again = spare_columns.widened(rows, 16)  # the room is taken: a copy
+    assert again.data_ptr() != rows.data_ptr() and torch.equal(again[:, :8], rows)
+    plain = spare_columns.rows_with_room(3, 8, torch.float32, torch.device("cpu"), room=False)
+    assert plain.stride(0) == 8 and spare_columns.claim(plain, 16) is None
+
+
 def test_rms_norm_offers_its_output_with_spare_columns():
     from turbotune.ops._triton import HAS_TRITON, interpreting
     from turbotune.ops.rms_norm import rms_norm

@@ -153,7 +153,6 @@ def add_rms_norm_forward(
     offset: float,
     casting: Casting,
     multiplier: float | None = None,
-    spare: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
@@ -161,7 +160,6 @@ def add_rms_norm_forward(
         residual, h: ``[N, H]`` with unit column stride (any row strides).
         weight: ``[H]``.
         eps, offset, casting, multiplier: see :func:`add_rms_norm`.
-        spare: allocate ``y`` as the first ``H`` columns of an ``[N, H + spare]`` buffer.
 
     Returns:
         ``(s [N, H] contiguous in promote(residual, h), y [N, H], rstd [N] fp32)``.
@@ -171,7 +169,7 @@ def add_rms_norm_forward(
     s_dtype = torch.promote_types(residual.dtype, h.dtype)
     y_dtype = s_dtype if casting == "gemma" else torch.promote_types(s_dtype, weight.dtype)
     s = torch.empty((n_rows, n_cols), dtype=s_dtype, device=residual.device)
-    y = torch.empty((n_rows, n_cols + spare), dtype=y_dtype, device=residual.device)[:, :n_cols]
+    y = spare_columns.rows_with_room(n_rows, n_cols, y_dtype, residual.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=residual.device)
     if n_rows > 0:
         _add_fwd_kernel[(n_rows,)](
@@ -215,8 +213,7 @@ def add_norm_backward(
     rows_per_program = triton.cdiv(n_rows, n_programs)
     # d is the layer input's gradient, i.e. the previous layer's output gradient: spare columns
     # behind it let that layer's MLP build [dy | g] without a copy (ops/spare_columns.py).
-    spare = spare_columns.wanted() if multiplier is None else 0
-    d = torch.empty((n_rows, n_cols + spare), dtype=x.dtype, device=x.device)[:, :n_cols]
+    d = spare_columns.rows_with_room(n_rows, n_cols, x.dtype, x.device, room=multiplier is None)
     dh = d if multiplier is None else torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     dw_partial = torch.zeros(
         (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x.device
@@ -228,7 +225,6 @@ def add_norm_backward(
             rows_per_program, HAS_MULT=multiplier is not None, CAST_TO_INPUT=casting == "llama",
             COMPUTE_DW=compute_dw, BLOCK_SIZE=block, num_warps=num_warps,
         )  # fmt: skip
-    spare_columns.offer(d, spare)
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
     return d, (dh if multiplier is not None else None), dw
 
@@ -254,11 +250,9 @@ class AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, residual, h, weight, eps: float, offset: float, casting: Casting, multiplier):
-        spare = spare_columns.wanted()
         s, y, rstd = add_rms_norm_forward(
-            _as_rows(residual), _as_rows(h), weight, eps, offset, casting, multiplier, spare
+            _as_rows(residual), _as_rows(h), weight, eps, offset, casting, multiplier
         )
-        spare_columns.offer(y, spare)
         ctx.save_for_backward(s, weight, rstd)
         ctx.set_materialize_grads(False)
         ctx.offset, ctx.casting, ctx.multiplier, ctx.weight_index = offset, casting, multiplier, 2
@@ -285,9 +279,7 @@ class RMSNormWithResidualFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float, offset: float, casting: Casting):
         rows = _as_rows(x)
-        spare = spare_columns.wanted()
-        y, rstd = rms_norm_forward(rows, weight, eps, offset, casting, spare)
-        spare_columns.offer(y, spare)
+        y, rstd = rms_norm_forward(rows, weight, eps, offset, casting)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.set_materialize_grads(False)
         ctx.offset, ctx.casting, ctx.weight_index, ctx.shape = offset, casting, 1, x.shape

@@ -81,13 +81,10 @@ def fold_forward(
     Returns:
         the outputs and what :func:`fold_backward` needs: ``[x_aug, A_stacked]``.
     """
-    n_rows, n_in = x.shape
+    n_in = x.shape[1]
     rank = layout.ranks[-1][1]
     # The norm that produced x may have left room for T behind it (ops/spare_columns.py).
-    x_aug = spare_columns.claim(x, _padded(rank))
-    if x_aug is None:
-        x_aug = torch.empty((n_rows, n_in + _padded(rank)), dtype=x.dtype, device=x.device)
-        x_aug.narrow(1, 0, n_in).copy_(x)
+    x_aug = spare_columns.widened(x, _padded(rank))
     a_stacked = stack_cast([slots[i].A for i in layout.adapters], x.dtype)
     torch.mm(x, a_stacked.t(), out=x_aug.narrow(1, n_in, rank))
     if x_aug.shape[1] > n_in + rank:
@@ -211,10 +208,7 @@ def wide_input_backward(
     rp = _padded(r)
     d_b = scaled_db(dy, t, b, slot) if need_b else None
     # The norm backward that produced dy may have left room for g behind it (spare_columns).
-    dyg = spare_columns.claim(dy, rp)
-    if dyg is None:
-        dyg = torch.empty((dy.shape[0], n_out + rp), dtype=dy.dtype, device=dy.device)
-        dyg.narrow(1, 0, n_out).copy_(dy)
+    dyg = spare_columns.widened(dy, rp)
     g = dyg.narrow(1, n_out, r)
     torch.addmm(g, dy, b, beta=0, alpha=slot.scaling, out=g)
     weight = torch.empty((n_out + rp, a.shape[1]), dtype=dy.dtype, device=dy.device)

@@ -138,7 +138,6 @@ def rms_norm_forward(
     eps: float,
     offset: float,
     casting: Casting,
-    spare: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
@@ -146,8 +145,6 @@ def rms_norm_forward(
         x: ``[N, H]`` with unit column stride (any row stride).
         weight: ``[H]``.
         eps, offset, casting: see :func:`rms_norm`.
-        spare: allocate ``y`` as the first ``H`` columns of an ``[N, H + spare]`` buffer
-            (``ops/spare_columns.py``).
 
     Returns:
         ``(y [N, H], rstd [N] fp32)``.
@@ -155,7 +152,8 @@ def rms_norm_forward(
     n_rows, n_cols = x.shape
     block, num_warps = row_block_settings(n_cols)
     out_dtype = x.dtype if casting == "gemma" else torch.promote_types(x.dtype, weight.dtype)
-    y = torch.empty((n_rows, n_cols + spare), dtype=out_dtype, device=x.device)[:, :n_cols]
+    # With spare columns behind it for a folded LoRA group (ops/spare_columns.py).
+    y = spare_columns.rows_with_room(n_rows, n_cols, out_dtype, x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows > 0:
         _fwd_kernel[(n_rows,)](
@@ -214,9 +212,7 @@ class RMSNormFunction(torch.autograd.Function):
         ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: Casting
     ) -> torch.Tensor:
         rows = _as_rows(x)
-        spare = spare_columns.wanted()
-        y, rstd = rms_norm_forward(rows, weight, eps, offset, casting, spare)
-        spare_columns.offer(y, spare)
+        y, rstd = rms_norm_forward(rows, weight, eps, offset, casting)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.offset, ctx.casting, ctx.shape = offset, casting, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -13,6 +13,8 @@ The handoff is explicit and one-shot: the norm *offers* its buffer (keyed by the
 of the view it returns) and the first folded group that receives that very view *claims* it.
 A second consumer of the same norm output (models whose attention and MLP share one norm) finds
 nothing to claim and copies as before, so no two groups ever write the same spare columns.
+Producers allocate through :func:`rows_with_room`, consumers build their wide buffer
+through :func:`widened`; :func:`offer` and :func:`claim` are the two halves underneath.
 How many columns to offer is learned: a group that finds too few (or none) asks for more, and
 later norms allocate them (rounded up to 16, at most ``MAX_SPARE``). The first step therefore
 copies; every later step, including CUDA-graph captures and checkpoint recomputations, does not.
@@ -24,7 +26,7 @@ from collections import OrderedDict
 
 import torch
 
-__all__ = ["MAX_SPARE", "claim", "offer", "reset", "wanted"]
+__all__ = ["MAX_SPARE", "claim", "offer", "reset", "rows_with_room", "wanted", "widened"]
 
 # Off: norms allocate no spare columns and folded groups always copy (A/B and tests).
 ENABLED = True
@@ -56,6 +58,27 @@ def offer(rows: torch.Tensor, spare: int) -> None:
     _offers.move_to_end(rows.data_ptr())
     while len(_offers) > _KEEP:
         _offers.popitem(last=False)
+
+
+def rows_with_room(
+    n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, room: bool = True
+) -> torch.Tensor:
+    """A new ``[n_rows, n_cols]`` output with :func:`wanted` spare columns behind it, offered
+    (the producers' side: norms, the add-norm backward). ``room=False``: a plain tensor."""
+    spare = wanted() if room else 0
+    rows = torch.empty((n_rows, n_cols + spare), dtype=dtype, device=device)[:, :n_cols]
+    offer(rows, spare)
+    return rows
+
+
+def widened(x: torch.Tensor, columns: int) -> torch.Tensor:
+    """``[x | room]`` (``[N, H + columns]``) for a consumer that writes the last ``columns``:
+    the claimed spare columns behind ``x``, else a new buffer holding a copy of ``x``."""
+    wide = claim(x, columns)
+    if wide is None:
+        wide = torch.empty((x.shape[0], x.shape[1] + columns), dtype=x.dtype, device=x.device)
+        wide.narrow(1, 0, x.shape[1]).copy_(x)
+    return wide
 
 
 def claim(x: torch.Tensor, columns: int) -> torch.Tensor | None:
