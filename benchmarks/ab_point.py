@@ -6,9 +6,8 @@ Builds the point once (as ``turbotune bench`` does), then times each variant of 
 below in turn, ``--rounds`` times, so that drift of the GPU (clocks, temperature) spreads over
 all variants alike. Prints the median step time and tokens/s of each variant, and its ratio
 to the first. Switches: the CUDA graphs of the decoder layers (``ops/graphs.py``) and the
-folding of LoRA adapters into the base matmuls (``ops.lora_group.FOLD_ADAPTERS``), the norms'
-spare columns for the folded groups (``ops.spare_columns.ENABLED``); add one to
-``VARIANTS`` and ``_switch`` to A/B it. Also prints the peak memory of the whole run.
+module flags of ``_FLAGS`` (folded adapters, spare columns, fused add-norm, flat gradient
+copies); add a flag to ``_FLAGS`` and its on/off pair to ``VARIANTS`` to A/B it. Also prints the peak memory of the whole run.
 """
 
 from __future__ import annotations
@@ -34,42 +33,40 @@ VARIANTS = {
 }
 
 
-def _switch(
-    net: torch.nn.Module,
-    fold: bool | None = None,
-    graphs: bool | None = None,
-    spare: bool | None = None,
-    add_norm: bool | None = None,
-    flat_grads: bool | None = None,
-) -> None:
-    from turbotune.ops import add_norm as add_norm_op
-    from turbotune.ops import lora_group, spare_columns
+# Switch -> (module, attribute, whether captured graphs hold kernels of the old setting).
+_FLAGS = {
+    "fold": ("turbotune.ops.lora_group", "FOLD_ADAPTERS", True),
+    "spare": ("turbotune.ops.spare_columns", "ENABLED", True),
+    "add_norm": ("turbotune.ops.add_norm", "ENABLED", True),
+    "flat_grads": ("turbotune.ops.graphs", "FLAT_GRAD_COPIES", False),  # runs outside graphs
+}
 
-    if add_norm is not None:
-        add_norm_op.ENABLED = add_norm
-    if flat_grads is not None:  # runs outside the graphs: no recapture needed
-        from turbotune.ops import graphs as graphs_op
 
-        graphs_op.FLAT_GRAD_COPIES = flat_grads
-    if fold is not None or spare is not None or add_norm is not None:
-        lora_group.FOLD_ADAPTERS = lora_group.FOLD_ADAPTERS if fold is None else fold
-        spare_columns.ENABLED = spare_columns.ENABLED if spare is None else spare
-        # Captured graphs replay the kernels of the old setting: capture anew (warm-up steps).
-        for m in net.modules():
-            layer_graphs = m.__dict__.get("_turbotune_graphs")
-            if layer_graphs is not None:
-                layer_graphs.sets.clear()
-                layer_graphs.seen.clear()
-                break
+def _layer_graphs(net: torch.nn.Module):
+    """The model's ``ops.graphs.LayerGraphs`` (None without CUDA graphs)."""
+    return next(
+        (
+            m.__dict__["_turbotune_graphs"]
+            for m in net.modules()
+            if "_turbotune_graphs" in m.__dict__
+        ),
+        None,
+    )
+
+
+def _switch(net: torch.nn.Module, graphs: bool | None = None, **flags: bool) -> None:
+    import importlib
+
+    recapture = False
+    for name, value in flags.items():
+        module, attribute, captured = _FLAGS[name]
+        setattr(importlib.import_module(module), attribute, value)
+        recapture |= captured
+    layer_graphs = _layer_graphs(net)
+    if recapture and layer_graphs is not None:  # capture anew (in the warm-up steps)
+        layer_graphs.sets.clear()
+        layer_graphs.seen.clear()
     if graphs is not None:
-        layer_graphs = next(
-            (
-                m.__dict__["_turbotune_graphs"]
-                for m in net.modules()
-                if "_turbotune_graphs" in m.__dict__
-            ),
-            None,
-        )
         if layer_graphs is None:
             raise SystemExit("this point has no CUDA graphs (fused_ops.cuda_graphs off?)")
         layer_graphs.disabled = None if graphs else "switched off for the A/B"
