@@ -6,9 +6,7 @@ trainable, 8192 tokens) with its experts computed by:
 - ``hf-grouped_mm`` / ``hf-eager``: transformers' ``config._experts_implementation``;
 - ``loop``: a plain per-expert loop (``turbotune.moe.reference``);
 - ``tt-grouped_mm`` / ``tt-mm_loop`` / ``tt-triton`` / ``tt-auto``: turbotune's experts patch
-  with that backend; ``tt-mm_loop:s1`` (``:s2``) runs the per-expert loop's products alternately
-  on one (two) side CUDA streams, ``tt-mm_loop:g4096`` its products with at most 4096 output
-  columns as one ``torch._grouped_mm`` (the switches of ``turbotune.moe.expert_loop``).
+  with that backend.
 
 Timing: CUDA events around forward+backward, median of ``--iters`` after ``--warmup`` (the
 Triton autotuner runs during warmup). ``--frozen`` times the QLoRA/LoRA case (expert stacks
@@ -36,7 +34,6 @@ of each implementation.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 import types
@@ -90,7 +87,7 @@ def _set_experts(experts: torch.nn.Module, impl: str) -> None:
         from turbotune.moe.patch import experts_forward
         from turbotune.patches.engine import PatchSet
 
-        PatchSet("bench").bind(experts, "moe", experts_forward(impl[3:].split(":")[0]))
+        PatchSet("bench").bind(experts, "moe", experts_forward(impl[3:]))
     elif impl == "loop":
         from turbotune.moe.reference import moe_experts_reference
 
@@ -98,23 +95,6 @@ def _set_experts(experts: torch.nn.Module, impl: str) -> None:
             return moe_experts_reference(hidden, index, weights, self.gate_up_proj, self.down_proj)
 
         experts.forward = types.MethodType(loop, experts)
-
-
-@contextlib.contextmanager
-def impl_options(impl: str):
-    """``tt-mm_loop:sN:gC``: N side streams for the per-expert loop, products with at most C
-    output columns as one ``torch._grouped_mm`` (``turbotune.moe.expert_loop`` switches)."""
-    from turbotune.moe import expert_loop
-
-    names = {"s": "SIDE_STREAMS", "g": "GROUPED_MAX_COLUMNS"}
-    saved = {name: getattr(expert_loop, name) for name in names.values()}
-    for option in impl.split(":")[1:]:
-        setattr(expert_loop, names[option[0]], int(option[1:]))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(expert_loop, name, value)
 
 
 def profile_block(block: torch.nn.Module, tokens: int, rows: int = 12) -> None:
@@ -171,10 +151,9 @@ def gemm_table(block: torch.nn.Module, tokens: int, peak: float) -> None:
     ]
     sizes = plan.sizes if num_experts <= 16 else f"{min(plan.sizes)}..{max(plan.sizes)} each"
     print(f"## expert products, {slots} rows over {num_experts} experts: {sizes}")
-    print("| ms (TFLOP/s): product | M x N x K | mm loop | mm loop, 1 side stream | grouped_mm"
-          " | one dense mm |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|")
-    totals = [0.0] * 4
+    print("| ms (TFLOP/s): product | M x N x K | mm loop | grouped_mm | one dense mm |")
+    print("|---|---|---:|---:|---:|")
+    totals = [0.0] * 3
     for name, a, w_t, g in products:
         if g is None:
             m, k, n = a.shape[0], w_t.shape[1], w_t.shape[2]
@@ -191,10 +170,7 @@ def gemm_table(block: torch.nn.Module, tokens: int, peak: float) -> None:
                 lambda a=a, g=g: torch._grouped_mm(g.t(), a, offs=plan.ends),
                 lambda a=a, g=g: torch.mm(g.t(), a),  # one [N, K] over all rows: same FLOPs
             ]
-        times = [_median_ms(fns[0])]
-        with impl_options("tt-mm_loop:s1"):
-            times.append(_median_ms(fns[0]))
-        times += [_median_ms(fn) for fn in fns[1:]]
+        times = [_median_ms(fn) for fn in fns]
         flops = 2 * m * n * k
         cells = " | ".join(f"{t:.3f} ({flops / t / 1e9:.0f})" for t in times)
         print(f"| {name} | {m}x{n}x{k} | {cells} |")
@@ -266,11 +242,10 @@ def main() -> None:
         for impl in impls:
             block = build_block(shape, impl, args.frozen, args.device, args.shrink)
             try:
-                with impl_options(impl):
-                    results[impl] = time_block(block, args.tokens, args.warmup, args.iters)
-                    if args.profile and args.device == "cuda":
-                        print(f"## {shape} {impl}: top kernels of one forward+backward")
-                        profile_block(block, args.tokens)
+                results[impl] = time_block(block, args.tokens, args.warmup, args.iters)
+                if args.profile and args.device == "cuda":
+                    print(f"## {shape} {impl}: top kernels of one forward+backward")
+                    profile_block(block, args.tokens)
             except torch.OutOfMemoryError:
                 results[impl] = (float("nan"), float("nan"))
             except Exception as error:  # one broken impl must not lose the others' numbers

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from turbotune.moe.combine import sum_rows
-from turbotune.moe.expert_loop import mm_rows, mm_wgrad, prefers_grouped
+from turbotune.moe.expert_loop import mm_rows, mm_wgrad
 from turbotune.moe.plan import ExpertPlan
 
 Backend = Literal["triton", "grouped_mm", "mm_loop", "loop"]
@@ -44,7 +44,7 @@ def _dense(weight: Any, dtype: torch.dtype) -> torch.Tensor:
 
 def _grouped_mm(a: torch.Tensor, w_t: torch.Tensor, plan: ExpertPlan, backend: str) -> torch.Tensor:
     """``[S, K] x [E, K, N] -> [S, N]`` over the sorted rows."""
-    if backend == "grouped_mm" or (backend == "mm_loop" and prefers_grouped(a, w_t)):
+    if backend == "grouped_mm":
         return torch._grouped_mm(a, w_t, offs=plan.ends)
     return mm_rows(a, w_t, plan)
 
