@@ -36,6 +36,10 @@ SCRIPT = textwrap.dedent(
         triton.compile(ASTSource(fn, signature, constexprs), target=TARGET,
                        options={"num_warps": num_warps})
 
+    def pointers(module, kernel, dt, **special):
+        fn = getattr(importlib.import_module(f"turbotune.ops.{module}"), kernel)
+        return {n: special.get(n, f"*{dt}") for n in fn.arg_names if n.endswith("_ptr")}
+
     for dt in ("bf16", "fp32"):
         p = {n: f"*{dt}" for n in ("y_ptr", "x_ptr", "w_ptr", "dx_ptr", "dy_ptr")}
         p.update(rstd_ptr="*fp32", dw_partial_ptr="*fp32")
@@ -52,11 +56,28 @@ SCRIPT = textwrap.dedent(
             c = {"ACTIVATION": activation, "BLOCK_SIZE": 1024}
             build("swiglu", "_fwd_kernel", p, c)
             build("swiglu", "_bwd_kernel", p, c)
+            for keep in (False, True):
+                k = pointers("swiglu", "_bwd_h_kernel", dt, keep_ptr="*u8")
+                build("swiglu", "_bwd_h_kernel", k, {**c, "HAS_KEEP": keep}, floats=("keep_scale",))
         p = {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "loss_ptr": "*fp32",
              "inv_denominator_ptr": "*fp32"}
         for softcap in (False, True):
             c = {"HAS_SOFTCAP": softcap, "BLOCK_SIZE": 32768}
             build("cross_entropy", "_fwd_kernel", p, c, 32, floats=("logit_scale", "softcap"))
+    for mult, cast in ((False, True), (True, False)):  # ops/add_norm.py
+        c = {"HAS_MULT": mult, "CAST_TO_INPUT": cast, "BLOCK_SIZE": 4096}
+        p = pointers("add_norm", "_add_fwd_kernel", "bf16", rstd_ptr="*fp32")
+        build("add_norm", "_add_fwd_kernel", p, c, 8, floats=("eps", "offset", "multiplier"))
+        p = pointers("add_norm", "_add_bwd_kernel", "bf16", rstd_ptr="*fp32", dw_partial_ptr="*fp32")
+        build("add_norm", "_add_bwd_kernel", p, {**c, "COMPUTE_DW": True}, 8,
+              floats=("offset", "multiplier"))
+    for b_dt in ("fp32", "bf16"):  # ops/lora_fold_tail.py
+        for out_dt in ("bf16", "fp16", "fp32"):
+            p = pointers("lora_fold_tail", "_adapter_block_kernel", b_dt, out_ptr=f"*{out_dt}")
+            for n in (1, 3, 4):
+                build("lora_fold_tail", "_adapter_block_kernel", p,
+                      {"N_ADAPTERS": n, "BLOCK_M": 64, "BLOCK_N": 64},
+                      floats=tuple(f"scale{k}" for k in range(4)))
     print("ok")
     """
 )
