@@ -5,29 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.moe.tiny import FAMILIES, TRITON, sparse_blocks, tiny_model
+from tests.moe.tiny import FAMILIES, TRITON, router, run_block, sparse_blocks, tiny_model
 
 from turbotune.patches import apply_patches
-
-
-def _router(block: torch.nn.Module) -> torch.nn.Module:
-    return getattr(block, "gate", None) or block.router
-
-
-def _run(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Output, router logits and every gradient of one block forward/backward."""
-    block.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    seen = []
-    handle = _router(block).register_forward_hook(lambda m, i, o: seen.append(o[0].detach()))
-    try:
-        y = block(x)
-    finally:
-        handle.remove()
-    y.backward(grad)
-    result = {"out": y.detach(), "router_logits": seen[0], "grad_x": x.grad}
-    result.update({f"grad_{n}": p.grad for n, p in block.named_parameters()})
-    return result
 
 
 def _compare(got: dict, want: dict, atol: float) -> None:
@@ -48,13 +28,13 @@ def test_block_matches_transformers(family: str, backend: str) -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 11, model.config.hidden_size, generator=gen)
     grad = torch.randn(2, 11, model.config.hidden_size, generator=gen)
-    want = _run(block, x, grad)
+    want = run_block(block, x, grad)
     patches = apply_patches(model, ["moe"], moe_backend=backend)
     assert patches.counts == {"moe": len(sparse_blocks(model))}
-    got = _run(block, x, grad)
+    got = run_block(block, x, grad)
     _compare(got, want, atol=2e-5)
     patches.undo()
-    _compare(_run(block, x, grad), want, atol=0.0)  # undo restores the original exactly
+    _compare(run_block(block, x, grad), want, atol=0.0)  # undo restores the original exactly
 
 
 def test_top_k_weights_receive_gradient() -> None:
@@ -65,4 +45,4 @@ def test_top_k_weights_receive_gradient() -> None:
     apply_patches(model, ["moe"], moe_backend="loop")
     x = torch.randn(5, 3, model.config.hidden_size)
     block(x).square().sum().backward()
-    assert _router(block).weight.grad.abs().max() > 1e-4
+    assert router(block).weight.grad.abs().max() > 1e-4

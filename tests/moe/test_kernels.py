@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.moe.tiny import TRITON, needs_interpreter
+from tests.moe.tiny import TRITON, DequantizableStack, needs_interpreter, routing
 
 from turbotune.moe.expert_gemm import expert_gemm
 from turbotune.moe.experts import ExpertLoRA, moe_experts
 from turbotune.moe.plan import plan_experts
 from turbotune.moe.reference import moe_experts_reference
-
-
-def _routing(tokens: int, experts: int, k: int, seed: int, skew: bool) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.rand(tokens, experts, generator=gen)
-    if skew:  # expert 0 takes most tokens (> one block), the last expert none
-        scores[:, 0] += 1.0
-        scores[:, -1] -= 2.0
-    return scores.topk(k, dim=-1).indices
 
 
 def _diff(name: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> None:
@@ -33,7 +24,7 @@ def _diff(name: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> None
     (37, 24, 20, 5, 2, True), (3, 16, 16, 4, 1, False), (29, 33, 17, 7, 3, True),
 ])  # fmt: skip
 def test_expert_gemm_triton(layout, tokens, k_in, n_out, experts, k, skew) -> None:
-    index = _routing(tokens, experts, k, seed=tokens, skew=skew)
+    index = routing(tokens, experts, k, seed=tokens, skew=skew)
     plan = plan_experts(index, experts)
     rows = tokens if layout == "gather" else tokens * k  # sorted/scatter: [S, K] sorted rows
     gen = torch.Generator().manual_seed(1)
@@ -55,7 +46,7 @@ def test_expert_gemm_triton(layout, tokens, k_in, n_out, experts, k, skew) -> No
 @needs_interpreter
 def test_frozen_weight_gets_no_gradient() -> None:
     """QLoRA-style frozen stacks: the weight-gradient product is skipped, inputs still get one."""
-    index = _routing(9, 4, 2, seed=0, skew=False)
+    index = routing(9, 4, 2, seed=0, skew=False)
     x = torch.randn(9, 16, requires_grad=True)
     gate_up, down = torch.randn(4, 32, 16), torch.randn(4, 16, 16)
     weights = torch.rand(9, 2)
@@ -66,25 +57,14 @@ def test_frozen_weight_gets_no_gradient() -> None:
     _diff("grad_x", x.grad, ref_x.grad, 1e-4)
 
 
-class _Stack:
-    """A stand-in quantized stack: only ``shape``/``dtype`` and ``dequantize``, like NF4 storage."""
-
-    def __init__(self, dense: torch.Tensor):
-        self.dense, self.shape, self.dtype, self.calls = dense, dense.shape, dense.dtype, 0
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        self.calls += 1
-        return self.dense.to(dtype)
-
-
 @pytest.mark.parametrize("backend", ["loop", "mm_loop", "grouped_mm", TRITON])
 def test_dequantizable_stacks(backend: str) -> None:
     """Stacks behind ``.dequantize`` are dequantized in forward and again in backward only."""
-    index = _routing(11, 4, 2, seed=3, skew=True)
+    index = routing(11, 4, 2, seed=3, skew=True)
     gen = torch.Generator().manual_seed(3)  # seeded: the tolerance below is for these values
     x = torch.randn(11, 16, generator=gen).requires_grad_()
-    gate_up = _Stack(torch.randn(4, 32, 16, generator=gen))
-    down = _Stack(torch.randn(4, 16, 16, generator=gen))
+    gate_up = DequantizableStack(torch.randn(4, 32, 16, generator=gen))
+    down = DequantizableStack(torch.randn(4, 16, 16, generator=gen))
     weights = torch.rand(11, 2, generator=gen).requires_grad_()
     out = moe_experts(x, index, weights, gate_up, down, backend=backend)
     out.sum().backward()
@@ -105,7 +85,7 @@ def test_expert_lora_as_grouped_products(backend: str) -> None:
     ``W + s * lhs @ rhs`` (output and the gradients of input and of the four factors)."""
     gen = torch.Generator().manual_seed(5)
     experts, hidden, inter, r, tokens = 4, 16, 24, 3, 13
-    index = _routing(tokens, experts, 2, seed=5, skew=True)
+    index = routing(tokens, experts, 2, seed=5, skew=True)
     weights = torch.rand(tokens, 2, generator=gen)
     x = torch.randn(tokens, hidden, generator=gen)
     gate_up, down = (

@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.moe.tiny import FAMILIES, sparse_blocks, tiny_model
+from tests.moe.tiny import (
+    FAMILIES,
+    DequantizableStack,
+    routing,
+    run_block,
+    sparse_blocks,
+    tiny_model,
+)
 
 from turbotune.moe.expert_gemm import expert_gemm
 from turbotune.moe.experts import ExpertLoRA, moe_experts, prefers_mm_loop, resolve_backend
 from turbotune.moe.plan import plan_experts
 from turbotune.moe.reference import moe_experts_reference
 from turbotune.patches import apply_patches
-
-
-def _routing(tokens: int, experts: int, k: int, seed: int, skew: bool) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.rand(tokens, experts, generator=gen)
-    if skew:  # expert 0 takes most tokens, the last expert none
-        scores[:, 0] += 1.0
-        scores[:, -1] -= 2.0
-    return scores.topk(k, dim=-1).indices
 
 
 def _diff(name: str, got: torch.Tensor | None, want: torch.Tensor | None, atol: float) -> None:
@@ -54,7 +52,7 @@ def _rowwise(a, w, index, layout: str):
     (37, 24, 20, 5, 2, True), (3, 16, 16, 4, 1, False), (29, 33, 17, 7, 3, True),
 ])  # fmt: skip
 def test_expert_gemm_mm_loop(layout, tokens, k_in, n_out, experts, k, skew) -> None:
-    index = _routing(tokens, experts, k, seed=tokens, skew=skew)
+    index = routing(tokens, experts, k, seed=tokens, skew=skew)
     plan = plan_experts(index, experts).on_host()
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(tokens if layout == "gather" else tokens * k, k_in, generator=gen)
@@ -78,7 +76,7 @@ def test_expert_gemm_mm_loop(layout, tokens, k_in, n_out, experts, k, skew) -> N
 def _mlp_inputs(seed: int = 5, tokens: int = 13, skew: bool = True):
     gen = torch.Generator().manual_seed(seed)
     experts, hidden, inter = 4, 16, 24
-    index = _routing(tokens, experts, 2, seed=seed, skew=skew)
+    index = routing(tokens, experts, 2, seed=seed, skew=skew)
     x = torch.randn(tokens, hidden, generator=gen)
     weights = torch.rand(tokens, 2, generator=gen)
     gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen)
@@ -128,17 +126,6 @@ def test_one_host_read_of_the_counts_per_layer(monkeypatch) -> None:
     assert all(t.grad is not None for t in leaves)
 
 
-class _Stack:
-    """A stand-in quantized stack: only ``shape``/``dtype`` and ``dequantize``, like NF4 storage."""
-
-    def __init__(self, dense: torch.Tensor):
-        self.dense, self.shape, self.dtype, self.calls = dense, dense.shape, dense.dtype, 0
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        self.calls += 1
-        return self.dense.to(dtype)
-
-
 def test_quantized_stacks_with_lora() -> None:
     """QLoRA-style: stacks behind ``.dequantize`` (dequantized once in forward, once in backward)
     plus per-expert LoRA, against the eager loop on the merged dense stacks."""
@@ -152,7 +139,7 @@ def test_quantized_stacks_with_lora() -> None:
         xs = x.clone().requires_grad_()
         fs = [f.clone().requires_grad_() for f in factors]
         if fast:
-            gu, dn = _Stack(gate_up), _Stack(down)
+            gu, dn = DequantizableStack(gate_up), DequantizableStack(down)
             out = moe_experts(xs, index, weights, gu, dn, backend="mm_loop",
                               gate_up_lora=ExpertLoRA(fs[0], fs[1], 0.5),
                               down_lora=ExpertLoRA(fs[2], fs[3], 0.5))  # fmt: skip
@@ -169,22 +156,6 @@ def test_quantized_stacks_with_lora() -> None:
         _diff(name, got, want, 1e-5 * max(1.0, want.abs().max().item()))
 
 
-def _block_run(block, x, grad) -> dict[str, torch.Tensor]:
-    block.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    seen = []
-    router = getattr(block, "gate", None) or block.router
-    handle = router.register_forward_hook(lambda m, i, o: seen.append(o[0].detach()))
-    try:
-        y = block(x)
-    finally:
-        handle.remove()
-    y.backward(grad)
-    result = {"out": y.detach(), "router_logits": seen[0], "grad_x": x.grad}
-    result.update({f"grad_{n}": p.grad for n, p in block.named_parameters() if p.requires_grad})
-    return result
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_frozen_experts_block_matches_transformers(family: str) -> None:
     """Experts frozen (the LoRA/QLoRA case): output, router logits, input and router gradients
@@ -196,9 +167,9 @@ def test_frozen_experts_block_matches_transformers(family: str) -> None:
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 9, model.config.hidden_size, generator=gen)
     grad = torch.randn(2, 9, model.config.hidden_size, generator=gen)
-    want = _block_run(block, x, grad)
+    want = run_block(block, x, grad)
     apply_patches(model, ["moe"], moe_backend="mm_loop")
-    got = _block_run(block, x, grad)
+    got = run_block(block, x, grad)
     assert got.keys() == want.keys() and not any("experts" in k for k in got)
     for name, ref in want.items():
         _diff(name, got[name], ref, 2e-5)

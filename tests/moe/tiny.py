@@ -97,3 +97,48 @@ def sparse_blocks(model) -> list[torch.nn.Module]:
         if hasattr(block, "experts"):
             blocks.append(block)
     return blocks
+
+
+def routing(tokens: int, experts: int, k: int, seed: int, skew: bool) -> torch.Tensor:
+    """``[tokens, k]`` expert ids from seeded scores; ``skew``: expert 0 takes most tokens
+    (more than one kernel block), the last expert none."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(tokens, experts, generator=gen)
+    if skew:
+        scores[:, 0] += 1.0
+        scores[:, -1] -= 2.0
+    return scores.topk(k, dim=-1).indices
+
+
+class DequantizableStack:
+    """A stand-in quantized stack: only ``shape``/``dtype`` and ``dequantize``, like NF4 storage
+    (``calls`` counts the dequantizations)."""
+
+    def __init__(self, dense: torch.Tensor):
+        self.dense, self.shape, self.dtype, self.calls = dense, dense.shape, dense.dtype, 0
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        self.calls += 1
+        return self.dense.to(dtype)
+
+
+def router(block: torch.nn.Module) -> torch.nn.Module:
+    """The router (gate) module of a sparse MoE block."""
+    return getattr(block, "gate", None) or block.router
+
+
+def run_block(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> dict:
+    """Output, router logits and every gradient (of ``x`` and of each trainable parameter) of
+    one forward/backward of a sparse MoE block."""
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    seen = []
+    handle = router(block).register_forward_hook(lambda m, i, o: seen.append(o[0].detach()))
+    try:
+        y = block(x)
+    finally:
+        handle.remove()
+    y.backward(grad)
+    result = {"out": y.detach(), "router_logits": seen[0], "grad_x": x.grad}
+    result.update({f"grad_{n}": p.grad for n, p in block.named_parameters() if p.requires_grad})
+    return result
