@@ -86,6 +86,11 @@ def main(out: Path) -> None:
             {"seen": collator.seen, "expected": expected, "steps": trainer.state.global_step}
         )
     )
+    # Tear gloo down before the interpreter does: a process group left to the exit handlers
+    # sometimes aborts ("terminate called without an active exception") after the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
