@@ -4,6 +4,7 @@ pass-through form, one-sided gradients, spare columns and the eager fallback."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -232,3 +233,25 @@ def test_works_without_triton():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
+
+
+def test_input_gradient_written_into_the_registered_buffer(device):
+    """Under ``spare_columns.gradient_into(x, rows)`` (CUDA graphs of a layer stack) the
+    pass-through norm's backward writes dx into ``rows``, bit-equal to the usual result."""
+    gen = torch.Generator().manual_seed(5)
+    x0, dres, dy = (torch.randn(6, 200, generator=gen).to(device) for _ in range(3))
+    w = (1 + 0.5 * torch.randn(200, generator=gen)).to(device)
+
+    def dx(into: bool) -> torch.Tensor:
+        x = x0.clone().requires_grad_()
+        x_out, y = rms_norm_with_residual(x, w, 1e-5)
+        rows = torch.full((6, 200 + 16), float("nan"), device=device)[:, :200]
+        ctx = spare_columns.gradient_into(x, rows) if into else contextlib.nullcontext()
+        with ctx:
+            (grad,) = torch.autograd.grad((x_out * dres).sum() + (y * dy).sum(), [x])
+        if into:
+            assert grad.data_ptr() == rows.data_ptr() and grad.stride() == rows.stride()
+        return grad
+
+    ours, theirs = dx(True), dx(False)
+    assert torch.equal(ours, theirs), f"max abs diff {(ours - theirs).abs().max():.3e}"

@@ -129,3 +129,22 @@ def test_qlora_training_equal_with_and_without_the_handoff(tmp_path):
     # (it tells the norms the width); backward: layer 0's down projection, once per step.
     assert claims == {True: 2 * 2 * 2 - 1 + 2, False: 0}, claims
     assert losses[True] == losses[False], losses
+
+
+def test_gradient_rows_returns_the_registered_buffer_only_when_it_fits():
+    """Inside ``gradient_into(x, rows)`` a producer of x's gradient gets ``rows`` (and its spare
+    columns are offered); a view of x matches; any mismatch, or leaving the context, gives a
+    new buffer."""
+    cpu = torch.device("cpu")
+    x = torch.randn(2, 3, 8)
+    dest = torch.empty(6, 8 + 16)[:, :8]
+    with spare_columns.gradient_into(x, dest):
+        got = spare_columns.gradient_rows(x.view(-1, 8), 6, 8, torch.float32)
+        assert got is dest
+        assert spare_columns.claim(dest, 16) is not None  # offered with its room
+        assert spare_columns.gradient_rows(x, 6, 8, torch.float64) is not dest
+        assert spare_columns.gradient_rows(x, 3, 16, torch.float32) is not dest
+        assert spare_columns.gradient_rows(torch.randn(6, 8), 6, 8, torch.float32) is not dest
+    assert spare_columns.gradient_rows(x, 6, 8, torch.float32) is not dest
+    rows = spare_columns.rows_with_room(6, 8, torch.float32, cpu)  # the usual producer path
+    assert rows.shape == (6, 8)

@@ -213,7 +213,8 @@ def add_norm_backward(
     rows_per_program = triton.cdiv(n_rows, n_programs)
     # d is the layer input's gradient, i.e. the previous layer's output gradient: spare columns
     # behind it let that layer's MLP build [dy | g] without a copy (ops/spare_columns.py).
-    d = spare_columns.rows_with_room(n_rows, n_cols, x.dtype, x.device, room=multiplier is None)
+    # (CUDA graphs of a layer stack name the buffer it goes to: spare_columns.gradient_into.)
+    d = spare_columns.gradient_rows(x, n_rows, n_cols, x.dtype, room=multiplier is None)
     dh = d if multiplier is None else torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     dw_partial = torch.zeros(
         (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x.device

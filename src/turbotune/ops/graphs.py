@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from turbotune.ops import spare_columns
+
 __all__ = ["LayerGraphs", "graphable_layers"]
 
 log = logging.getLogger(__name__)
@@ -213,9 +215,14 @@ class _GraphSet:
         self.param_grads: list[tuple] = [()] * n
         self.bwd: list[torch.cuda.CUDAGraph | None] = [None] * n
         # Input gradients alternate between two buffers: layer i-1's backward reads what
-        # layer i's wrote, and the one before that is dead by then.
-        ping = [torch.empty_like(self.outputs[-1]) for _ in range(2)]
-        grad_out = torch.empty_like(self.outputs[-1])
+        # layer i's wrote, and the one before that is dead by then. The buffers have spare
+        # columns (ops/spare_columns.py), and the backward that computes a layer's input
+        # gradient writes it there directly (spare_columns.gradient_into) instead of into a
+        # buffer of its own that would be copied: the reading layer's down projection then
+        # finds room for its [dy | g] behind its output gradient, as in an eager step.
+        ping = [self._gradient_buffer() for _ in range(2)]
+        grad_out = self._gradient_buffer()
+        self.grad_copies = 0  # layers whose input gradient is still copied (tests, logs)
         for i in reversed(range(n)):
             x, out = self.inputs[i], outs[i]
             self.grad_out[i] = grad_out
@@ -223,16 +230,28 @@ class _GraphSet:
             if not out.requires_grad or not wrt:
                 continue
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=side):
-                grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
-                if x.requires_grad:
-                    ping[i % 2].copy_(grads[0])
-                    grads = grads[1:]
+            dest = ping[i % 2]
+            _offer(grad_out)
+            with spare_columns.gradient_into(x, _rows(dest)):
+                with torch.cuda.graph(graph, pool=pool, stream=side):
+                    grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
+                    if x.requires_grad:
+                        if not _same_view(grads[0], dest):
+                            dest.copy_(grads[0])
+                            self.grad_copies += 1
+                        grads = grads[1:]
             self.bwd[i] = graph
             self.param_grads[i] = grads
             if x.requires_grad:
-                self.grad_in[i] = ping[i % 2]
-                grad_out = ping[i % 2]
+                self.grad_in[i] = dest
+                grad_out = dest
+
+    def _gradient_buffer(self) -> torch.Tensor:
+        """A layer-output-shaped gradient buffer with spare columns behind each row."""
+        like = self.outputs[-1]
+        width = like.shape[-1]
+        rows = spare_columns.rows_with_room(like.numel() // width, width, like.dtype, like.device)
+        return rows.view(like.shape)
 
     # ---- replay ----
 
@@ -269,11 +288,24 @@ class _GraphSet:
         return [grad_in.detach() if grad_in is not None else None, *_copies(self.param_grads[i])]
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, t.shape[-1])
+
+
+def _offer(t: torch.Tensor) -> None:
+    """Offer the spare columns behind a gradient buffer to the next backward capture."""
+    rows = _rows(t)
+    spare_columns.offer(rows, rows.stride(0) - rows.shape[1])
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 # One multi-tensor copy of a layer's parameter gradients instead of one clone each (~14 per
-# layer for LoRA). Off until measured on a GPU (session 4 ran out of device time): A/B with
-# ``benchmarks/ab_point.py ... --variants flat-grads,clone-grads`` and the GPU tests of
-# tests/ops/test_graphs.py, then make it the default.
-FLAT_GRAD_COPIES = False
+# layer for LoRA). H100, reference workload 4 x 1024: 252.3 vs 252.9 ms per step (A/B of
+# ``benchmarks/ab_point.py ... --variants flat-grads,clone-grads``, session 5).
+FLAT_GRAD_COPIES = True
 
 
 def _copies(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -428,5 +460,8 @@ class LayerGraphs:
             return None
         self.sets[key] = graphs
         self.captures += 1
-        log.info("CUDA graphs: captured %d layers for hidden %s", len(self.layers), key[0][0])
+        log.info(
+            "CUDA graphs: captured %d layers for hidden %s (%d input gradients copied)",
+            len(self.layers), key[0][0], graphs.grad_copies,
+        )  # fmt: skip
         return graphs

@@ -15,6 +15,13 @@ A second consumer of the same norm output (models whose attention and MLP share 
 nothing to claim and copies as before, so no two groups ever write the same spare columns.
 Producers allocate through :func:`rows_with_room`, consumers build their wide buffer
 through :func:`widened`; :func:`offer` and :func:`claim` are the two halves underneath.
+
+A producer can also be told *where* to write. CUDA graphs of a layer stack (``ops/graphs.py``)
+hand each layer's input gradient to the previous layer's backward graph through a fixed buffer;
+inside :func:`gradient_into` the add-norm backward that computes that gradient allocates it
+with :func:`gradient_rows`, which returns the graphs' buffer, instead of a fresh one that the
+graph would then copy (a strided 32 MB copy per layer at Llama-8B shape, and the spare columns
+lost with it).
 How many columns to offer is learned: a group that finds too few (or none) asks for more, and
 later norms allocate them (rounded up to 16, at most ``MAX_SPARE``). The first step therefore
 copies; every later step, including CUDA-graph captures and checkpoint recomputations, does not.
@@ -22,11 +29,23 @@ copies; every later step, including CUDA-graph captures and checkpoint recomputa
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["MAX_SPARE", "claim", "offer", "reset", "rows_with_room", "wanted", "widened"]
+__all__ = [
+    "MAX_SPARE",
+    "claim",
+    "gradient_into",
+    "gradient_rows",
+    "offer",
+    "reset",
+    "rows_with_room",
+    "wanted",
+    "widened",
+]
 
 # Off: norms allocate no spare columns and folded groups always copy (A/B and tests).
 ENABLED = True
@@ -35,6 +54,7 @@ MAX_SPARE = 256
 _KEEP = 16
 _offers: OrderedDict[int, tuple[int, int]] = OrderedDict()  # data_ptr -> (row stride, spare)
 _wanted = 0
+_destinations: dict[int, torch.Tensor] = {}  # data_ptr of a tensor -> where its gradient goes
 claims = 0  # successful claims so far (tests, logs)
 
 
@@ -69,6 +89,40 @@ def rows_with_room(
     rows = torch.empty((n_rows, n_cols + spare), dtype=dtype, device=device)[:, :n_cols]
     offer(rows, spare)
     return rows
+
+
+@contextlib.contextmanager
+def gradient_into(x: torch.Tensor, rows: torch.Tensor) -> Iterator[None]:
+    """While active, a producer of the gradient of ``x`` that allocates it through
+    :func:`gradient_rows` writes it into ``rows`` (``[N, H]``, unit column stride; any spare
+    columns behind it are offered as usual). Keyed by ``x``'s data pointer: a view of ``x``
+    (``x.view(-1, H)``) matches too."""
+    key = x.data_ptr()
+    _destinations[key] = rows
+    try:
+        yield
+    finally:
+        _destinations.pop(key, None)
+
+
+def gradient_rows(
+    x: torch.Tensor, n_rows: int, n_cols: int, dtype: torch.dtype, room: bool = True
+) -> torch.Tensor:
+    """The ``[n_rows, n_cols]`` buffer for the gradient of ``x``: the one registered by
+    :func:`gradient_into` when it fits (shape, dtype, device, unit column stride), else a new
+    one from :func:`rows_with_room`."""
+    rows = _destinations.get(x.data_ptr()) if _destinations else None
+    if (
+        rows is not None
+        and rows.shape == (n_rows, n_cols)
+        and rows.dtype == dtype
+        and rows.device == x.device
+        and rows.stride(1) == 1
+    ):
+        if room and rows.stride(0) > n_cols:
+            offer(rows, rows.stride(0) - n_cols)
+        return rows
+    return rows_with_room(n_rows, n_cols, dtype, x.device, room=room)
 
 
 def widened(x: torch.Tensor, columns: int) -> torch.Tensor:
