@@ -232,14 +232,14 @@ class _GraphSet:
             graph = torch.cuda.CUDAGraph()
             dest = ping[i % 2]
             _offer(grad_out)
-            with spare_columns.gradient_into(x, _rows(dest)):
-                with torch.cuda.graph(graph, pool=pool, stream=side):
-                    grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
-                    if x.requires_grad:
-                        if not _same_view(grads[0], dest):
-                            dest.copy_(grads[0])
-                            self.grad_copies += 1
-                        grads = grads[1:]
+            into = spare_columns.gradient_into(x, _rows(dest))
+            with into, torch.cuda.graph(graph, pool=pool, stream=side):
+                grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
+                if x.requires_grad:
+                    if not _same_view(grads[0], dest):
+                        dest.copy_(grads[0])
+                        self.grad_copies += 1
+                    grads = grads[1:]
             self.bwd[i] = graph
             self.param_grads[i] = grads
             if x.requires_grad:
