@@ -30,6 +30,8 @@ VARIANTS = {
     "no-add-norm": {"add_norm": False},
     "flat-grads": {"flat_grads": True},
     "clone-grads": {"flat_grads": False},
+    "grads-in-place": {"grads_in_place": True},
+    "grads-copied": {"grads_in_place": False},
 }
 
 
@@ -39,6 +41,7 @@ _FLAGS = {
     "spare": ("turbotune.ops.spare_columns", "ENABLED", True),
     "add_norm": ("turbotune.ops.add_norm", "ENABLED", True),
     "flat_grads": ("turbotune.ops.graphs", "FLAT_GRAD_COPIES", False),  # runs outside graphs
+    "grads_in_place": ("turbotune.ops.graphs", "GRADIENTS_IN_PLACE", True),
 }
 
 

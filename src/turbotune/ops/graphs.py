@@ -232,7 +232,11 @@ class _GraphSet:
             graph = torch.cuda.CUDAGraph()
             dest = ping[i % 2]
             _offer(grad_out)
-            into = spare_columns.gradient_into(x, _rows(dest))
+            into = (
+                spare_columns.gradient_into(x, _rows(dest))
+                if GRADIENTS_IN_PLACE
+                else contextlib.nullcontext()
+            )
             with into, torch.cuda.graph(graph, pool=pool, stream=side):
                 grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
                 if x.requires_grad:
@@ -250,7 +254,9 @@ class _GraphSet:
         """A layer-output-shaped gradient buffer with spare columns behind each row."""
         like = self.outputs[-1]
         width = like.shape[-1]
-        rows = spare_columns.rows_with_room(like.numel() // width, width, like.dtype, like.device)
+        rows = spare_columns.rows_with_room(
+            like.numel() // width, width, like.dtype, like.device, room=GRADIENTS_IN_PLACE
+        )
         return rows.view(like.shape)
 
     # ---- replay ----
@@ -288,6 +294,11 @@ class _GraphSet:
         return [grad_in.detach() if grad_in is not None else None, *_copies(self.param_grads[i])]
 
 
+# Off: the layers' input gradients go through plain buffers and one copy per layer, as
+# before session 5 (A/B: ``benchmarks/ab_point.py ... --variants grads-in-place,grads-copied``).
+GRADIENTS_IN_PLACE = True
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, t.shape[-1])
 
@@ -295,7 +306,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _offer(t: torch.Tensor) -> None:
     """Offer the spare columns behind a gradient buffer to the next backward capture."""
     rows = _rows(t)
-    spare_columns.offer(rows, rows.stride(0) - rows.shape[1])
+    if rows.stride(0) > rows.shape[1]:
+        spare_columns.offer(rows, rows.stride(0) - rows.shape[1])
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
