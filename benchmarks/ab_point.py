@@ -32,6 +32,8 @@ VARIANTS = {
     "clone-grads": {"flat_grads": False},
     "grads-in-place": {"grads_in_place": True},
     "grads-copied": {"grads_in_place": False},
+    "row-grid": {"row_grid": True},
+    "persistent": {"row_grid": False},
 }
 
 
@@ -42,6 +44,7 @@ _FLAGS = {
     "add_norm": ("turbotune.ops.add_norm", "ENABLED", True),
     "flat_grads": ("turbotune.ops.graphs", "FLAT_GRAD_COPIES", False),  # runs outside graphs
     "grads_in_place": ("turbotune.ops.graphs", "GRADIENTS_IN_PLACE", True),
+    "row_grid": ("turbotune.ops._triton", "ROW_GRID_WITHOUT_DW", True),
 }
 
 

@@ -255,3 +255,26 @@ def test_input_gradient_written_into_the_registered_buffer(device):
 
     ours, theirs = dx(True), dx(False)
     assert torch.equal(ours, theirs), f"max abs diff {(ours - theirs).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("fn", ["add_rms_norm", "rms_norm"])
+def test_frozen_weight_row_grid_equals_persistent_programs(fn, device, monkeypatch):
+    """Without a weight gradient the backward runs one program per row
+    (``_triton.ROW_GRID_WITHOUT_DW``); the persistent grid gives bit-equal input gradients."""
+    from turbotune.ops import _triton
+
+    gen = torch.Generator().manual_seed(6)
+    r0, h0, ds, dy = (torch.randn(37, 96, generator=gen).to(device) for _ in range(4))
+    w = (1 + 0.5 * torch.randn(96, generator=gen)).to(device)
+
+    def grads(row_grid: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(_triton, "ROW_GRID_WITHOUT_DW", row_grid)
+        r, h = r0.clone().requires_grad_(), h0.clone().requires_grad_()
+        if fn == "rms_norm":
+            y = rms_norm(r, w, 1e-6)
+            return list(torch.autograd.grad((y * dy).sum(), [r]))
+        s, y = add_rms_norm(r, h, w, 1e-6)
+        return list(torch.autograd.grad((s * ds).sum() + (y * dy).sum(), [r, h]))
+
+    for a, b in zip(grads(True), grads(False)):
+        assert torch.equal(a, b), f"max abs diff {(a - b).abs().max():.3e}"

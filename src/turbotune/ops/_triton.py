@@ -40,6 +40,7 @@ except ImportError:  # Triton is optional: CPU training uses the eager reference
 __all__ = [
     "HAS_TRITON",
     "MAX_FUSED_SIZE",
+    "backward_programs",
     "interpreting",
     "num_programs_hint",
     "row_block_settings",
@@ -83,6 +84,26 @@ def num_programs_hint(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+# Off: row backwards without a weight gradient also run one persistent program per SM (as
+# before session 5; A/B ``benchmarks/ab_point.py ... --variants row-grid,persistent``).
+ROW_GRID_WITHOUT_DW = True
+
+
+def backward_programs(device: torch.device, n_rows: int, compute_dw: bool) -> tuple[int, int]:
+    """``(programs, rows per program)`` of a row-wise norm backward.
+
+    A weight gradient is summed per program (one fp32 partial row each): a persistent program
+    per SM keeps that reduction small. Without one (frozen norm weights: LoRA, QLoRA) a program
+    per row lets the GPU keep many rows in flight: one program walking ~30 rows in turn
+    leaves most of the memory bandwidth unused (an H100 add-norm backward at 4096 x 4096:
+    68 us persistent vs ~2.8 TB/s for the one-row-per-program forward).
+    """
+    if ROW_GRID_WITHOUT_DW and not compute_dw:
+        return max(1, n_rows), 1
+    n_programs = max(1, min(num_programs_hint(device), n_rows))
+    return n_programs, triton.cdiv(n_rows, n_programs)
 
 
 def row_block_settings(n_cols: int) -> tuple[int, int]:

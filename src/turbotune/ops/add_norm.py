@@ -29,7 +29,13 @@ from __future__ import annotations
 import torch
 
 from turbotune.ops import reference, spare_columns
-from turbotune.ops._triton import num_programs_hint, row_block_settings, tl, triton, use_triton
+from turbotune.ops._triton import (
+    backward_programs,
+    row_block_settings,
+    tl,
+    triton,
+    use_triton,
+)
 from turbotune.ops.reference import Casting
 from turbotune.ops.rms_norm import (
     _as_rows,
@@ -209,8 +215,7 @@ def add_norm_backward(
     """
     n_rows, n_cols = x.shape
     block, num_warps = row_block_settings(n_cols)
-    n_programs = max(1, min(num_programs_hint(x.device), n_rows))
-    rows_per_program = triton.cdiv(n_rows, n_programs)
+    n_programs, rows_per_program = backward_programs(x.device, n_rows, compute_dw)
     # d is the layer input's gradient, i.e. the previous layer's output gradient: spare columns
     # behind it let that layer's MLP build [dy | g] without a copy (ops/spare_columns.py).
     # (CUDA graphs of a layer stack name the buffer it goes to: spare_columns.gradient_into.)

@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 
 from turbotune.ops import reference, spare_columns
-from turbotune.ops._triton import num_programs_hint, row_block_settings, tl, triton, use_triton
+from turbotune.ops._triton import (
+    backward_programs,
+    row_block_settings,
+    tl,
+    triton,
+    use_triton,
+)
 from turbotune.ops.reference import Casting
 
 __all__ = ["RMSNormFunction", "rms_norm", "rms_norm_backward", "rms_norm_forward"]
@@ -187,8 +193,7 @@ def rms_norm_backward(
     """
     n_rows, n_cols = x.shape
     block, num_warps = row_block_settings(n_cols)
-    n_programs = max(1, min(num_programs_hint(x.device), n_rows))
-    rows_per_program = triton.cdiv(n_rows, n_programs)
+    n_programs, rows_per_program = backward_programs(x.device, n_rows, compute_dw)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     dw_partial = torch.zeros(
         (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x.device
