@@ -47,9 +47,10 @@ SCRIPT = textwrap.dedent(
             c = {"CAST_TO_INPUT": cast, "BLOCK_SIZE": 4096}
             build("rms_norm", "_fwd_kernel", p, c, 8, floats=("eps", "offset"))
             build("rms_norm", "_bwd_kernel", p, {**c, "COMPUTE_DW": True}, 8, floats=("offset",))
-        p = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr")}
-        for backward in (False, True):
-            c = {"BACKWARD": backward, "BLOCK_QH": 32, "BLOCK_KH": 8, "BLOCK_D": 64}
+        p = pointers("rope", "_rotary_kernel", dt)
+        for backward, has_v in ((False, False), (True, False), (True, True)):  # rope, rope_qkv
+            c = {"BACKWARD": backward, "HAS_V": has_v, "BLOCK_QH": 32, "BLOCK_KH": 8,
+                 "BLOCK_VH": 8, "BLOCK_D": 64}
             build("rope", "_rotary_kernel", p, c)
         p = {n: f"*{dt}" for n in ("h_ptr", "g_ptr", "u_ptr", "dg_ptr", "du_ptr", "dh_ptr")}
         for activation in (0, 1, 2):

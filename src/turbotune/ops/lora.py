@@ -41,10 +41,11 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from turbotune.ops.lora_direct import direct_backward, direct_forward, direct_weights, plan_group
-from turbotune.ops.lora_fold import fold_backward, fold_forward, wide_backward
+from turbotune.ops.lora_fold import fold_backward, fold_forward, wide_backward, wide_fits
 from turbotune.ops.lora_group import (
     Needs,
     Slot,
+    adjacent_columns,
     base_backward,
     base_forward,
     cast,
@@ -161,9 +162,13 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         needs = [_needs(ctx.needs_input_grad, 2, i) for i in range(n)]
         device = dys[0].device
         with _no_autocast(device):
-            # One matmul over the stacked weight; the cat costs one pass over the dys. Weights
-            # used as stored take one matmul each, straight from the dys.
-            dy = dys[0] if n == 1 or layout.direct else torch.cat(dys, dim=1)
+            # One matmul over the stacked weight; the cat costs one pass over the dys, unless
+            # they already are adjacent column blocks of one buffer (the rotary backward of
+            # ops/rope_qkv.py writes dq, dk, dv so). Weights used as stored take one matmul
+            # each, straight from the dys.
+            dy = dys[0] if n == 1 or layout.direct else adjacent_columns(dys)
+            if dy is None:
+                dy = torch.cat(dys, dim=1)
             dx, lora = _projections_backward(dy, dys, x, slots, layout, rest[3 * n :], needs)
         return (dx, None, *_grads(slots, lora, dys, needs))
 
@@ -209,7 +214,9 @@ def _projections_backward(
     if layout.fold:
         return fold_backward(dy, slots, layout, saved, needs)
     # With the dense W left by a checkpoint recomputation, dx = dy W + g A needs no [W; A] copy.
-    if layout.wide and needs[0].x and not holds("stacked", slots, dy.dtype):
+    # A lone projection with in < 2 out (o_proj) takes it too when dy has spare columns for g.
+    wide = layout.wide or wide_fits(layout, dy)
+    if wide and needs[0].x and not holds("stacked", slots, dy.dtype):
         dx, grads = wide_backward(dy, x, slots[0], saved, needs[0])
         return dx, {0: grads}
     dx = base_backward(dy, slots, layout) if needs[0].x else None

@@ -48,11 +48,41 @@ from turbotune.ops.lora_group import (
 from turbotune.ops.lora_stash import keep, take
 from turbotune.quant.weights import dense_weight
 
-__all__ = ["fold_backward", "fold_forward", "wide_backward", "wide_input_backward"]
+__all__ = [
+    "WIDE_WHEN_ROOM",
+    "fold_backward",
+    "fold_forward",
+    "wide_backward",
+    "wide_fits",
+    "wide_input_backward",
+]
+
+# A lone projection that is not wide (o_proj: in == out) takes the wide backward at run time when
+# the dy it receives has spare columns for g behind it (the add-norm backward leaves them): then
+# [dy | g] costs no copy and the mm + addmm_ pair over dx becomes one matmul. Off: never (A/B).
+WIDE_WHEN_ROOM = True
 
 
 def _padded(r: int) -> int:
     return -(-r // 8) * 8
+
+
+def wide_fits(layout: Layout, dy: torch.Tensor) -> bool:
+    """Whether a lone shared projection can take :func:`wide_backward` for this ``dy`` with no
+    copy: ``dy`` has claimable spare columns for its padded rank (nothing is claimed here).
+
+    The forward of such a projection saves the same ``[t, A, B]`` whichever backward runs
+    (``lora_group.lora_forward``), so the choice can wait until the backward.
+    """
+    return (
+        WIDE_WHEN_ROOM
+        and not layout.direct
+        and layout.stackable
+        and len(layout.rows) == 1
+        and layout.shared
+        and len(layout.adapters) == 1
+        and spare_columns.has_room(dy, _padded(layout.ranks[-1][1]))
+    )
 
 
 def _folded_weight(

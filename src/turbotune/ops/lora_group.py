@@ -38,6 +38,7 @@ __all__ = [
     "Layout",
     "Needs",
     "Slot",
+    "adjacent_columns",
     "base_backward",
     "base_forward",
     "cast",
@@ -138,6 +139,45 @@ def layout_of(slots: Sequence[Slot]) -> Layout:
 
 
 # ---- small helpers of the hot path (each runs several times per projection per step) ----
+
+
+def adjacent_columns(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``[t_1 | t_2 | ...]`` as ONE view when the tensors already are adjacent column blocks of
+    one buffer, else None (the caller concatenates).
+
+    Adjacent means: 2-D, one dtype, device and storage, the same rows and row stride, unit
+    column stride, and each block starting where the previous one ends (the rotary backward of
+    ``ops/rope_qkv.py`` leaves q/k/v gradients so).
+
+    Args:
+        tensors: ``[M, n_i]`` each.
+
+    Returns:
+        the ``[M, sum n_i]`` view (sharing the tensors' memory), or None.
+    """
+    first = tensors[0]
+    if first.dim() != 2 or first.stride(1) != 1 or first.numel() == 0:
+        return None
+    rows, row_stride = first.shape[0], first.stride(0)
+    storage = first.untyped_storage().data_ptr()
+    step = first.element_size()
+    end = first.data_ptr() + first.shape[1] * step
+    for t in tensors[1:]:
+        if (
+            t.dim() != 2
+            or t.shape[0] != rows
+            or t.stride() != (row_stride, 1)
+            or t.dtype != first.dtype
+            or t.device != first.device
+            or t.data_ptr() != end
+            or t.untyped_storage().data_ptr() != storage
+        ):
+            return None
+        end += t.shape[1] * step
+    width = (end - first.data_ptr()) // step
+    if rows > 1 and width > row_stride:  # the blocks would run into the next row
+        return None
+    return first.as_strided((rows, width), (row_stride, 1))
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

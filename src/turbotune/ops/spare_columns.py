@@ -125,6 +125,15 @@ def gradient_rows(
     return rows_with_room(n_rows, n_cols, dtype, x.device, room=room)
 
 
+def has_room(x: torch.Tensor, columns: int) -> bool:
+    """Whether :func:`claim` would hand out ``columns`` spare columns behind ``x`` now. Claims
+    nothing and learns nothing: a consumer that can do without decides with it."""
+    if not ENABLED or x.dim() != 2 or x.stride(1) != 1:
+        return False
+    entry = _offers.get(x.data_ptr())
+    return entry is not None and entry[0] == x.stride(0) and entry[1] >= columns
+
+
 def widened(x: torch.Tensor, columns: int) -> torch.Tensor:
     """``[x | room]`` (``[N, H + columns]``) for a consumer that writes the last ``columns``:
     the claimed spare columns behind ``x``, else a new buffer holding a copy of ``x``."""

@@ -212,7 +212,16 @@ def _fused_qkv_attention(
     query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = value.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
-    query, key = getattr(family_module, fam.rope_fn)(query, key, cos, sin)
+    rope_fn = getattr(family_module, fam.rope_fn)
+    if not fam.qk_norm and _rotary_with_value(rope_fn, cos):
+        # The rotary backward then writes dq, dk and dv into one buffer, which the q/k/v group's
+        # backward takes as its [dq | dk | dv] without a cat (ops/rope_qkv.py). qk-norms in
+        # between would make fresh dq, dk anyway.
+        from turbotune.ops.rope_qkv import apply_rotary_qkv
+
+        query, key, value = apply_rotary_qkv(query, key, value, cos, sin)
+    else:
+        query, key = rope_fn(query, key, cos, sin)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
     if fam.sliding_window is not None:
@@ -226,6 +235,19 @@ def _fused_qkv_attention(
     )  # fmt: skip
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
+
+
+def _rotary_with_value(rope_fn: Callable[..., Any], cos: torch.Tensor) -> bool:
+    """Whether the family's rotary is :func:`rotary_dispatcher` and would take the fused kernel
+    for these arguments (inside a patched attention, HF's ``[B, S, D]`` tables)."""
+    from turbotune.ops import rope_qkv
+
+    return (
+        rope_qkv.ENABLED
+        and getattr(rope_fn, "_turbotune_dispatcher", False)
+        and getattr(_ROPE_STATE, "depth", 0) > 0
+        and cos.dim() == 3
+    )
 
 
 def _attention_interface(implementation: str | None, family_module: Any) -> Callable[..., Any]:
@@ -259,6 +281,7 @@ def rotary_dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
         return apply_rotary(q, k, cos, sin)
 
     apply_rotary_pos_emb.__wrapped__ = original
+    apply_rotary_pos_emb._turbotune_dispatcher = True
     return apply_rotary_pos_emb
 
 
