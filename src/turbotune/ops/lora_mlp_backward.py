@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from turbotune.ops import glu_lora_backward
 from turbotune.ops.lora_direct import direct_input_backward, direct_weights
 from turbotune.ops.lora_fold import wide_input_backward
 from turbotune.ops.lora_group import (
@@ -137,6 +138,12 @@ def down_and_glu_backward(
     if grads.g is None:  # no dA: h is not needed at all
         _glu_backward_inplace(grads.dh, e, u, activation)
         return {} if down.A is None else {0: (None, grads.d_b)}
+    if grads.keep is None and glu_lora_backward.supported(grads.dh, e, u, grads.g):
+        # One pass: de, du over e, u and dA = g^T h summed in-kernel, h never written.
+        d_a = glu_lora_backward.glu_backward_lora_da(
+            grads.dh, e, u, grads.g, activation, down.A.dtype
+        )
+        return {0: (d_a, grads.d_b)}
     h = _glu_backward_with_h(grads.dh, e, u, activation, grads.keep, down.dropout)
     return {0: (cast(torch.mm(grads.g.t(), h), down.A.dtype), grads.d_b)}
 
