@@ -214,7 +214,6 @@ def mlp_backward_calls(monkeypatch):
     """Records which input-gradient path the down projection took, and counts the gated
     activation's kernels: forward (``h``), backward with ``h``, backward without."""
     from turbotune.ops import lora_direct, lora_group, lora_mlp_backward
-    from turbotune.ops import glu_lora_backward
 
     monkeypatch.setattr(lora_direct, "DIRECT_BASES", "auto")
     monkeypatch.setattr(lora_group, "FOLD_ADAPTERS", True)
@@ -239,8 +238,8 @@ def mlp_backward_calls(monkeypatch):
     for name, what in spies.items():
         monkeypatch.setattr(lora_mlp_backward, name, spy(getattr(lora_mlp_backward, name), what))
     # Without dropout the kernel that writes de, du also sums dA = g^T h (h is never written).
-    da = glu_lora_backward.glu_backward_lora_da
-    monkeypatch.setattr(glu_lora_backward, "glu_backward_lora_da", spy(da, "with_h"))
+    fused = lora_mlp_backward.glu_lora_backward  # the module
+    monkeypatch.setattr(fused, "glu_backward_lora_da", spy(fused.glu_backward_lora_da, "with_h"))
     return calls
 
 
