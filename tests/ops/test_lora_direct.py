@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from turbotune.ops import lora_direct, lora_fold, lora_group, lora_mlp_backward
+from turbotune.ops import glu_lora_forward, lora_direct, lora_fold, lora_group, lora_mlp_backward
 from turbotune.ops.lora import (
     LoRAWeights,
     dropout_keep,
@@ -70,6 +70,13 @@ def no_weight_copies(monkeypatch):
         return _fn(*args, **kwargs)
 
     monkeypatch.setattr(lora_mlp_backward, "direct_input_backward", counted_input)
+
+    # The MLP's down projection with an adapter runs its direct forward in ops/glu_lora_forward.py.
+    def counted_down(*args, _fn=glu_lora_forward.down_forward, **kwargs):
+        calls["forward"] += int(args[3].direct)  # args: e, u, down, layout, ...
+        return _fn(*args, **kwargs)
+
+    monkeypatch.setattr(glu_lora_forward, "down_forward", counted_down)
     return calls
 
 

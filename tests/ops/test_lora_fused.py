@@ -213,7 +213,7 @@ DOWN_CASES = {
 def mlp_backward_calls(monkeypatch):
     """Records which input-gradient path the down projection took, and counts the gated
     activation's kernels: forward (``h``), backward with ``h``, backward without."""
-    from turbotune.ops import lora_direct, lora_group, lora_mlp_backward
+    from turbotune.ops import glu_lora_forward, lora_direct, lora_group, lora_mlp_backward
 
     monkeypatch.setattr(lora_direct, "DIRECT_BASES", "auto")
     monkeypatch.setattr(lora_group, "FOLD_ADAPTERS", True)
@@ -240,6 +240,9 @@ def mlp_backward_calls(monkeypatch):
     # Without dropout the kernel that writes de, du also sums dA = g^T h (h is never written).
     fused = lora_mlp_backward.glu_lora_backward  # the module
     monkeypatch.setattr(fused, "glu_backward_lora_da", spy(fused.glu_backward_lora_da, "with_h"))
+    # The down projection with an adapter writes h in the kernel that also computes T.
+    glu_lora = glu_lora_forward.glu_lora
+    monkeypatch.setattr(glu_lora_forward, "glu_lora", spy(glu_lora, "forward"))
     return calls
 
 

@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from turbotune.ops import glu_lora_forward
 from turbotune.ops.lora_direct import direct_backward, direct_forward, direct_weights, plan_group
 from turbotune.ops.lora_fold import fold_backward, fold_forward, wide_backward, wide_fits
 from turbotune.ops.lora_group import (
@@ -238,10 +239,16 @@ class LoRAMLPFunction(torch.autograd.Function):
         gate, up, down = _slots(meta, tensors)
         gu_layout, gu_weights = plan_group([gate, up], x, stacked=True)
         eu, saved_gu = _projections_forward(x, [gate, up], gu_layout, gu_weights, stacked=True)
-        h = glu_forward(*_halves(eu), activation)
-        down_layout, down_weights = plan_group([down], h, stacked=False)
-        (y,), saved_down = _projections_forward(h, [down], down_layout, down_weights, False)
-        del h
+        e, u = _halves(eu)
+        down_layout, down_weights = plan_group([down], e, stacked=False)  # e: h's rows, dtype
+        if glu_lora_forward.applies(down, down_layout):  # h and T in one pass, then one GEMM
+            y, saved_down = glu_lora_forward.down_forward(
+                e, u, down, down_layout, down_weights, activation
+            )
+        else:
+            h = glu_forward(e, u, activation)
+            (y,), saved_down = _projections_forward(h, [down], down_layout, down_weights, False)
+            del h
         ctx.meta, ctx.activation, ctx.backward_done = meta, activation, False
         ctx.layouts, ctx.n_saved_gu = (gu_layout, down_layout), len(saved_gu)
         x_saved = None if gu_layout.fold else x
