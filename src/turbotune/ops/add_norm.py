@@ -221,7 +221,8 @@ def add_norm_backward(
     # (CUDA graphs of a layer stack name the buffer it goes to: spare_columns.gradient_into.)
     d = spare_columns.gradient_rows(x, n_rows, n_cols, x.dtype, room=multiplier is None)
     dh = d if multiplier is None else torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    dw_partial = torch.zeros(
+    # Every program stores its partial row, so no fill is needed (nor any without dw).
+    dw_partial = (torch.empty if n_rows > 0 or not compute_dw else torch.zeros)(
         (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x.device
     )
     if n_rows > 0:

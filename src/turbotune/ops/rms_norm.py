@@ -195,7 +195,8 @@ def rms_norm_backward(
     block, num_warps = row_block_settings(n_cols)
     n_programs, rows_per_program = backward_programs(x.device, n_rows, compute_dw)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    dw_partial = torch.zeros(
+    # Every program stores its partial row, so no fill is needed (nor any without dw).
+    dw_partial = (torch.empty if n_rows > 0 or not compute_dw else torch.zeros)(
         (n_programs if compute_dw else 1, n_cols), dtype=torch.float32, device=x.device
     )
     if n_rows > 0:
