@@ -33,7 +33,15 @@ import torch
 from turbotune.ops._triton import tl, triton, use_triton
 from turbotune.ops.swiglu import _act_and_grad
 
-__all__ = ["CONFIG", "ENABLED", "LaunchConfig", "glu_backward_lora_da", "supported"]
+__all__ = [
+    "CONFIG",
+    "ENABLED",
+    "LaunchConfig",
+    "glu_backward_lora_da",
+    "row_ranges",
+    "supported",
+    "with_config",
+]
 
 Activation = Literal["silu", "gelu_tanh", "gelu"]
 _ACTIVATION_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
@@ -147,15 +155,22 @@ def supported(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g: torch.Tenso
     return dh.stride(1) == e.stride(1) == u.stride(1) == 1 and dh.is_floating_point()
 
 
-def _split_rows(n_rows: int, n_col_blocks: int, config: LaunchConfig, device) -> int:
-    """Row ranges: ``config.split_m``, or (0) about four programs per SM, at most one range
-    per 256 rows."""
+def row_ranges(
+    n_rows: int, n_cols: int, config: LaunchConfig, device: torch.device
+) -> tuple[int, int]:
+    """``(ranges, rows per range)`` of a launch: ``config.split_m`` ranges, or (0) about four
+    programs per SM, at most one range per 256 rows; whole ``block_m`` steps per range."""
+    n_col_blocks = triton.cdiv(n_cols, config.block_i)
     if config.split_m > 0:
-        return max(1, min(config.split_m, triton.cdiv(n_rows, config.block_m)))
-    if device.type != "cuda":
-        return 2 if n_rows >= 2 * config.block_m else 1  # still exercises the partial sums
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, n_col_blocks), n_rows // 256))
+        splits = config.split_m
+    elif device.type != "cuda":
+        splits = 2 if n_rows >= 2 * config.block_m else 1  # still exercises the partial sums
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = min(triton.cdiv(4 * sms, n_col_blocks), n_rows // 256)
+    splits = max(1, min(splits, triton.cdiv(n_rows, config.block_m)))
+    per_range = triton.cdiv(triton.cdiv(n_rows, splits), config.block_m) * config.block_m
+    return max(1, triton.cdiv(n_rows, per_range)), per_range  # no empty range at the end
 
 
 def glu_backward_lora_da(
@@ -187,17 +202,14 @@ def glu_backward_lora_da(
     n_rows, n_cols = dh.shape
     rank = g.shape[1]
     g = g if g.dtype == dh.dtype else g.to(dh.dtype)
-    n_col_blocks = triton.cdiv(n_cols, config.block_i)
-    splits = _split_rows(n_rows, n_col_blocks, config, dh.device)
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), config.block_m) * config.block_m
-    splits = max(1, triton.cdiv(n_rows, rows_per_split))  # no empty range at the end
     if n_rows == 0 or rank == 0 or n_cols == 0:
         return torch.zeros(rank, n_cols, dtype=out_dtype, device=dh.device)
+    splits, rows_per_split = row_ranges(n_rows, n_cols, config, dh.device)
     # One range writes dA itself; several write fp32 partials.
     partial_dtype = out_dtype if splits == 1 else torch.float32
     da = torch.empty(splits, rank, n_cols, dtype=partial_dtype, device=dh.device)
     dot_fp32 = not dh.is_cuda  # the interpreter
-    _bwd_da_kernel[(n_col_blocks, splits)](
+    _bwd_da_kernel[(triton.cdiv(n_cols, config.block_i), splits)](
         e, e.stride(0), u, u.stride(0), dh, dh.stride(0), e, e.stride(0), u, u.stride(0),
         g, g.stride(0), g.stride(1), da, da.stride(0), da.stride(1),
         n_rows, n_cols, rank, rows_per_split,
