@@ -123,6 +123,9 @@ def down_and_glu_backward(
 ) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """The down projection's backward through ``h = act(e) * u``: ``de``, ``du`` over ``e``, ``u``.
 
+    Without dropout on down, where Triton runs, steps 2 and 3 of the module note are one kernel
+    (``ops/glu_lora_backward.py``: ``dA = g^T h`` summed in-kernel, ``h`` never written).
+
     Args:
         dy: ``[M, hidden]`` the MLP's output gradient.
         e: ``[M, I]`` gate output (a column view of the saved ``[e | u]``); overwritten by ``de``.
