@@ -34,6 +34,10 @@ VARIANTS = {
     "grads-copied": {"grads_in_place": False},
     "row-grid": {"row_grid": True},
     "persistent": {"row_grid": False},
+    "glu-da": {"glu_da": True},
+    "no-glu-da": {"glu_da": False},
+    "glu-t": {"glu_t": True},
+    "no-glu-t": {"glu_t": False},
 }
 
 
@@ -45,6 +49,8 @@ _FLAGS = {
     "flat_grads": ("turbotune.ops.graphs", "FLAT_GRAD_COPIES", False),  # runs outside graphs
     "grads_in_place": ("turbotune.ops.graphs", "GRADIENTS_IN_PLACE", True),
     "row_grid": ("turbotune.ops._triton", "ROW_GRID_WITHOUT_DW", True),
+    "glu_da": ("turbotune.ops.glu_lora_backward", "ENABLED", True),
+    "glu_t": ("turbotune.ops.glu_lora_forward", "ENABLED", True),
 }
 
 
