@@ -280,6 +280,51 @@ def test_checkpointed_mlp_reuses_the_folded_weight(monkeypatch, down_calls, devi
         assert torch.allclose(on, off, rtol=1e-4, atol=1e-5), f"{name}: {_max_diff(on, off)}"
 
 
+# ---- the residual riding on the down GEMM ----
+
+# (base, down dropout, residual dtype, path): folded, direct, old path (dropout), added outside.
+RESIDUAL_CASES = {
+    "folded": ("nf4", 0.0, None, ["folded"]),
+    "direct": ("compute", 0.0, None, ["direct"]),
+    "dropout": ("nf4", 0.1, None, []),
+    "fp32-residual": ("nf4", 0.0, torch.float32, ["folded"]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(RESIDUAL_CASES))
+def test_residual_matches_adding_it(down_calls, device, case, dtype):
+    """``lora_mlp(..., residual=r)`` equals ``r + lora_mlp(...)``: the output to a rounding (the
+    GEMM adds ``r`` before its one rounding), every gradient exactly (``r``'s is ``dy``)."""
+    kind, dropout, res_dtype, path = RESIDUAL_CASES[case]
+    bases = _bases(kind, 16, 40, device)
+    leaves = _leaves(16, 40, 5, False, device, dtype)
+    gen = torch.Generator().manual_seed(9)
+    leaves["r"] = torch.randn(13, 16, generator=gen).to(device, res_dtype or dtype).requires_grad_()
+    grad_out = torch.randn(13, 16, generator=gen).to(device)
+
+    def mlp(x, Ag, Bg, Ad, Bd, r, fold: bool):
+        ws = [b[1].to(x.dtype) for b in bases] if kind == "compute" else [b[0] for b in bases]
+        torch.manual_seed(0)  # the dropout seed
+        gate, up = (ws[0], LoRAWeights(Ag, Bg, 2.0)), (ws[1], None)
+        down = (ws[2], LoRAWeights(Ad, Bd, 0.75, dropout))
+        if fold:
+            return lora_mlp(x, gate, up, down, residual=r)
+        return r + lora_mlp(x, gate, up, down)
+
+    got = _run(lambda **t: mlp(**t, fold=True), leaves, grad_out)
+    want = _run(lambda **t: mlp(**t, fold=False), leaves, grad_out)
+    assert down_calls == path * 2, down_calls
+    ulp = 0.0 if got["output"].dtype == torch.float32 else torch.finfo(dtype).eps
+    bound = 1e-6 + ulp * want["output"].abs().max().item()
+    assert got["output"].dtype == want["output"].dtype
+    assert (got["output"] - want["output"]).abs().max() <= bound, _max_diff(
+        got["output"], want["output"]
+    )
+    for name in leaves:
+        assert torch.equal(got[name], want[name]), f"{name}: {_max_diff(got[name], want[name])}"
+
+
 # ---- real shapes on the GPU ----
 
 

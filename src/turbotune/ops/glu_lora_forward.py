@@ -13,8 +13,11 @@ on an H100), and ``y += s T B^T`` reads and writes all of ``y`` (26 us). Here:
    tensor ``t``, the only adapter product the backward reads (``ops/lora_mlp_backward.py``).
    Each program owns ``BLOCK_M`` rows and loops over ``I``: no atomics, one rounding of ``T``.
 2. :func:`down_forward`: ``y = [h | T] [W | sB | 0]^T``, the folded weight of
-   ``ops/lora_fold.py`` (the ``W`` part dequantized straight into it), as one GEMM; with a
-   residual, ``torch.addmm(residual, ...)`` lets cuBLAS add it in its epilogue. Plain dense
+   ``ops/lora_fold.py`` (the ``W`` part dequantized straight into it), as one GEMM. The
+   decoder layer's residual may ride on it too (``torch.addmm(residual, ...)``): torch copies
+   it into the output and cuBLAS adds the product in place (one copy instead of an add that
+   reads two tensors; an in-place ``residual.addmm_`` would save the copy too, but the
+   add-norm before the MLP saves that very tensor for its backward). Plain dense
    bases in the compute dtype (``ops/lora_direct.py``) would pay a copy of ``W`` for the fold:
    there ``y = h W^T`` uses ``W`` as stored and ``y += s t B^T`` stays, only ``T`` comes free.
 
@@ -208,8 +211,10 @@ def down_forward(
     layout: Layout,
     weights: Sequence[torch.Tensor] | None,
     activation: Activation,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``y = (act(e) * u) W^T + b + s T B^T`` when :func:`applies`, ``h`` never a tensor of its own.
+    """``y = residual + (act(e) * u) W^T + b + s T B^T`` when :func:`applies`, ``h`` never a
+    tensor of its own.
 
     Args:
         e, u: ``[M, I]`` the gate and up outputs (column views of ``[e | u]``).
@@ -217,22 +222,32 @@ def down_forward(
         layout: its layout (``lora_direct.plan_group``); weights: the stored weight when
             ``layout.direct``.
         activation: the gate's activation.
+        residual: optional ``[M, out]`` in ``e``'s dtype, added by the GEMM (``addmm``: torch
+            copies it into the output, cuBLAS then reads it in its epilogue).
 
     Returns:
         ``y [M, out]`` and what the down projection's backward reads: ``[t, A, B]``.
     """
     dtype = e.dtype
     a, b = cast(down.A, dtype), cast(down.B, dtype)
-    bias = None if down.bias is None else cast(down.bias, dtype)
     if layout.direct:  # the fold would copy W: keep it as stored, T comes free anyway
         h, t = glu_lora(e, u, a, activation)
-        w = weights[0].t()
-        y = torch.mm(h, w) if bias is None else torch.addmm(bias, h, w)
+        y = _matmul(h, weights[0].t(), residual, down.bias)
         y.addmm_(t, b.t(), alpha=down.scaling)
         return y, [t, a, b]
     wide, t = glu_lora(e, u, a, activation, room=_padded(a.shape[0]))
     weight = _folded_weight([down], layout, dtype, e.device)
     # A checkpoint recomputation: the backward's dh = dy W reads the W part (a column view).
     keep("stacked", [down], weight.narrow(1, 0, e.shape[1]))
-    y = torch.mm(wide, weight.t()) if bias is None else torch.addmm(bias, wide, weight.t())
-    return y, [t, a, b]
+    return _matmul(wide, weight.t(), residual, down.bias), [t, a, b]
+
+
+def _matmul(
+    x: torch.Tensor, w_t: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``residual + x w_t + bias`` with what is there folded into the one ``addmm``."""
+    bias = None if bias is None else cast(bias, x.dtype)
+    if residual is None:
+        return torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
+    y = torch.addmm(residual, x, w_t)
+    return y if bias is None else y.add_(bias)

@@ -236,6 +236,8 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, meta: tuple, activation: str, *tensors: torch.Tensor | None):
+        # tensors: the 9 of gate, up, down, then optionally the residual added to the output.
+        residual, tensors = (tensors[9] if len(tensors) > 9 else None), tensors[:9]
         gate, up, down = _slots(meta, tensors)
         gu_layout, gu_weights = plan_group([gate, up], x, stacked=True)
         eu, saved_gu = _projections_forward(x, [gate, up], gu_layout, gu_weights, stacked=True)
@@ -243,12 +245,15 @@ class LoRAMLPFunction(torch.autograd.Function):
         down_layout, down_weights = plan_group([down], e, stacked=False)  # e: h's rows, dtype
         if glu_lora_forward.applies(down, down_layout):  # h and T in one pass, then one GEMM
             y, saved_down = glu_lora_forward.down_forward(
-                e, u, down, down_layout, down_weights, activation
+                e, u, down, down_layout, down_weights, activation, residual
             )
         else:
             h = glu_forward(e, u, activation)
             (y,), saved_down = _projections_forward(h, [down], down_layout, down_weights, False)
             del h
+            if residual is not None:
+                y.add_(residual)
+        ctx.has_residual = residual is not None
         ctx.meta, ctx.activation, ctx.backward_done = meta, activation, False
         ctx.layouts, ctx.n_saved_gu = (gu_layout, down_layout), len(saved_gu)
         x_saved = None if gu_layout.fold else x
@@ -278,6 +283,8 @@ class LoRAMLPFunction(torch.autograd.Function):
             )
         grads = _grads([gate, up], lora_gu, [e, u], needs[:2])
         grads += _grads([down], lora_down, [dy], needs[2:])
+        if ctx.has_residual:  # y = residual + mlp(x): its gradient is dy itself
+            grads.append(dy if need[-1] else None)
         return (dx, None, None, *grads)
 
 
@@ -367,6 +374,7 @@ def lora_mlp(
     up: Sequence[Any],
     down: Sequence[Any],
     activation: Activation = "silu",
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gated MLP ``y = (act(x Wg'^T) * x Wu'^T) Wd'^T``, each ``'`` including its LoRA term.
 
@@ -380,14 +388,25 @@ def lora_mlp(
         up: same, ``[inter, hidden]``.
         down: same, ``[hidden, inter]``.
         activation: the gate's activation.
+        residual: optional ``[..., hidden]`` added to the output (a decoder layer's residual
+            stream: ``residual + mlp(x)``, its gradient the output's). In the compute dtype it
+            rides on the down projection's GEMM (``ops/glu_lora_forward.py``), else it is
+            added afterwards.
 
     Returns:
         ``[..., hidden]``.
     """
     if activation not in ("silu", "gelu_tanh", "gelu"):
         raise ValueError(f"unknown activation {activation!r}: expected silu, gelu_tanh or gelu")
+    if residual is not None:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        if residual.dtype != dtype or residual.shape[:-1] != x.shape[:-1]:
+            return residual + lora_mlp(x, gate, up, down, activation)  # type promotion as before
     x, meta, tensors = _prepare(x, [Projection(*gate), Projection(*up), Projection(*down)])
     x2 = x.reshape(-1, x.shape[-1])
+    if residual is not None:
+        tensors.append(residual.reshape(x2.shape[0], residual.shape[-1]))
     with _no_autocast(x.device):
         y = LoRAMLPFunction.apply(x2, meta, activation, *tensors)
     return y.view(*x.shape[:-1], y.shape[-1])
