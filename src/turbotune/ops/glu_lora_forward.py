@@ -19,7 +19,8 @@ on an H100), and ``y += s T B^T`` reads and writes all of ``y`` (26 us). Here:
    reads two tensors; an in-place ``residual.addmm_`` would save the copy too, but the
    add-norm before the MLP saves that very tensor for its backward). Plain dense
    bases in the compute dtype (``ops/lora_direct.py``) would pay a copy of ``W`` for the fold:
-   there ``y = h W^T`` uses ``W`` as stored and ``y += s t B^T`` stays, only ``T`` comes free.
+   there ``y = s t B^T`` is written first (rank ``r``) and ``y += h W^T`` uses ``W`` as stored,
+   cuBLAS reading ``y`` in its epilogue (no read-modify-write pass of its own over ``y``).
 
 What the backward finds is what the unfused path saved: ``[t, A, B]`` (``A``, ``B`` cast to
 the compute dtype). ``t`` is its own small tensor: a view into ``[h | T]`` would keep the whole
@@ -40,7 +41,7 @@ import torch
 from turbotune.ops import lora_group
 from turbotune.ops._triton import interpreting, tl, triton, use_triton
 from turbotune.ops.lora_fold import _folded_weight, _padded
-from turbotune.ops.lora_group import Layout, Slot, cast
+from turbotune.ops.lora_group import Layout, Slot, cast, placeholder
 from turbotune.ops.lora_mlp_backward import glu_forward
 from turbotune.ops.lora_stash import keep
 from turbotune.ops.swiglu import _ACTIVATION_IDS, _act_and_grad
@@ -230,10 +231,12 @@ def down_forward(
     """
     dtype = e.dtype
     a, b = cast(down.A, dtype), cast(down.B, dtype)
-    if layout.direct:  # the fold would copy W: keep it as stored, T comes free anyway
+    if layout.direct:  # the fold would copy W: W as stored, the adapter term written first
         h, t = glu_lora(e, u, a, activation)
-        y = _matmul(h, weights[0].t(), residual, down.bias)
-        y.addmm_(t, b.t(), alpha=down.scaling)
+        # y = s t B^T (rank r: a write of y), then y += h W^T: the big GEMM reads y in its
+        # epilogue instead of a separate read-modify-write pass over y after it.
+        y = _matmul(t, b.t(), residual, down.bias, alpha=down.scaling)
+        y.addmm_(h, weights[0].t())
         return y, [t, a, b]
     wide, t = glu_lora(e, u, a, activation, room=_padded(a.shape[0]))
     weight = _folded_weight([down], layout, dtype, e.device)
@@ -243,11 +246,19 @@ def down_forward(
 
 
 def _matmul(
-    x: torch.Tensor, w_t: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    residual: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    alpha: float = 1.0,
 ) -> torch.Tensor:
-    """``residual + x w_t + bias`` with what is there folded into the one ``addmm``."""
+    """``residual + alpha x w_t + bias`` with what is there folded into the one ``addmm``."""
     bias = None if bias is None else cast(bias, x.dtype)
-    if residual is None:
-        return torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
-    y = torch.addmm(residual, x, w_t)
-    return y if bias is None else y.add_(bias)
+    if residual is not None:
+        y = torch.addmm(residual, x, w_t, alpha=alpha)
+        return y if bias is None else y.add_(bias)
+    if bias is not None:
+        return torch.addmm(bias, x, w_t, alpha=alpha)
+    if alpha == 1.0:
+        return torch.mm(x, w_t)
+    return torch.addmm(placeholder(x.dtype, x.device), x, w_t, beta=0, alpha=alpha)
