@@ -97,6 +97,22 @@ def test_kernel_without_room_and_launch_overrides(device):
     )
 
 
+def test_eager_path_matches_kernel(monkeypatch, device):
+    """Ranks past ``MAX_RANK`` (and machines without Triton) take the activation + ``mm`` path:
+    same layout, same ``h``, ``T`` to a rounding."""
+    gen = torch.Generator().manual_seed(4)
+    e, u = torch.randn(2, 19, 70, generator=gen).to(device, torch.bfloat16).unbind(0)
+    a = torch.randn(9, 70, generator=gen).to(device, torch.bfloat16)
+    wide, t = glu_lora(e, u, a, "gelu_tanh", room=16)
+    monkeypatch.setattr(glu_lora_forward, "MAX_RANK", 4)
+    wide2, t2 = glu_lora(e, u, a, "gelu_tanh", room=16)
+    assert torch.equal(wide[:, :70], wide2[:, :70])
+    assert torch.equal(wide2[:, 70:79], t2) and not wide2[:, 79:].any()
+    assert (t.float() - t2.float()).abs().max() <= 2 * 2**-7 * t.float().abs().max(), _max_diff(
+        t, t2
+    )
+
+
 def test_kernel_rejects_mismatched_inputs(device):
     e = torch.zeros(4, 32, device=device)
     with pytest.raises(ValueError):
