@@ -63,7 +63,9 @@ def pieces(batch: int, seq: int, rank: int) -> None:
     t_old, t_new = time_ms(old), time_ms(new)
     print(f"== {m} tokens, {HQ}/{HK} heads of {D}, bf16 (L2 evicted); same dy: {same}")
     print(f"  rotary bwd + cat (old)      {1000 * t_old:8.1f} us")
-    print(f"  rotary bwd into one buffer  {1000 * t_new:8.1f} us   saves {1000 * (t_old - t_new):.1f}")
+    print(
+        f"  rotary bwd into one buffer  {1000 * t_new:8.1f} us   saves {1000 * (t_old - t_new):.1f}"
+    )
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(HIDDEN, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -79,7 +81,9 @@ def pieces(batch: int, seq: int, rank: int) -> None:
 
     t_old, t_new = time_ms(old_dx), time_ms(lambda: torch.mm(dyg, wa))
     print(f"  o_proj dx = dy W; += g A     {1000 * t_old:8.1f} us")
-    print(f"  o_proj dx = [dy | g] [W; A]  {1000 * t_new:8.1f} us   saves {1000 * (t_old - t_new):.1f}")
+    print(
+        f"  o_proj dx = [dy | g] [W; A]  {1000 * t_new:8.1f} us   saves {1000 * (t_old - t_new):.1f}"
+    )
 
 
 class _GradWithRoom(torch.autograd.Function):
