@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 
 from turbotune.ops import lora_group
-from turbotune.ops._triton import interpreting, tl, triton, use_triton
+from turbotune.ops._triton import tl, triton, use_triton
 from turbotune.ops.lora_fold import _folded_weight, _padded
 from turbotune.ops.lora_group import Layout, Slot, cast, placeholder
 from turbotune.ops.lora_mlp_backward import glu_forward
@@ -164,10 +164,11 @@ def glu_lora(
     block_m = block_m or BLOCK_M
     block_r = max(16, triton.next_power_of_2(max(rank, room)))
     a = a if a.stride(1) == 1 else a.contiguous()
+    dot_fp32 = e.dtype == torch.float32 or not e.is_cuda  # CPU tensors: the interpreter
     _glu_lora_kernel[(triton.cdiv(n_rows, block_m),)](
         wide, wide.stride(0), t, t.stride(0), e, e.stride(0), u, u.stride(0), a, a.stride(0),
         n_rows, n_cols, rank, room,
-        ACTIVATION=_ACTIVATION_IDS[activation], DOT_FP32=e.dtype == torch.float32 or interpreting(),
+        ACTIVATION=_ACTIVATION_IDS[activation], DOT_FP32=dot_fp32,
         BLOCK_M=block_m, BLOCK_I=block_i or BLOCK_I, BLOCK_R=block_r,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
     )  # fmt: skip
