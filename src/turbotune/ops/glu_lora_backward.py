@@ -20,13 +20,23 @@ each of ``split_m`` row ranges writes an fp32 partial ``[r, I]``, summed after t
 ``[split_m, r, I]`` reduction, ~1 MB per split at Llama-8B). ``CONFIG`` holds the launch
 settings; ``benchmarks/glu_lora_backward.py`` measures the candidates on a GPU.
 
+Same pass, the gate and up adapters' ``dB`` (:class:`GateUpT`, switch :data:`FUSED_DB`): the
+gate/up group's backward needs ``dB_g = s_g de^T t_g`` and ``dB_u = s_u du^T t_u`` (``t = x A^T``,
+``[M, r]``, saved by its forward), which were two cuBLAS products reading all of ``de`` and
+``du`` back (43 us each per layer at Llama-8B on an H100). Each program holds its ``de``, ``du``
+tiles and walks every row of its range, so it owns rows ``[BLOCK_I, r]`` of both: it sums
+``t^T de`` (``[r, BLOCK_I]``, the same ``tl.dot`` shape as ``g^T h``) from ``de``, ``du`` as
+rounded to their stored dtype (what the products read), scales by ``s`` at the store and writes
+the transpose. The row split's fp32 partials of ``dA``, ``dB_g`` and ``dB_u`` are segments of
+one buffer, summed by one reduction.
+
 No dropout on down: ``D(h)`` under a keep mask stays on the old path (``swiglu``'s kernel).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -36,10 +46,14 @@ from turbotune.ops.swiglu import _act_and_grad
 __all__ = [
     "CONFIG",
     "ENABLED",
+    "FUSED_DB",
+    "GateUpT",
+    "GluLoRAGrads",
     "LaunchConfig",
     "glu_backward_lora_da",
     "row_ranges",
     "supported",
+    "takes_gate_up",
     "with_config",
 ]
 
@@ -48,6 +62,40 @@ _ACTIVATION_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 ENABLED = True
 """A/B switch: False keeps the old path (``swiglu_backward_with_h`` + ``mm``)."""
+
+FUSED_DB = True
+"""A/B switch: False leaves the gate/up adapters' ``dB`` to their group's backward (cuBLAS)."""
+
+
+class GateUpT(NamedTuple):
+    """The gate and up adapters' saved ``t = x A^T``, for their ``dB`` in the same pass.
+
+    Attributes:
+        t_gate: ``[M, r_g]`` (any row stride, unit column stride: a column view of the saved
+            ``T`` or ``[x | T]``).
+        t_up: ``[M, r_u]``.
+        scalings: ``(s_g, s_u)``.
+        dtypes: dtypes of ``(dB_g, dB_u)`` (the ``B`` parameters').
+    """
+
+    t_gate: torch.Tensor
+    t_up: torch.Tensor
+    scalings: tuple[float, float]
+    dtypes: tuple[torch.dtype, torch.dtype]
+
+
+class GluLoRAGrads(NamedTuple):
+    """What :func:`glu_backward_lora_da` returns besides ``de``, ``du`` (written in place).
+
+    Attributes:
+        d_a: ``[r, I]`` the down adapter's ``dA``.
+        d_b_gate: ``[I, r_g]`` ``s_g de^T t_g`` when :class:`GateUpT` was given, else None.
+        d_b_up: ``[I, r_u]`` ``s_u du^T t_u``, likewise.
+    """
+
+    d_a: torch.Tensor
+    d_b_gate: torch.Tensor | None = None
+    d_b_up: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -88,34 +136,56 @@ def _bwd_da_kernel(
     da_ptr,
     stride_das,
     stride_dar,
+    tg_ptr,
+    stride_tgm,
+    tu_ptr,
+    stride_tum,
+    dbg_ptr,
+    stride_dbgs,
+    stride_dbgi,
+    dbu_ptr,
+    stride_dbus,
+    stride_dbui,
+    scale_g,
+    scale_u,
     n_rows,
     n_cols,
     rank,
+    rank_g,
+    rank_u,
     rows_per_split,
     ACTIVATION: tl.constexpr,
     R_PAD: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    RT_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_I: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """``de = dh * u * act'(e)``, ``du = dh * act(e)`` and ``dA += g^T h`` with ``h = act(e) * u``.
+    """``de = dh * u * act'(e)``, ``du = dh * act(e)`` and ``dA += g^T h`` with ``h = act(e) * u``;
+    with ``HAS_DB`` also ``dB_g += s_g de^T t_g`` and ``dB_u += s_u du^T t_u``.
 
     Program ``(i, s)`` owns columns ``[i BLOCK_I, (i + 1) BLOCK_I)`` of rows
     ``[s rows_per_split, (s + 1) rows_per_split)`` and writes its ``[r, BLOCK_I]`` sum of
-    ``g^T h`` to slice ``s`` of ``da`` (in ``da``'s dtype). ``de``/``du`` may alias ``e``/``u``:
-    each element is read before it is written, by the one program that owns it. ``DOT_FP32``
-    feeds ``tl.dot`` the same (rounded) values as fp32: the Triton interpreter's bf16 ``tl.dot``
-    returns garbage (Triton 3.9, see ``gptq.py``), its fp32 one is exact.
+    ``g^T h`` to slice ``s`` of ``da`` (in ``da``'s dtype), and its ``[BLOCK_I, r_g]``,
+    ``[BLOCK_I, r_u]`` rows of the ``dB`` to slice ``s`` of ``dbg``, ``dbu``. ``de``/``du`` may
+    alias ``e``/``u``: each element is read before it is written, by the one program that owns
+    it. ``DOT_FP32`` feeds ``tl.dot`` the same (rounded) values as fp32: the Triton
+    interpreter's bf16 ``tl.dot`` returns garbage (Triton 3.9, see ``gptq.py``), its fp32 one is
+    exact.
     """
     cols = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     col_mask = cols < n_cols
     split = tl.program_id(1)
     ranks = tl.arange(0, R_PAD)
     rank_mask = ranks < rank
+    t_ranks = tl.arange(0, RT_PAD)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, n_rows)
     acc = tl.zeros((R_PAD, BLOCK_I), dtype=tl.float32)
+    acc_g = tl.zeros((RT_PAD, BLOCK_I), dtype=tl.float32)
+    acc_u = tl.zeros((RT_PAD, BLOCK_I), dtype=tl.float32)
     for start in range(row_start, row_end, BLOCK_M):
         rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)  # M * stride may pass 2^31
         row_mask = rows < row_end
@@ -139,8 +209,33 @@ def _bwd_da_kernel(
         if DOT_FP32:
             g_t, h = g_t.to(tl.float32), h.to(tl.float32)
         acc = tl.dot(g_t, h, acc, input_precision=DOT_PRECISION)
+        if HAS_DB:
+            # t^T de: [r, BLOCK_I], the shape of g^T h (t loaded transposed, like g); de, du as
+            # stored (masked rows and columns are 0: dh is).
+            tg_t = tl.load(
+                tg_ptr + rows[None, :] * stride_tgm + t_ranks[:, None],
+                mask=(t_ranks < rank_g)[:, None] & row_mask[None, :],
+                other=0.0,
+            )
+            tu_t = tl.load(
+                tu_ptr + rows[None, :] * stride_tum + t_ranks[:, None],
+                mask=(t_ranks < rank_u)[:, None] & row_mask[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                tg_t, tu_t = tg_t.to(tl.float32), tu_t.to(tl.float32)
+                de, du = de.to(tl.float32), du.to(tl.float32)
+            acc_g = tl.dot(tg_t, de, acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(tu_t, du, acc_u, input_precision=DOT_PRECISION)
     da_ptrs = da_ptr + split * stride_das + ranks[:, None] * stride_dar + cols[None, :]
     tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=rank_mask[:, None] & col_mask[None, :])
+    if HAS_DB:  # dB[i, k] = s acc[k, i]
+        dbg_ptrs = dbg_ptr + split * stride_dbgs + cols[None, :] * stride_dbgi + t_ranks[:, None]
+        db_g = (acc_g * scale_g).to(dbg_ptr.dtype.element_ty)
+        tl.store(dbg_ptrs, db_g, mask=(t_ranks < rank_g)[:, None] & col_mask[None, :])
+        dbu_ptrs = dbu_ptr + split * stride_dbus + cols[None, :] * stride_dbui + t_ranks[:, None]
+        db_u = (acc_u * scale_u).to(dbu_ptr.dtype.element_ty)
+        tl.store(dbu_ptrs, db_u, mask=(t_ranks < rank_u)[:, None] & col_mask[None, :])
 
 
 def supported(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g: torch.Tensor) -> bool:
@@ -153,6 +248,19 @@ def supported(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g: torch.Tenso
     if not (dh.shape == e.shape == u.shape and g.shape[0] == dh.shape[0]):
         return False
     return dh.stride(1) == e.stride(1) == u.stride(1) == 1 and dh.is_floating_point()
+
+
+def takes_gate_up(dh: torch.Tensor, gate_up: GateUpT) -> bool:
+    """Whether the kernel (where :func:`supported` holds) also sums these adapters' ``dB``:
+    :data:`FUSED_DB`, and each ``t`` 2-D ``[M, r]`` on ``dh``'s device with unit column stride."""
+    if not FUSED_DB:
+        return False
+    for t in (gate_up.t_gate, gate_up.t_up):
+        if t.ndim != 2 or t.shape[0] != dh.shape[0] or t.shape[1] == 0 or t.device != dh.device:
+            return False
+        if t.stride(1) != 1 and t.shape[1] > 1:
+            return False
+    return True
 
 
 def row_ranges(
@@ -181,10 +289,13 @@ def glu_backward_lora_da(
     activation: Activation,
     out_dtype: torch.dtype,
     config: LaunchConfig | None = None,
-) -> torch.Tensor:
-    """``de``, ``du`` written over ``e``, ``u`` and ``dA = g^T (act(e) * u)`` returned.
+    gate_up: GateUpT | None = None,
+) -> GluLoRAGrads:
+    """``de``, ``du`` written over ``e``, ``u``; ``dA = g^T (act(e) * u)`` (and the gate/up
+    adapters' ``dB``) returned.
 
-    Call only where :func:`supported` holds (the caller keeps the eager path otherwise).
+    Call only where :func:`supported` holds (and :func:`takes_gate_up` with ``gate_up``); the
+    caller keeps the eager path otherwise.
 
     Args:
         dh: ``[M, I]`` gradient of ``h = act(e) * u`` (read only).
@@ -194,34 +305,96 @@ def glu_backward_lora_da(
         activation: ``"silu"``, ``"gelu_tanh"`` or ``"gelu"``.
         out_dtype: dtype of ``dA`` (the down adapter's ``A``).
         config: launch settings; None: :data:`CONFIG`.
+        gate_up: the gate and up adapters' ``t``, for ``dB_g = s_g de^T t_g`` and
+            ``dB_u = s_u du^T t_u`` (``de``, ``du`` as rounded to ``e``'s dtype); None: no ``dB``.
 
     Returns:
-        ``dA`` ``[r, I]`` in ``out_dtype``, summed in fp32.
+        ``dA`` ``[r, I]`` in ``out_dtype`` and (with ``gate_up``) ``dB_g`` ``[I, r_g]``,
+        ``dB_u`` ``[I, r_u]`` in their dtypes, all summed in fp32 and rounded once.
     """
     config = CONFIG if config is None else config
     n_rows, n_cols = dh.shape
     rank = g.shape[1]
     g = g if g.dtype == dh.dtype else g.to(dh.dtype)
+    ranks = (rank,) if gate_up is None else (rank, gate_up.t_gate.shape[1], gate_up.t_up.shape[1])
+    dtypes = (out_dtype,) if gate_up is None else (out_dtype, *gate_up.dtypes)
+    shapes = [(rank, n_cols)] + [(n_cols, r) for r in ranks[1:]]
     if n_rows == 0 or rank == 0 or n_cols == 0:
-        return torch.zeros(rank, n_cols, dtype=out_dtype, device=dh.device)
+        return GluLoRAGrads(
+            *(torch.zeros(s, dtype=d, device=dh.device) for s, d in zip(shapes, dtypes))
+        )
     splits, rows_per_split = row_ranges(n_rows, n_cols, config, dh.device)
-    # One range writes dA itself; several write fp32 partials.
-    partial_dtype = out_dtype if splits == 1 else torch.float32
-    da = torch.empty(splits, rank, n_cols, dtype=partial_dtype, device=dh.device)
+    flat, (da, *dbs) = _partials(splits, shapes, dtypes, dh.device)
+    if gate_up is None:
+        tg = tu = g  # never read (HAS_DB off)
+        dbg = dbu = da
+        scalings = (1.0, 1.0)
+    else:
+        tg, tu = (t if t.dtype == dh.dtype else t.to(dh.dtype) for t in gate_up[:2])
+        (dbg, dbu), scalings = dbs, gate_up.scalings
     dot_fp32 = not dh.is_cuda  # the interpreter
     _bwd_da_kernel[(triton.cdiv(n_cols, config.block_i), splits)](
         e, e.stride(0), u, u.stride(0), dh, dh.stride(0), e, e.stride(0), u, u.stride(0),
         g, g.stride(0), g.stride(1), da, da.stride(0), da.stride(1),
-        n_rows, n_cols, rank, rows_per_split,
-        ACTIVATION=_ACTIVATION_IDS[activation], R_PAD=max(16, triton.next_power_of_2(rank)),
+        tg, tg.stride(0), tu, tu.stride(0),
+        dbg, dbg.stride(0), dbg.stride(1), dbu, dbu.stride(0), dbu.stride(1),
+        float(scalings[0]), float(scalings[1]),
+        n_rows, n_cols, rank, *(ranks[1:] or (0, 0)), rows_per_split,
+        ACTIVATION=_ACTIVATION_IDS[activation], R_PAD=_padded_rank(rank),
+        HAS_DB=gate_up is not None, RT_PAD=_padded_rank(max(ranks[1:], default=1)),
         BLOCK_M=config.block_m, BLOCK_I=config.block_i,
         DOT_PRECISION="ieee" if dot_fp32 or dh.dtype == torch.float32 else "tf32",
         DOT_FP32=dot_fp32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    if splits == 1:
-        return da[0]
-    return da.sum(0).to(out_dtype)
+    return GluLoRAGrads(*_finish(flat, splits, shapes, dtypes))
+
+
+def _padded_rank(rank: int) -> int:
+    """``tl.dot`` needs every dimension >= 16 (and a power of two here)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _partials(
+    splits: int,
+    shapes: list[tuple[int, int]],
+    dtypes: tuple[torch.dtype, ...],
+    device: torch.device,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One ``[splits, sum numel]`` buffer and a ``[splits, *shape]`` view of each segment.
+
+    One range stores every result in its own dtype when they share one; else (several ranges,
+    or mixed dtypes) fp32 partials, summed and cast by :func:`_finish`.
+    """
+    same = all(d == dtypes[0] for d in dtypes)
+    dtype = dtypes[0] if splits == 1 and same else torch.float32
+    sizes = [rows * cols for rows, cols in shapes]
+    flat = torch.empty(splits, sum(sizes), dtype=dtype, device=device)
+    views, offset = [], 0
+    for size, shape in zip(sizes, shapes):
+        views.append(flat.narrow(1, offset, size).view(splits, *shape))
+        offset += size
+    return flat, views
+
+
+def _finish(
+    flat: torch.Tensor,
+    splits: int,
+    shapes: list[tuple[int, int]],
+    dtypes: tuple[torch.dtype, ...],
+) -> list[torch.Tensor]:
+    """The summed partials of :func:`_partials`, each segment contiguous in its dtype: one
+    reduction, and one cast when the dtypes agree."""
+    total = flat[0] if splits == 1 else flat.sum(0)
+    if all(d == dtypes[0] for d in dtypes):
+        total = total if total.dtype == dtypes[0] else total.to(dtypes[0])
+    out, offset = [], 0
+    for shape, dtype in zip(shapes, dtypes):
+        size = shape[0] * shape[1]
+        part = total.narrow(0, offset, size).view(shape)
+        out.append(part if part.dtype == dtype else part.to(dtype))
+        offset += size
+    return out
 
 
 def with_config(**changes: int) -> LaunchConfig:

@@ -54,7 +54,7 @@ from turbotune.ops.lora_group import (
     lora_backward,
     lora_forward,
 )
-from turbotune.ops.lora_mlp_backward import down_and_glu_backward, glu_forward
+from turbotune.ops.lora_mlp_backward import down_and_glu_backward, gate_up_t, glu_forward
 from turbotune.ops.lora_stash import holds
 
 __all__ = [
@@ -275,12 +275,18 @@ class LoRAMLPFunction(torch.autograd.Function):
         needs = [_needs(need, 3, i) for i in range(3)]
         e, u = _halves(eu)
         with _no_autocast(dy.device):
+            # The kernel that writes [de | du] may also sum gate's and up's dB (from their t).
+            gate_up = gate_up_t(gate, up, gu_layout, saved_gu, needs[:2])
             lora_down = down_and_glu_backward(
-                dy, e, u, down, down_layout, saved_down, needs[2], ctx.activation
+                dy, e, u, down, down_layout, saved_down, needs[2], ctx.activation, gate_up=gate_up
             )  # eu is now [de | du]
+            d_b_gu = lora_down.pop("gate_up", None)
+            gu_needs = needs[:2] if d_b_gu is None else [n._replace(B=False) for n in needs[:2]]
             dx, lora_gu = _projections_backward(
-                eu, [e, u], x, [gate, up], gu_layout, saved_gu, needs[:2]
+                eu, [e, u], x, [gate, up], gu_layout, saved_gu, gu_needs
             )
+        if d_b_gu is not None:
+            lora_gu = {i: (lora_gu.get(i, (None, None))[0], d_b) for i, d_b in enumerate(d_b_gu)}
         grads = _grads([gate, up], lora_gu, [e, u], needs[:2])
         grads += _grads([down], lora_down, [dy], needs[2:])
         if ctx.has_residual:  # y = residual + mlp(x): its gradient is dy itself

@@ -19,6 +19,10 @@ That is 3 reads and 3 writes of ``[M, I]`` instead of 5 reads and 3 writes: at L
 ``M = 4096``, ``I = 14336`` in bf16, 235 MB less traffic per layer and step (it grows with
 ``M``: twice that at 8 x 1024 tokens). Without a ``dA`` to compute (no adapter on down, or a frozen ``A``) no ``h`` is written at all. Under
 dropout the kernel writes ``D(h)`` directly, so the mask multiply is no pass of its own either.
+
+The fused kernel also sums the gate and up adapters' ``dB = s de^T t`` from the ``de``, ``du`` it
+writes (:func:`gate_up_t` finds their saved ``t`` in the gate/up group's layout), so the group's
+backward skips those two products (``glu_lora_backward.FUSED_DB``).
 """
 
 from __future__ import annotations
@@ -50,7 +54,13 @@ from turbotune.ops.swiglu import (
     swiglu_forward,
 )
 
-__all__ = ["DownInputGrads", "down_and_glu_backward", "down_input_backward", "glu_forward"]
+__all__ = [
+    "DownInputGrads",
+    "down_and_glu_backward",
+    "down_input_backward",
+    "gate_up_t",
+    "glu_forward",
+]
 
 Activation = Literal["silu", "gelu_tanh", "gelu"]
 
@@ -120,11 +130,13 @@ def down_and_glu_backward(
     saved: Sequence[torch.Tensor],
     needs: Needs,
     activation: Activation,
-) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    gate_up: glu_lora_backward.GateUpT | None = None,
+) -> dict:
     """The down projection's backward through ``h = act(e) * u``: ``de``, ``du`` over ``e``, ``u``.
 
     Without dropout on down, where Triton runs, steps 2 and 3 of the module note are one kernel
-    (``ops/glu_lora_backward.py``: ``dA = g^T h`` summed in-kernel, ``h`` never written).
+    (``ops/glu_lora_backward.py``: ``dA = g^T h`` summed in-kernel, ``h`` never written); given
+    ``gate_up`` it also sums the gate and up adapters' ``dB``.
 
     Args:
         dy: ``[M, hidden]`` the MLP's output gradient.
@@ -133,9 +145,12 @@ def down_and_glu_backward(
         down: the down projection; layout, saved: its forward's.
         needs: the down adapter's gradients wanted.
         activation: the gate's activation.
+        gate_up: the gate/up adapters' saved ``t`` (:func:`gate_up_t`), or None.
 
     Returns:
-        ``{0: (dA, dB)}`` when ``down`` has an adapter, else ``{}``.
+        ``{0: (dA, dB)}`` when ``down`` has an adapter, else ``{}``; plus
+        ``"gate_up": (dB_gate, dB_up)`` when the kernel summed them (else the caller's group
+        backward computes them).
     """
     grads = down_input_backward(dy, down, layout, saved, needs, tuple(e.shape))
     if grads.g is None:  # no dA: h is not needed at all
@@ -143,12 +158,46 @@ def down_and_glu_backward(
         return {} if down.A is None else {0: (None, grads.d_b)}
     if grads.keep is None and glu_lora_backward.supported(grads.dh, e, u, grads.g):
         # One pass: de, du over e, u and dA = g^T h summed in-kernel, h never written.
-        d_a = glu_lora_backward.glu_backward_lora_da(
-            grads.dh, e, u, grads.g, activation, down.A.dtype
+        if gate_up is not None and not glu_lora_backward.takes_gate_up(grads.dh, gate_up):
+            gate_up = None
+        out = glu_lora_backward.glu_backward_lora_da(
+            grads.dh, e, u, grads.g, activation, down.A.dtype, gate_up=gate_up
         )
-        return {0: (d_a, grads.d_b)}
+        if gate_up is None:
+            return {0: (out.d_a, grads.d_b)}
+        return {0: (out.d_a, grads.d_b), "gate_up": (out.d_b_gate, out.d_b_up)}
     h = _glu_backward_with_h(grads.dh, e, u, activation, grads.keep, down.dropout)
     return {0: (cast(torch.mm(grads.g.t(), h), down.A.dtype), grads.d_b)}
+
+
+def gate_up_t(
+    gate: Slot, up: Slot, layout: Layout, saved: Sequence[torch.Tensor], needs: Sequence[Needs]
+) -> glu_lora_backward.GateUpT | None:
+    """The gate and up adapters' saved ``t`` (column views), where the fused kernel may sum
+    their ``dB``: both have an adapter with a trainable ``B``, no dropout (``layout.shared``),
+    and :data:`glu_lora_backward.FUSED_DB` is on. Else None (their group computes ``dB``).
+
+    Args:
+        gate, up: the group's projections; layout, saved: its forward's (folded: ``[x | T]``
+            and ``A_stacked``; otherwise shared: ``[T, A_stacked, B...]``).
+        needs: their gradients wanted.
+    """
+    if not (glu_lora_backward.FUSED_DB and glu_lora_backward.ENABLED):
+        return None
+    if layout.adapters != (0, 1) or not layout.shared or not (needs[0].B and needs[1].B):
+        return None
+    if layout.fold:  # [x | T | 0]: T behind the n_in columns of x
+        x_aug, a_stacked = saved[0], saved[1]
+        t_all = x_aug.narrow(1, a_stacked.shape[1], layout.ranks[-1][1])
+    else:
+        t_all = saved[0]
+    (g0, g1), (u0, u1) = layout.ranks
+    return glu_lora_backward.GateUpT(
+        t_all.narrow(1, g0, g1 - g0),
+        t_all.narrow(1, u0, u1 - u0),
+        (gate.scaling, up.scaling),
+        (gate.B.dtype, up.B.dtype),
+    )
 
 
 # ---- the gated activation (Triton where it runs, else eager) ----
