@@ -9,8 +9,13 @@
   ``block_m``, ``num_warps``, ``num_stages``, ``split_m``; ``split_m`` 0 = the automatic
   choice, shown resolved). Time, achieved bandwidth, L2 evicted before each repeat. The best
   row is the config to put in ``glu_lora_backward.CONFIG``.
+* ``db``: the same kernel also summing the gate/up adapters' ``dB = s de^T t`` (``t`` column
+  views of a ``[tokens, hidden + 2 r]`` ``[x | T]``, as the folded layout saves them) vs the
+  kernel without them + the two cuBLAS products the group's backward ran before
+  (``glu_lora_backward.FUSED_DB``), for the same sweep of launch settings.
 * ``mlp``: one Llama-3.1-8B LoRA MLP (NF4 bases, r on gate, up, down) forward + backward through
-  ``lora_mlp`` with ``glu_lora_backward.ENABLED`` True vs False: the saving per layer and step.
+  ``lora_mlp`` with ``glu_lora_backward.ENABLED`` False, ENABLED with ``FUSED_DB`` False, and
+  both True: the saving per layer and step.
 
 Times are CUDA-event medians. Nothing here is a unit test. Under a minute on an H100.
 """
@@ -57,7 +62,7 @@ def kernels(tokens: int, inter: int, rank: int) -> None:
     _, _, h = swiglu_backward_with_h(dh1, e1, u1, inplace=True, out_h=dh1)
     want = torch.mm(g.t(), h).float()
     e2, u2 = e.clone(), u.clone()
-    got = fused.glu_backward_lora_da(dh, e2, u2, g, "silu", torch.float32)
+    got = fused.glu_backward_lora_da(dh, e2, u2, g, "silu", torch.float32).d_a
     print(f"dA max |new - old| {(got - want).abs().max().item():.3e} (max |dA| "
           f"{want.abs().max().item():.3e}); de, du equal: {torch.equal(e1, e2)}, "
           f"{torch.equal(u1, u2)}")  # fmt: skip
@@ -88,6 +93,59 @@ def kernels(tokens: int, inter: int, rank: int) -> None:
           f"per layer vs old; CONFIG now: {fused.CONFIG}")  # fmt: skip
 
 
+def db(tokens: int, hidden: int, inter: int, rank: int) -> None:
+    from turbotune.ops.lora_group import placeholder
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    eu = torch.randn(tokens, 2 * inter, generator=gen, **bf16)
+    dh = torch.randn(tokens, inter, generator=gen, **bf16)
+    g = torch.randn(tokens, rank, generator=gen, **bf16)
+    x_aug = torch.randn(tokens, hidden + 2 * rank, generator=gen, **bf16)  # [x | t_g | t_u]
+    t_g, t_u = x_aug.narrow(1, hidden, rank), x_aug.narrow(1, hidden + rank, rank)
+    gate_up = fused.GateUpT(t_g, t_u, (2.0, 2.0), (torch.float32, torch.float32))
+    e, u = eu.narrow(1, 0, inter), eu.narrow(1, inter, inter)
+    nothing = placeholder(torch.bfloat16, e.device)
+
+    def products():  # lora_fold.fold_backward's dB of gate and up (then the cast to fp32)
+        for d, t in ((e, t_g), (u, t_u)):
+            torch.addmm(nothing, d.t(), t, beta=0, alpha=2.0).float()
+
+    # Same answer first (fresh copies: the kernel overwrites e, u).
+    e1, u1 = e.clone(), u.clone()
+    out = fused.glu_backward_lora_da(dh, e1, u1, g, "silu", torch.float32, gate_up=gate_up)
+    for name, d, t, got in (("gate", e1, t_g, out.d_b_gate), ("up", u1, t_u, out.d_b_up)):
+        want = 2.0 * torch.mm(d.t(), t).float()
+        print(f"dB {name}: max |kernel - mm| {(got - want).abs().max().item():.3e} (max |dB| "
+              f"{want.abs().max().item():.3e})")  # fmt: skip
+    del e1, u1, out
+
+    print(f"== [{tokens}, {inter}] bf16, r {rank} (down, gate, up): kernel + 2 dB products vs "
+          f"kernel with dB (L2 evicted)")  # fmt: skip
+    print(f"  {'variant':44s} {'us':>8s} {'old us':>8s} {'saved':>7s}")
+    t_products = time_ms(products)
+    print(f"  {'old: 2 dB products alone':44s} {1000 * t_products:8.1f}")
+    best = None
+    for block_i, block_m, warps, stages, split in SWEEP:
+        config = fused.LaunchConfig(block_i, block_m, warps, stages, split)
+
+        def old(c=config):
+            fused.glu_backward_lora_da(dh, e, u, g, "silu", torch.float32, c)
+            products()
+
+        def new(c=config):
+            fused.glu_backward_lora_da(dh, e, u, g, "silu", torch.float32, c, gate_up)
+
+        t_old, t_new = time_ms(old), time_ms(new)
+        name = f"bi {block_i} bm {block_m} w {warps} st {stages} split {split or 'auto'}"
+        print(f"  {name:44s} {1000 * t_new:8.1f} {1000 * t_old:8.1f} "
+              f"{1000 * (t_old - t_new):6.1f}")  # fmt: skip
+        if best is None or t_new < best[0]:
+            best = (t_new, config, t_old)
+    print(f"  best with dB: {best[1]} {1000 * best[0]:.1f} us (old at it {1000 * best[2]:.1f} us)"
+          f"; CONFIG now: {fused.CONFIG}")  # fmt: skip
+
+
 def mlp(tokens: int, hidden: int, inter: int, rank: int) -> None:
     import bitsandbytes as bnb
 
@@ -107,15 +165,19 @@ def mlp(tokens: int, hidden: int, inter: int, rank: int) -> None:
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     times = {}
-    for enabled in (False, True):
-        fused.ENABLED = enabled
+    for enabled, fused_db in ((False, False), (True, False), (True, True)):
+        fused.ENABLED, fused.FUSED_DB = enabled, fused_db
         try:
-            times[enabled] = time_ms(lambda: lora_mlp(x, *projs).backward(dy), 20, cold=False)
+            times[enabled, fused_db] = time_ms(
+                lambda: lora_mlp(x, *projs).backward(dy), 20, cold=False
+            )
         finally:
-            fused.ENABLED = True
+            fused.ENABLED, fused.FUSED_DB = True, True
     print(f"== LoRA MLP fwd+bwd (NF4), {tokens} tokens, {hidden} -> {inter}, r {rank}")
-    print(f"  ENABLED False {times[False]:.3f} ms, True {times[True]:.3f} ms, saved "
-          f"{1000 * (times[False] - times[True]):.1f} us per layer")  # fmt: skip
+    old, da, both = times[False, False], times[True, False], times[True, True]
+    print(f"  ENABLED False {old:.3f} ms; ENABLED, FUSED_DB False {da:.3f} ms; both True "
+          f"{both:.3f} ms: FUSED_DB saves {1000 * (da - both):.1f} us per layer, both "
+          f"{1000 * (old - both):.1f} us")  # fmt: skip
 
 
 def main() -> None:
@@ -124,12 +186,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--inter", type=int, default=14336)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--only", default="kernels,mlp")
+    parser.add_argument("--only", default="kernels,db,mlp")
     args = parser.parse_args()
     only = set(args.only.split(","))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     if "kernels" in only:
         kernels(args.tokens, args.inter, args.rank)
+    if "db" in only:
+        db(args.tokens, args.hidden, args.inter, args.rank)
     if "mlp" in only:
         mlp(args.tokens, args.hidden, args.inter, args.rank)
 
