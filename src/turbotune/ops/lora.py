@@ -230,8 +230,9 @@ class LoRAMLPFunction(torch.autograd.Function):
     Gate and up are one group with a stacked output ``eu = [e | u]``. Backward
     (``ops/lora_mlp_backward.py``): the down projection's input gradient ``dh`` (and ``dB_d``)
     first; one kernel then writes ``de = dh * u * act'(e)``, ``du = dh * act(e)`` over ``e`` and
-    ``u`` and ``h = act(e) * u`` over ``dh``, for ``dA_d = g^T D(h)``; ``eu`` is then
-    ``[de | du]`` and ``dx = [de | du] [Wg; Wu]`` is one matmul (plus the LoRA terms).
+    ``u`` and sums ``dA_d = g^T h`` (without dropout; with it, it writes ``D(h)`` over ``dh``
+    for an ``mm``) and, given gate's and up's saved ``t``, their ``dB = s de^T t``; ``eu`` is
+    then ``[de | du]`` and ``dx = [de | du] [Wg; Wu]`` is one matmul (plus the LoRA terms).
     """
 
     @staticmethod
