@@ -1,4 +1,5 @@
-"""The gated activation's backward and the down adapter's ``dA = g^T h`` in one pass, no ``h``.
+"""The gated activation's backward, the down adapter's ``dA = g^T h`` (no ``h`` written) and
+the gate/up adapters' ``dB`` in one pass.
 
 Design note. The LoRA MLP's backward (``ops/lora_mlp_backward.py``) has, after the down
 projection's input backward, ``dh`` ``[M, I]`` and ``g = s dy B_down`` ``[M, r]``. Before this
