@@ -6,13 +6,14 @@
 * ``kernels``: at ``[tokens, inter]`` bf16, r 16, silu: the old pair (``swiglu_forward`` then
   ``T = h A^T`` by ``torch.mm``; the activation alone is the bandwidth floor: same traffic as
   the new kernel) vs ``glu_lora_forward.glu_lora`` for a sweep of BLOCK_M / BLOCK_I /
-  num_warps / num_stages (the module's defaults are marked ``*``); time and achieved
+  num_warps / num_stages / SPLIT (programs per row block along I, fp32 partials of T summed
+  by torch; the module's defaults are marked ``*``); time and achieved
   bandwidth (2 reads + 1 write of ``[tokens, inter]``), L2 evicted before each repeat.
 * ``mlp``: one Llama-3.1-8B LoRA MLP (r 16 on gate, up, down) through ``lora_mlp`` with NF4 and
   with bf16 bases, ``glu_lora_forward.ENABLED`` off (old) vs on (new): forward alone, and
   forward + backward. The difference is the saving per layer and step (x 32 layers).
 
-To adopt a kernel config, set ``BLOCK_M``, ``BLOCK_I``, ``NUM_WARPS``, ``NUM_STAGES`` in
+To adopt a kernel config, set ``BLOCK_M``, ``BLOCK_I``, ``NUM_WARPS``, ``NUM_STAGES``, ``SPLIT`` in
 ``src/turbotune/ops/glu_lora_forward.py``. Times are CUDA-event medians; under a minute on an
 H100. Nothing here is a unit test.
 """
@@ -29,17 +30,21 @@ from turbotune.ops import glu_lora_forward as glf
 from turbotune.ops.lora import LoRAWeights, lora_mlp
 from turbotune.ops.swiglu import swiglu_forward
 
-# (BLOCK_M, BLOCK_I, num_warps, num_stages)
+# (BLOCK_M, BLOCK_I, num_warps, num_stages, SPLIT)
 SWEEP = [
-    *itertools.product((16, 32), (64, 128), (4, 8), (3,)),
-    (16, 128, 4, 2),
-    (16, 128, 4, 4),
-    (32, 128, 4, 2),
-    (32, 128, 4, 4),
-    (64, 64, 4, 3),
-    (64, 128, 8, 3),
-    (16, 256, 8, 3),
-    (32, 256, 8, 3),
+    *itertools.product((16, 32), (64, 128), (4, 8), (3,), (1,)),
+    (16, 128, 4, 2, 1),
+    (16, 128, 4, 4, 1),
+    (32, 128, 4, 2, 1),
+    (32, 128, 4, 4, 1),
+    (64, 64, 4, 3, 1),
+    (64, 128, 8, 3, 1),
+    (16, 256, 8, 3, 1),
+    (32, 256, 8, 3, 1),
+    (32, 128, 4, 3, 2),
+    (32, 128, 4, 3, 4),
+    (64, 128, 4, 3, 4),
+    (64, 128, 8, 3, 8),
 ]
 
 
@@ -49,7 +54,7 @@ def kernels(tokens: int, inter: int, r: int = 16) -> None:
     e, u = eu.narrow(1, 0, inter), eu.narrow(1, inter, inter)
     a = torch.randn(r, inter, device="cuda", dtype=torch.bfloat16, generator=gen) / inter**0.5
     traffic = 3 * tokens * inter * 2  # bytes: e, u read, h written
-    default = (glf.BLOCK_M, glf.BLOCK_I, glf.NUM_WARPS, glf.NUM_STAGES)
+    default = (glf.BLOCK_M, glf.BLOCK_I, glf.NUM_WARPS, glf.NUM_STAGES, glf.SPLIT)
     print(f"== h = silu(e) * u and T = h A^T, [{tokens}, {inter}] bf16, r {r} (L2 evicted)")
     print(f"  {'variant':36s} {'ms':>8s} {'GB/s':>8s}")
 
@@ -59,11 +64,12 @@ def kernels(tokens: int, inter: int, r: int = 16) -> None:
 
     row("activation alone (floor)", lambda: swiglu_forward(e, u))
     row("old: activation + mm", lambda: torch.mm(swiglu_forward(e, u), a.t()))
-    for bm, bi, warps, stages in SWEEP:
-        mark = "*" if (bm, bi, warps, stages) == default else " "
-        name = f"{mark}new: M{bm} I{bi} w{warps} s{stages}"
-        row(name, lambda bm=bm, bi=bi, w=warps, s=stages: glf.glu_lora(
-            e, u, a, "silu", room=r, block_m=bm, block_i=bi, num_warps=w, num_stages=s))  # fmt: skip
+    for bm, bi, warps, stages, split in SWEEP:
+        mark = "*" if (bm, bi, warps, stages, split) == default else " "
+        name = f"{mark}new: M{bm} I{bi} w{warps} s{stages} split{split}"
+        row(name, lambda bm=bm, bi=bi, w=warps, s=stages, sp=split: glf.glu_lora(
+            e, u, a, "silu", room=r, block_m=bm, block_i=bi, num_warps=w, num_stages=s,
+            split=sp))  # fmt: skip
 
 
 def mlp(tokens: int, hidden: int, inter: int, r: int = 16) -> None:

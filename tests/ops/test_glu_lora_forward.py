@@ -39,29 +39,30 @@ def _max_diff(got: torch.Tensor, want: torch.Tensor) -> str:
 
 # ---- the kernel ----
 
-# (M, I, r, activation): tiny, prime, one row block exactly, above the row and column blocks,
-# wide ranks; each activation on two shapes.
+# (M, I, r, activation, split): tiny, prime, one row block exactly, above the row and column
+# blocks, wide ranks; each activation on two shapes; I split over 2..4 programs on three.
 SHAPES = [
-    (1, 16, 1, "silu"),
-    (7, 100, 8, "gelu_tanh"),
-    (64, 1000, 16, "gelu"),
-    (257, 100, 64, "silu"),
-    (257, 1000, 8, "gelu_tanh"),
-    (7, 16, 64, "gelu"),
+    (1, 16, 1, "silu", 1),
+    (7, 100, 8, "gelu_tanh", 3),
+    (64, 1000, 16, "gelu", 1),
+    (257, 100, 64, "silu", 2),
+    (257, 1000, 8, "gelu_tanh", 4),
+    (7, 16, 64, "gelu", 1),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_kernel_matches_reference(device, dtype, shape):
-    n_rows, n_cols, rank, activation = shape
+    n_rows, n_cols, rank, activation, split = shape
     gen = torch.Generator().manual_seed(n_rows * 7 + n_cols + rank)
     # e, u as the column halves of [e | u], as the MLP hands them over (row stride 2 I).
     eu = (2 * torch.randn(n_rows, 2 * n_cols, generator=gen)).to(device, dtype)
     e, u = eu[:, :n_cols], eu[:, n_cols:]
     a = (torch.randn(rank, n_cols, generator=gen) / n_cols**0.5).to(device, dtype)
     room = -(-rank // 8) * 8
-    wide, t = glu_lora(e, u, a, activation, room=room)
+    block_i = 32 if n_cols <= 100 else 128  # several loop steps, and per split
+    wide, t = glu_lora(e, u, a, activation, room=room, split=split, block_i=block_i)
     h = wide[:, :n_cols]
 
     # h: the activation kernel's, bit for bit, and within one rounding of the fp32 value.

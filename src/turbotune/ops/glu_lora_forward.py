@@ -57,6 +57,8 @@ BLOCK_M = 32
 BLOCK_I = 128
 NUM_WARPS = 4
 NUM_STAGES = 3
+# Programs per row block along I (1: each program loops over all of I, no partial sums).
+SPLIT = 1
 # Widest rank block the kernel keeps in registers; wider adapters take the eager path.
 MAX_RANK = 256
 
@@ -73,12 +75,15 @@ def _glu_lora_kernel(
     stride_um,
     a_ptr,
     stride_ar,
+    part_ptr,
     n_rows,
     n_cols,
+    split_cols,
     rank,
     room,
     ACTIVATION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -89,7 +94,9 @@ def _glu_lora_kernel(
     and is rounded once. ``T`` goes to ``t`` (``[M, rank]``) and, when ``room > 0``, to the
     ``room`` columns behind ``h``'s ``n_cols`` (zeros past ``rank``: ``A``'s masked rows are 0).
     ``DOT_FP32`` (fp32 inputs, and the interpreter, whose bf16 ``tl.dot`` returns garbage on
-    Triton 3.9) feeds ``tl.dot`` the same rounded values as fp32.
+    Triton 3.9) feeds ``tl.dot`` the same rounded values as fp32. ``SPLIT``: program ``(i, j)``
+    covers columns ``[j split_cols, (j + 1) split_cols)`` only and stores its fp32 partial ``T``
+    to ``part`` (``[n_splits, M, BLOCK_R]``), for the launcher to sum and round.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
@@ -97,9 +104,11 @@ def _glu_lora_kernel(
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < rank
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK_I):
+    col_begin = tl.program_id(1) * split_cols
+    col_end = tl.minimum(col_begin + split_cols, n_cols)
+    for start in range(col_begin, col_end, BLOCK_I):
         cols = start + tl.arange(0, BLOCK_I)
-        col_ok = cols < n_cols
+        col_ok = cols < col_end
         mask = row_ok[:, None] & col_ok[None, :]
         g = tl.load(e_ptr + rows[:, None] * stride_em + cols[None, :], mask=mask, other=0.0)
         u = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :], mask=mask, other=0.0)
@@ -112,14 +121,15 @@ def _glu_lora_kernel(
             acc = tl.dot(h.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(h, tl.trans(a), acc)
-    t = acc.to(t_ptr.dtype.element_ty)
-    tl.store(
-        t_ptr + rows[:, None] * stride_tm + ranks[None, :],
-        t,
-        mask=row_ok[:, None] & rank_ok[None, :],
-    )
-    spare = h_ptr + rows[:, None] * stride_hm + n_cols + ranks[None, :]
-    tl.store(spare, t, mask=row_ok[:, None] & (ranks < room)[None, :])
+    if SPLIT:
+        part = part_ptr + (tl.program_id(1) * n_rows + rows[:, None]) * BLOCK_R + ranks[None, :]
+        tl.store(part, acc, mask=row_ok[:, None])
+    else:
+        t = acc.to(t_ptr.dtype.element_ty)
+        t_mask = row_ok[:, None] & rank_ok[None, :]
+        tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :], t, mask=t_mask)
+        spare = h_ptr + rows[:, None] * stride_hm + n_cols + ranks[None, :]
+        tl.store(spare, t, mask=row_ok[:, None] & (ranks < room)[None, :])
 
 
 def glu_lora(
@@ -133,6 +143,7 @@ def glu_lora(
     block_i: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = act(e) * u`` written with ``T = h A^T`` behind it, and ``t = T`` on its own.
 
@@ -142,7 +153,9 @@ def glu_lora(
         a: ``[r, I]`` the down adapter's ``A`` in ``e``'s dtype.
         activation: the gate's activation.
         room: spare columns behind ``h`` (0, or at least ``r``): they hold ``[T | 0]``.
-        block_m, block_i, num_warps, num_stages: launch overrides (benchmarks).
+        block_m, block_i, num_warps, num_stages, split: launch overrides (benchmarks);
+            ``split > 1`` also splits the ``I`` loop over that many programs per row block
+            (fp32 partial sums of ``T``, added by torch afterwards).
 
     Returns:
         ``(wide, t)``: ``wide`` is ``[M, I + room]`` (``h`` in its first ``I`` columns), ``t``
@@ -161,17 +174,28 @@ def glu_lora(
         return _eager(e, u, a, activation, wide, t)
     if n_rows == 0:
         return wide, t
-    block_m = block_m or BLOCK_M
+    block_m, block_i = block_m or BLOCK_M, block_i or BLOCK_I
     block_r = max(16, triton.next_power_of_2(max(rank, room)))
+    split = split or SPLIT
+    split_cols = triton.cdiv(triton.cdiv(n_cols, split), block_i) * block_i if split > 1 else n_cols
+    n_splits = triton.cdiv(n_cols, split_cols)
+    part = wide  # unused without a split
+    if n_splits > 1:
+        part = torch.empty((n_splits, n_rows, block_r), dtype=torch.float32, device=e.device)
     a = a if a.stride(1) == 1 else a.contiguous()
     dot_fp32 = e.dtype == torch.float32 or not e.is_cuda  # CPU tensors: the interpreter
-    _glu_lora_kernel[(triton.cdiv(n_rows, block_m),)](
+    _glu_lora_kernel[(triton.cdiv(n_rows, block_m), n_splits)](
         wide, wide.stride(0), t, t.stride(0), e, e.stride(0), u, u.stride(0), a, a.stride(0),
-        n_rows, n_cols, rank, room,
-        ACTIVATION=_ACTIVATION_IDS[activation], DOT_FP32=dot_fp32,
-        BLOCK_M=block_m, BLOCK_I=block_i or BLOCK_I, BLOCK_R=block_r,
+        part, n_rows, n_cols, split_cols, rank, room,
+        ACTIVATION=_ACTIVATION_IDS[activation], DOT_FP32=dot_fp32, SPLIT=n_splits > 1,
+        BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_R=block_r,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
     )  # fmt: skip
+    if n_splits > 1:  # one rounding of the summed partials, as without the split
+        total = part.sum(0)
+        t.copy_(total[:, :rank])
+        if room:
+            wide.narrow(1, n_cols, room).copy_(total[:, :room])
     return wide, t
 
 
