@@ -331,7 +331,7 @@ def glu_backward_lora_da(
         dbg = dbu = da
         scalings = (1.0, 1.0)
     else:
-        tg, tu = (t if t.dtype == dh.dtype else t.to(dh.dtype) for t in gate_up[:2])
+        tg, tu = (t if t.dtype == e.dtype else t.to(e.dtype) for t in gate_up[:2])  # de's
         (dbg, dbu), scalings = dbs, gate_up.scalings
     dot_fp32 = not dh.is_cuda  # the interpreter
     _bwd_da_kernel[(triton.cdiv(n_cols, config.block_i), splits)](
