@@ -191,6 +191,8 @@ def gate_up_t(
         t_all = x_aug.narrow(1, a_stacked.shape[1], layout.ranks[-1][1])
     else:
         t_all = saved[0]
+    if t_all.ndim != 2 or t_all.shape[1] != layout.ranks[-1][1]:  # a saved layout unknown here
+        return None
     (g0, g1), (u0, u1) = layout.ranks
     return glu_lora_backward.GateUpT(
         t_all.narrow(1, g0, g1 - g0),
