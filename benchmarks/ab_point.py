@@ -38,6 +38,8 @@ VARIANTS = {
     "no-glu-da": {"glu_da": False},
     "glu-t": {"glu_t": True},
     "no-glu-t": {"glu_t": False},
+    "glu-db": {"glu_db": True},
+    "no-glu-db": {"glu_db": False},
 }
 
 
@@ -51,6 +53,7 @@ _FLAGS = {
     "row_grid": ("turbotune.ops._triton", "ROW_GRID_WITHOUT_DW", True),
     "glu_da": ("turbotune.ops.glu_lora_backward", "ENABLED", True),
     "glu_t": ("turbotune.ops.glu_lora_forward", "ENABLED", True),
+    "glu_db": ("turbotune.ops.glu_lora_backward", "FUSED_DB", True),
 }
 
 

@@ -50,7 +50,7 @@ def kernels(tokens: int, inter: int) -> None:
         print(f"  {name:32s} {ms:8.3f} {passes * elem / ms / 1e6:8.0f}")
 
 
-def _old_down_and_glu_backward(dy, e, u, down, layout, saved, needs, activation):
+def _old_down_and_glu_backward(dy, e, u, down, layout, saved, needs, activation, gate_up=None):
     """The order before: recompute h, down projection's backward with it, then the in-place
     activation backward (``ops/lora.py`` up to commit 21cafdf)."""
     h = glu_forward(e, u, activation)
