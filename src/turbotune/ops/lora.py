@@ -40,7 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from turbotune.ops import glu_lora_forward
+from turbotune.ops import glu_lora_forward, lora_adapter_first
 from turbotune.ops.lora_direct import direct_backward, direct_forward, direct_weights, plan_group
 from turbotune.ops.lora_fold import fold_backward, fold_forward, wide_backward, wide_fits
 from turbotune.ops.lora_group import (
@@ -189,6 +189,8 @@ def _projections_forward(
         return direct_forward(x, weights, slots, layout, stacked)
     if layout.fold:
         return fold_forward(x, slots, layout, stacked)
+    if lora_adapter_first.applies(slots, layout, stacked):  # o_proj: no pass for s t B^T
+        return lora_adapter_first.adapter_first_forward(x, slots, layout)
     outs = base_forward(x, slots, layout, stacked)
     ys = _halves(outs) if stacked else outs
     return outs, lora_forward(x, slots, layout, ys)
