@@ -7,10 +7,13 @@
     writing all three into one buffer (new), from gradients laid out as SDPA returns them;
   - o_proj's input gradient: ``dx = dy W; dx += g A`` (old) vs ``[dy | g] [W; A]`` with ``g``
     in dy's spare columns (new), for a dense ``W``.
+  - o_proj's output: ``y = x W^T; y += s t B^T`` (old) vs ``y = s t B^T; y += x W^T`` in the
+    GEMM's epilogue (new, ``lora_adapter_first``).
 * ``block``: q/k/v (NF4, one fused LoRA call) -> rotary -> SDPA (causal, GQA) -> o_proj (NF4
-  LoRA), forward + backward with ``rope_qkv.ENABLED`` / ``lora_fold.WIDE_WHEN_ROOM`` both off
-  vs both on (o_proj's output gradient arrives with spare columns, as the add-norm backward
-  hands it on). Also prints the layouts SDPA reads and returns, and which paths ran.
+  LoRA), forward + backward with the flags ``rope_qkv.ENABLED`` (A),
+  ``lora_fold.WIDE_WHEN_ROOM`` (B) and ``lora_adapter_first.ENABLED`` (C) added one by one
+  (o_proj's output gradient arrives with spare columns, as the add-norm backward hands it on).
+  Also prints the layouts SDPA reads and returns, and which paths ran.
 
 Times are CUDA-event medians, L2 evicted before each repeat (block: not evicted). Nothing here is
 a unit test. Under a minute on an H100.
@@ -25,12 +28,19 @@ import torch.nn.functional as F
 from timing import time_ms  # this folder (scripts run from here)
 
 from turbotune.ops import lora as lora_mod
-from turbotune.ops import lora_fold, rope_qkv, spare_columns
+from turbotune.ops import lora_adapter_first, lora_fold, rope_qkv, spare_columns
 from turbotune.ops.lora import LoRAWeights, Projection, lora_linear, lora_projections
 from turbotune.ops.reference import rotary_cos_sin
 from turbotune.ops.rope import apply_rotary, rotary_backward
 
 HQ, HK, D, HIDDEN = 32, 8, 128, 4096
+# (rope_qkv.ENABLED, lora_fold.WIDE_WHEN_ROOM, lora_adapter_first.ENABLED)
+VARIANTS = {
+    "off": (False, False, False),
+    "A": (True, False, False),
+    "A+B": (True, True, False),
+    "A+B+C": (True, True, True),
+}
 
 
 def _tables(batch: int, seq: int):
@@ -79,6 +89,22 @@ def pieces(batch: int, seq: int, rank: int) -> None:
         dx = torch.mm(dy, w)
         return dx.addmm_(g, a)
 
+    x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=gen)
+    t = torch.randn(m, rank, device="cuda", dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(HIDDEN, rank, device="cuda", dtype=torch.bfloat16, generator=gen)
+    nothing = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+
+    def old_y():
+        return torch.mm(x, w.t()).addmm_(t, b.t(), alpha=2.0)
+
+    def new_y():
+        return torch.addmm(nothing, t, b.t(), beta=0, alpha=2.0).addmm_(x, w.t())
+
+    t_old, t_new = time_ms(old_y), time_ms(new_y)
+    print(f"  o_proj y = x W^T; += s t B^T  {1000 * t_old:8.1f} us")
+    print(
+        f"  o_proj y = s t B^T; += x W^T  {1000 * t_new:8.1f} us   saves {1000 * (t_old - t_new):.1f}"
+    )
     t_old, t_new = time_ms(old_dx), time_ms(lambda: torch.mm(dyg, wa))
     print(f"  o_proj dx = dy W; += g A     {1000 * t_old:8.1f} us")
     print(
@@ -147,21 +173,23 @@ def block(batch: int, seq: int, rank: int) -> None:
     spare_columns.reset()
     spare_columns.claim(torch.zeros(2, 2, device="cuda"), 48)  # what the norms learn in a step
     times = {}
+    print(f"== attention block fwd+bwd (NF4 q/k/v + o_proj, r {rank}), {batch} x {seq} tokens")
     try:
-        for on in (False, True):
-            rope_qkv.ENABLED = lora_fold.WIDE_WHEN_ROOM = on
+        for name, (a_on, b_on, c_on) in VARIANTS.items():
+            rope_qkv.ENABLED, lora_fold.WIDE_WHEN_ROOM, lora_adapter_first.ENABLED = (
+                a_on,
+                b_on,
+                c_on,
+            )
             seen.clear()
-            times[on] = time_ms(step, 20, cold=False)
-            print(f"  paths {'on ' if on else 'off'}: q for SDPA {seen['q']}, dq_rot from SDPA "
-                  f"{seen.get('dq_rot', '-')}, dy joined {seen.get('join') is not None}, "
-                  f"o_proj wide {seen.get('fits')}")  # fmt: skip
+            times[name] = time_ms(step, 20, cold=False)
+            print(f"  {name:10s} {times[name]:.3f} ms, saves {1000 * (times['off'] - times[name]):6.1f} us"
+                  f" | q for SDPA {seen['q']}, dq_rot from SDPA {seen.get('dq_rot', '-')}, "
+                  f"dy joined {seen.get('join') is not None}, o_proj wide {seen.get('fits')}")  # fmt: skip
     finally:
-        rope_qkv.ENABLED = lora_fold.WIDE_WHEN_ROOM = True
+        rope_qkv.ENABLED = lora_fold.WIDE_WHEN_ROOM = lora_adapter_first.ENABLED = True
         lora_mod.adjacent_columns, lora_mod.wide_fits = real_join, real_fits
         rope_qkv.rotary_qkv_backward = real_bwd
-    print(f"== attention block fwd+bwd (NF4 q/k/v + o_proj, r {rank}), {batch} x {seq} tokens")
-    print(f"  off {times[False]:.3f} ms, on {times[True]:.3f} ms, saved "
-          f"{1000 * (times[False] - times[True]):.1f} us per layer")  # fmt: skip
 
 
 def main() -> None:
