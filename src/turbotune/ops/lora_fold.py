@@ -24,7 +24,10 @@ any row stride). ``R`` is padded to a multiple of 8 so rows stay 16-byte aligned
 A lone projection whose input is much wider than its output (the MLP's down projection) gets
 the backward half of the trick the other way round (K grows): ``dx = [dy | g] [W; A]`` costs a
 copy of ``dy`` and saves the read-modify-write of the wide ``dx``. Its ``dA = g^T x`` is the
-only part that reads ``x``: :func:`wide_input_backward` leaves it to the caller.
+only part that reads ``x``: :func:`wide_input_backward` leaves it to the caller. A lone
+projection that is not wide (o_proj, ``in == out``) takes the same backward at run time when its
+``dy`` arrives with spare columns for ``g`` (:func:`wide_fits`): then the copy of ``dy`` is not
+needed either, and ``dx = dy W; dx += g A`` (a read-modify-write of ``dx``) becomes one matmul.
 """
 
 from __future__ import annotations
