@@ -51,6 +51,14 @@ SHAPES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_pass_kernel_in_kernel_tests(request, monkeypatch):
+    """The tests named after the kernel run it (``FUSED_T`` picks the activation + ``mm`` pair
+    by default); the rest run the default."""
+    if "kernel" in request.node.name:
+        monkeypatch.setattr(glu_lora_forward, "FUSED_T", True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_kernel_matches_reference(device, dtype, shape):
@@ -394,3 +402,20 @@ def test_lora_mlp_llama8b_on_matches_off_gpu(monkeypatch, kind):
         scale = ref.abs().max().item()
         bound = 2 * (off - ref).abs().max().item() + 2**-8 * scale
         assert (on - ref).abs().max().item() <= bound, f"{name}: {_max_diff(on, ref)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pair_writes_the_same_wide_buffer_as_the_kernel(device, dtype):
+    """``fused=False`` (the default: activation kernel into the wide buffer's rows, then a ``mm``)
+    and the one-pass kernel give the same h bit for bit and T within the kernel's rounding."""
+    gen = torch.Generator().manual_seed(3)
+    eu = torch.randn(37, 2 * 100, generator=gen).to(device, dtype)
+    e, u = eu.narrow(1, 0, 100), eu.narrow(1, 100, 100)
+    a = (torch.randn(8, 100, generator=gen) / 10).to(device, dtype)
+    pair, t_pair = glu_lora(e, u, a, "silu", room=16, fused=False)
+    one, t_one = glu_lora(e, u, a, "silu", room=16, fused=True)
+    assert torch.equal(pair[:, :100], one[:, :100])
+    assert torch.equal(pair[:, 108:], torch.zeros_like(pair[:, 108:]))
+    assert torch.equal(pair[:, 100:108], t_pair)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(t_pair.float(), t_one.float(), rtol=tol, atol=tol)

@@ -44,21 +44,27 @@ from turbotune.ops.lora_fold import _folded_weight, _padded
 from turbotune.ops.lora_group import Layout, Slot, cast, placeholder
 from turbotune.ops.lora_mlp_backward import glu_forward
 from turbotune.ops.lora_stash import keep
-from turbotune.ops.swiglu import _ACTIVATION_IDS, _act_and_grad
+from turbotune.ops.swiglu import _ACTIVATION_IDS, _act_and_grad, _glu_forward
 
-__all__ = ["ENABLED", "applies", "down_forward", "glu_lora"]
+__all__ = ["ENABLED", "FUSED_T", "applies", "down_forward", "glu_lora"]
 
 Activation = Literal["silu", "gelu_tanh", "gelu"]
 
 # Off: the MLP's down projection runs as before (activation kernel, T by mm, y.addmm_).
 ENABLED = True
+# Off: h by the activation kernel (written into the wide buffer) and T by a cuBLAS mm instead of
+# the one kernel. On an H100 at Llama-8B shape the pair takes 0.179 ms and the one kernel
+# 0.21 ms at its best setting of the sweep (benchmarks/glu_lora_forward.py, session 5): the
+# one-pass kernel stays off until a setting beats the pair.
+FUSED_T = False
 # Launch settings (benchmarks/glu_lora_forward.py sweeps them on an H100).
-BLOCK_M = 32
+# (H100, first sweep: 64 x 128, 4 warps, 3 stages, split 4 was the fastest at 0.208 ms.)
+BLOCK_M = 64
 BLOCK_I = 128
 NUM_WARPS = 4
 NUM_STAGES = 3
 # Programs per row block along I (1: each program loops over all of I, no partial sums).
-SPLIT = 1
+SPLIT = 4
 # Widest rank block the kernel keeps in registers; wider adapters take the eager path.
 MAX_RANK = 256
 
@@ -144,6 +150,7 @@ def glu_lora(
     num_warps: int | None = None,
     num_stages: int | None = None,
     split: int | None = None,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = act(e) * u`` written with ``T = h A^T`` behind it, and ``t = T`` on its own.
 
@@ -156,6 +163,8 @@ def glu_lora(
         block_m, block_i, num_warps, num_stages, split: launch overrides (benchmarks);
             ``split > 1`` also splits the ``I`` loop over that many programs per row block
             (fp32 partial sums of ``T``, added by torch afterwards).
+        fused: the one-pass kernel (True) or the activation kernel and a ``mm`` (False);
+            None: :data:`FUSED_T`.
 
     Returns:
         ``(wide, t)``: ``wide`` is ``[M, I + room]`` (``h`` in its first ``I`` columns), ``t``
@@ -170,7 +179,7 @@ def glu_lora(
     wide = torch.empty((n_rows, n_cols + room), dtype=e.dtype, device=e.device)
     t = torch.empty((n_rows, rank), dtype=e.dtype, device=e.device)
     kernel_ok = max(rank, room) <= MAX_RANK and e.stride(1) == 1 and u.stride(1) == 1
-    if not (kernel_ok and use_triton(e, u, a)):
+    if not ((FUSED_T if fused is None else fused) and kernel_ok and use_triton(e, u, a)):
         return _eager(e, u, a, activation, wide, t)
     if n_rows == 0:
         return wide, t
@@ -210,7 +219,10 @@ def _eager(
     """The same outputs from the activation kernel (or its reference) and a ``mm``."""
     n_cols, rank = e.shape[1], a.shape[0]
     h = wide.narrow(1, 0, n_cols)
-    h.copy_(glu_forward(e, u, activation))
+    if use_triton(e, u) and e.stride(1) == 1 and u.stride(1) == 1:
+        _glu_forward(e, u, activation, out=h)  # the activation kernel writes into the room's rows
+    else:
+        h.copy_(glu_forward(e, u, activation))
     torch.mm(h, a.t(), out=t)
     room = wide.shape[1] - n_cols
     if room:

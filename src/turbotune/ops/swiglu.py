@@ -190,17 +190,24 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
 
 
-def _glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: Activation) -> torch.Tensor:
+def _glu_forward(
+    gate: torch.Tensor, up: torch.Tensor, activation: Activation, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The forward launch; ``out``: ``[N, I]`` rows to write ``h`` into (unit column stride,
+    any row stride, e.g. a column view of a wider buffer), else a new tensor."""
     _check(gate, up)
     g, u = _as_rows(gate), _as_rows(up)
-    h = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
+    dtype = torch.promote_types(g.dtype, u.dtype)
+    if out is not None and (out.shape != g.shape or out.dtype != dtype or out.stride(1) != 1):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} cannot hold h {tuple(g.shape)}")
+    h = torch.empty(g.shape, dtype=dtype, device=g.device) if out is None else out
     if h.numel():
         grid, block = _grid(*g.shape)
         _fwd_kernel[grid](
             h, h.stride(0), g, g.stride(0), u, u.stride(0), g.shape[1],
             ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_SIZE=block,
         )  # fmt: skip
-    return h.view(gate.shape)
+    return h if out is not None else h.view(gate.shape)
 
 
 def _glu_backward(
