@@ -40,6 +40,12 @@ VARIANTS = {
     "no-glu-t": {"glu_t": False},
     "glu-db": {"glu_db": True},
     "no-glu-db": {"glu_db": False},
+    "rope-qkv": {"rope_qkv": True},
+    "no-rope-qkv": {"rope_qkv": False},
+    "o-wide": {"o_wide": True},
+    "no-o-wide": {"o_wide": False},
+    "adapter-first": {"adapter_first": True},
+    "no-adapter-first": {"adapter_first": False},
 }
 
 
@@ -54,6 +60,9 @@ _FLAGS = {
     "glu_da": ("turbotune.ops.glu_lora_backward", "ENABLED", True),
     "glu_t": ("turbotune.ops.glu_lora_forward", "ENABLED", True),
     "glu_db": ("turbotune.ops.glu_lora_backward", "FUSED_DB", True),
+    "rope_qkv": ("turbotune.ops.rope_qkv", "ENABLED", True),
+    "o_wide": ("turbotune.ops.lora_fold", "WIDE_WHEN_ROOM", True),
+    "adapter_first": ("turbotune.ops.lora_adapter_first", "ENABLED", True),
 }
 
 

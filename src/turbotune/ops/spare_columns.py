@@ -40,6 +40,7 @@ __all__ = [
     "claim",
     "gradient_into",
     "gradient_rows",
+    "has_room",
     "offer",
     "reset",
     "rows_with_room",
