@@ -4,8 +4,9 @@
 
 Builds the point once (as ``turbotune bench`` does), then times each variant of the switches
 below in turn, ``--rounds`` times, so that drift of the GPU (clocks, temperature) spreads over
-all variants alike. Prints the median step time and tokens/s of each variant, and its ratio
-to the first. Switches: the CUDA graphs of the decoder layers (``ops/graphs.py``) and the
+all variants alike. Each variant is the flags' defaults plus its own settings (``defaults``:
+none), so ``--variants defaults,no-fold,no-spare`` measures each switch against the same base.
+Prints the median step time and tokens/s of each variant, and its ratio to the first. Switches: the CUDA graphs of the decoder layers (``ops/graphs.py``) and the
 module flags of ``_FLAGS`` (folded adapters, spare columns, fused add-norm, flat gradient
 copies); add a flag to ``_FLAGS`` and its on/off pair to ``VARIANTS`` to A/B it. Also prints the peak memory of the whole run.
 """
@@ -46,6 +47,8 @@ VARIANTS = {
     "no-o-wide": {"o_wide": False},
     "adapter-first": {"adapter_first": True},
     "no-adapter-first": {"adapter_first": False},
+    "fused-t": {"fused_t": True},
+    "defaults": {},
 }
 
 
@@ -63,6 +66,7 @@ _FLAGS = {
     "rope_qkv": ("turbotune.ops.rope_qkv", "ENABLED", True),
     "o_wide": ("turbotune.ops.lora_fold", "WIDE_WHEN_ROOM", True),
     "adapter_first": ("turbotune.ops.lora_adapter_first", "ENABLED", True),
+    "fused_t": ("turbotune.ops.glu_lora_forward", "FUSED_T", True),
 }
 
 
@@ -78,14 +82,22 @@ def _layer_graphs(net: torch.nn.Module):
     )
 
 
+_DEFAULTS: dict[str, bool] = {}  # each flag's value before the first switch
+
+
 def _switch(net: torch.nn.Module, graphs: bool | None = None, **flags: bool) -> None:
+    """Set ``flags`` and every other flag of ``_FLAGS`` back to its default, so that each
+    variant is "the defaults plus its own settings" whatever ran before it."""
     import importlib
 
     recapture = False
-    for name, value in flags.items():
-        module, attribute, captured = _FLAGS[name]
-        setattr(importlib.import_module(module), attribute, value)
-        recapture |= captured
+    for name, (module, attribute, captured) in _FLAGS.items():
+        mod = importlib.import_module(module)
+        _DEFAULTS.setdefault(name, getattr(mod, attribute))
+        value = flags.get(name, _DEFAULTS[name])
+        if getattr(mod, attribute) != value:
+            setattr(mod, attribute, value)
+            recapture |= captured
     layer_graphs = _layer_graphs(net)
     if recapture and layer_graphs is not None:  # capture anew (in the warm-up steps)
         layer_graphs.sets.clear()
