@@ -49,6 +49,11 @@ VARIANTS = {
     "no-adapter-first": {"adapter_first": False},
     "fused-t": {"fused_t": True},
     "defaults": {},
+    # glu_lora_backward's launch settings (the kernel sweeps on an H100 were noisy).
+    "glu-st3": {"glu_cfg": {"num_stages": 3}},
+    "glu-auto": {"glu_cfg": {"split_m": 0}},
+    "glu-split12": {"glu_cfg": {"split_m": 12}},
+    "glu-wide": {"glu_cfg": {"block_i": 128, "block_m": 64, "num_warps": 8, "split_m": 4}},
 }
 
 
@@ -67,6 +72,7 @@ _FLAGS = {
     "o_wide": ("turbotune.ops.lora_fold", "WIDE_WHEN_ROOM", True),
     "adapter_first": ("turbotune.ops.lora_adapter_first", "ENABLED", True),
     "fused_t": ("turbotune.ops.glu_lora_forward", "FUSED_T", True),
+    "glu_cfg": ("turbotune.ops.glu_lora_backward", "CONFIG", True),
 }
 
 
@@ -88,6 +94,7 @@ _DEFAULTS: dict[str, bool] = {}  # each flag's value before the first switch
 def _switch(net: torch.nn.Module, graphs: bool | None = None, **flags: bool) -> None:
     """Set ``flags`` and every other flag of ``_FLAGS`` back to its default, so that each
     variant is "the defaults plus its own settings" whatever ran before it."""
+    import dataclasses
     import importlib
 
     recapture = False
@@ -95,6 +102,8 @@ def _switch(net: torch.nn.Module, graphs: bool | None = None, **flags: bool) -> 
         mod = importlib.import_module(module)
         _DEFAULTS.setdefault(name, getattr(mod, attribute))
         value = flags.get(name, _DEFAULTS[name])
+        if isinstance(value, dict):  # fields to change in a dataclass default (launch configs)
+            value = dataclasses.replace(_DEFAULTS[name], **value)
         if getattr(mod, attribute) != value:
             setattr(mod, attribute, value)
             recapture |= captured
