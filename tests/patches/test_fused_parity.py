@@ -8,6 +8,7 @@ compiled kernels (``-m gpu``).
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -353,3 +354,34 @@ def test_add_norm_training_bit_equal_gpu_bf16(family):
         apply_patches(model, kinds)
         runs.append(train(model, data(10, batch=4, seq=256, vocab=4096, device="cuda")))
     assert runs[0] == runs[1], f"{family}: rms_norm only {runs[0]} vs add_norm {runs[1]}"
+
+
+def test_fused_layer_hands_its_residual_to_the_lora_mlp(eager_ops, monkeypatch):
+    """With add_norm and the fused LoRA MLP, each layer's last residual add goes into the MLP
+    (``lora_mlp(..., residual=)``, added in the down projection's GEMM); the losses equal those
+    of the same model whose layers add it themselves."""
+    from turbotune.patches import forwards
+
+    real, seen = forwards.lora_mlp, []
+
+    def spy(*args, residual=None, **kwargs):
+        seen.append(residual is not None)
+        return real(*args, residual=residual, **kwargs)
+
+    base = tiny_model("llama")
+    models = [with_lora(copy.deepcopy(base)) for _ in range(2)]
+    for m in models:
+        apply_patches(m, KINDS)
+    layers = base.config.num_hidden_layers
+    batches = data(2, seq=12, vocab=base.config.vocab_size)
+    monkeypatch.setattr(forwards, "lora_mlp", spy)
+    fused = train(models[0], batches, lr=1e-3)
+    assert seen == [True] * (2 * layers), seen
+    from turbotune.blocks import decoder_layers
+
+    for layer in decoder_layers(models[1]):  # the layer adds the residual itself
+        layer.mlp.forward = functools.partial(
+            lambda f, x, residual=None: f(x), layer.mlp.forward
+        )
+    plain = train(models[1], batches, lr=1e-3)
+    assert_close_losses(fused, plain, 1e-6, "residual in the MLP vs added by the layer")

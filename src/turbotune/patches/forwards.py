@@ -119,18 +119,24 @@ def gated_mlp_forward(fam: Family, *, fuse_lora: bool) -> Callable[..., torch.Te
     """``down(act(gate(x)) * up(x))``: all three projections and the activation in one op when
     ``fuse_lora``; else only the activation is fused (for MLPs with other projection types)."""
 
-    def forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if fuse_lora:
             mods = self._modules
             projs = [projection_of(mods[n]) for n in ("gate_proj", "up_proj", "down_proj")]
             if all(p is not None for p in projs):
-                return lora_mlp(x, *projs, activation=fam.activation)
+                return lora_mlp(x, *projs, activation=fam.activation, residual=residual)
         from turbotune.ops.swiglu import geglu, swiglu
 
         gate, up = self.gate_proj(x), self.up_proj(x)
         h = swiglu(gate, up) if fam.activation == "silu" else geglu(gate, up, approximate="tanh")
-        return self.down_proj(h)
+        out = self.down_proj(h)
+        return out if residual is None else residual + out
 
+    # The fused decoder layer (patches/layers.py) hands its residual stream to such an MLP,
+    # which adds it inside the down projection's GEMM (ops/lora.lora_mlp).
+    forward.takes_residual = True
     return forward
 
 

@@ -5,9 +5,11 @@ mlp(norm2(x))``: two residual adds in forward and two gradient sums in backward,
 pass over ``[tokens, hidden]``. :func:`decoder_layer_forward` runs the same layer through
 :mod:`turbotune.ops.add_norm`: the first norm hands its input through as the residual (its
 backward sums both gradients in one kernel), the second norm adds the attention output in its
-own kernel. The layer's last add stays: it feeds the next layer, across the boundary that CUDA
-graphs and checkpointing work on. The patch engine binds it per layer instance (kind
-``add_norm``) for the families whose layers match (``Family.decoder_layers``).
+own kernel. The layer's last add feeds the next layer, across the boundary that CUDA graphs
+and checkpointing work on; a patched gated MLP takes it as ``residual`` and adds it inside its
+down projection's GEMM (``ops/lora.lora_mlp``), other MLPs leave it a plain add. The patch
+engine binds it per layer instance (kind ``add_norm``) for the families whose layers match
+(``Family.decoder_layers``).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ __all__ = ["decoder_layer_forward", "is_standard_decoder_layer"]
 
 def decoder_layer_forward(fam: Family, layer_cls: type) -> Callable[..., torch.Tensor]:
     """transformers' pre-norm ``<Family>DecoderLayer.forward`` (5.x) with each residual add fused
-    into the RMSNorm after it (:mod:`turbotune.ops.add_norm`); the layer's last add stays (it
-    feeds the next layer). Positional arguments, hooks on a norm or ``ops.add_norm.ENABLED =
+    into the RMSNorm after it (:mod:`turbotune.ops.add_norm`); the layer's last add goes to a
+    patched MLP as ``residual`` (it feeds the next layer). Positional arguments, hooks on a norm or ``ops.add_norm.ENABLED =
     False`` (A/B switch) take the original forward.
 
     The original passes every named parameter of its signature (``attention_mask``,
@@ -90,7 +92,10 @@ def _fused_layer(fam: Family, defaults: dict[str, Any]) -> Callable[..., torch.T
         residual, x = add_rms_norm(
             residual, x, norm2.weight, getattr(norm2, eps_attr), offset, multiplier=multiplier
         )
-        x = mods[mlp_attr](x)
+        mlp = mods[mlp_attr]
+        if multiplier is None and getattr(mlp.forward, "takes_residual", False):
+            return mlp(x, residual=residual)  # the add rides on the down projection's GEMM
+        x = mlp(x)
         return residual + (x if multiplier is None else x * multiplier)
 
     return fused
