@@ -380,8 +380,6 @@ def test_fused_layer_hands_its_residual_to_the_lora_mlp(eager_ops, monkeypatch):
     from turbotune.blocks import decoder_layers
 
     for layer in decoder_layers(models[1]):  # the layer adds the residual itself
-        layer.mlp.forward = functools.partial(
-            lambda f, x, residual=None: f(x), layer.mlp.forward
-        )
+        layer.mlp.forward = functools.partial(lambda f, x, residual=None: f(x), layer.mlp.forward)
     plain = train(models[1], batches, lr=1e-3)
     assert_close_losses(fused, plain, 1e-6, "residual in the MLP vs added by the layer")
