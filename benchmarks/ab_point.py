@@ -54,6 +54,8 @@ VARIANTS = {
     "glu-auto": {"glu_cfg": {"split_m": 0}},
     "glu-split12": {"glu_cfg": {"split_m": 12}},
     "glu-wide": {"glu_cfg": {"block_i": 128, "block_m": 64, "num_warps": 8, "split_m": 4}},
+    "glu-st3-split12": {"glu_cfg": {"num_stages": 3, "split_m": 12}},
+    "no-residual-mlp": {"residual_mlp": False},
 }
 
 
@@ -73,6 +75,7 @@ _FLAGS = {
     "adapter_first": ("turbotune.ops.lora_adapter_first", "ENABLED", True),
     "fused_t": ("turbotune.ops.glu_lora_forward", "FUSED_T", True),
     "glu_cfg": ("turbotune.ops.glu_lora_backward", "CONFIG", True),
+    "residual_mlp": ("turbotune.patches.layers", "RESIDUAL_INTO_MLP", True),
 }
 
 

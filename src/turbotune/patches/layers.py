@@ -25,6 +25,9 @@ from turbotune.patches.families import Family
 
 __all__ = ["decoder_layer_forward", "is_standard_decoder_layer"]
 
+# Off: the layer adds the MLP's output to the residual itself (A/B of the add in the GEMM).
+RESIDUAL_INTO_MLP = True
+
 
 def decoder_layer_forward(fam: Family, layer_cls: type) -> Callable[..., torch.Tensor]:
     """transformers' pre-norm ``<Family>DecoderLayer.forward`` (5.x) with each residual add fused
@@ -93,7 +96,11 @@ def _fused_layer(fam: Family, defaults: dict[str, Any]) -> Callable[..., torch.T
             residual, x, norm2.weight, getattr(norm2, eps_attr), offset, multiplier=multiplier
         )
         mlp = mods[mlp_attr]
-        if multiplier is None and getattr(mlp.forward, "takes_residual", False):
+        if (
+            RESIDUAL_INTO_MLP
+            and multiplier is None
+            and getattr(mlp.forward, "takes_residual", False)
+        ):
             return mlp(x, residual=residual)  # the add rides on the down projection's GEMM
         x = mlp(x)
         return residual + (x if multiplier is None else x * multiplier)
