@@ -116,9 +116,10 @@ class LaunchConfig:
     programs per SM."""
 
 
-# H100, Llama-8B MLP (4096 x 14336, r 16), with the gate/up dB: 64 x 32, 4 warps, 2 stages and
-# 8 row ranges was the fastest of the session-5 sweep (307 us; 317 us with the automatic split).
-CONFIG = LaunchConfig(split_m=8)
+# H100, Llama-8B MLP (4096 x 14336, r 16), with the gate/up dB: 64 x 32, 4 warps and 8 row
+# ranges was the fastest of the session-5 kernel sweeps (which were noisy); 3 pipeline stages
+# instead of 2 then gained 1.003x and 1.005x in two whole-step A/Bs (ab_point glu-st3).
+CONFIG = LaunchConfig(num_stages=3, split_m=8)
 
 
 @triton.jit
