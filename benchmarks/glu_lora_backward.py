@@ -22,10 +22,9 @@ Times are CUDA-event medians. Nothing here is a unit test. Under a minute on an 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from timing import time_ms  # this folder (scripts run from here)
+from mlp_case import llama_mlp, run_sections  # this folder (scripts run from here)
+from timing import time_ms
 
 from turbotune.ops import glu_lora_backward as fused
 from turbotune.ops.swiglu import swiglu_backward_with_h
@@ -144,23 +143,10 @@ def db(tokens: int, hidden: int, inter: int, rank: int) -> None:
 
 
 def mlp(tokens: int, hidden: int, inter: int, rank: int) -> None:
-    import bitsandbytes as bnb
+    from turbotune.ops.lora import lora_mlp
 
-    from turbotune.ops.lora import LoRAWeights, lora_mlp
-
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
-    dense = [(torch.randn(o, i, generator=gen) / i**0.5).to("cuda", torch.bfloat16)
-             for o, i in shapes]  # fmt: skip
-    nf4 = [bnb.nn.Params4bit(w, quant_type="nf4", compress_statistics=True,
-                             quant_storage=torch.bfloat16).to("cuda") for w in dense]  # fmt: skip
-    projs = []
-    for w, (o, i) in zip(nf4, shapes, strict=True):
-        a = (torch.randn(rank, i, generator=gen) / i**0.5).cuda().requires_grad_()
-        b = (torch.randn(o, rank, generator=gen) * 0.01).cuda().requires_grad_()
-        projs.append((w, LoRAWeights(a, b, 2.0)))
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    _, nf4, adapters, x, dy = llama_mlp(tokens, hidden, inter, rank)
+    projs = list(zip(nf4, adapters, strict=True))
     times = {}
     for enabled, fused_db in ((False, False), (True, False), (True, True)):
         fused.ENABLED, fused.FUSED_DB = enabled, fused_db
@@ -178,21 +164,12 @@ def mlp(tokens: int, hidden: int, inter: int, rank: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--inter", type=int, default=14336)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--only", default="kernels,db,mlp")
-    args = parser.parse_args()
-    only = set(args.only.split(","))
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    if "kernels" in only:
-        kernels(args.tokens, args.inter, args.rank)
-    if "db" in only:
-        db(args.tokens, args.hidden, args.inter, args.rank)
-    if "mlp" in only:
-        mlp(args.tokens, args.hidden, args.inter, args.rank)
+    sections = {
+        "kernels": lambda args: kernels(args.tokens, args.inter, args.rank),
+        "db": lambda args: db(args.tokens, args.hidden, args.inter, args.rank),
+        "mlp": lambda args: mlp(args.tokens, args.hidden, args.inter, args.rank),
+    }
+    run_sections(__doc__, sections, rank=True)
 
 
 if __name__ == "__main__":

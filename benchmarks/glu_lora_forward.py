@@ -20,13 +20,12 @@ H100. Nothing here is a unit test.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from timing import time_ms  # this folder (scripts run from here)
+from mlp_case import llama_mlp, run_sections  # this folder (scripts run from here)
+from timing import time_ms
 
 from turbotune.ops import glu_lora_forward as glf
-from turbotune.ops.lora import LoRAWeights, lora_mlp
+from turbotune.ops.lora import lora_mlp
 from turbotune.ops.swiglu import swiglu_forward
 
 # (BLOCK_M, BLOCK_I, num_warps, num_stages, SPLIT)
@@ -76,21 +75,7 @@ def kernels(tokens: int, inter: int, r: int = 16) -> None:
 
 
 def mlp(tokens: int, hidden: int, inter: int, r: int = 16) -> None:
-    import bitsandbytes as bnb
-
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
-    dense = [(torch.randn(o, i, generator=gen) / i**0.5).to("cuda", torch.bfloat16)
-             for o, i in shapes]  # fmt: skip
-    nf4 = [bnb.nn.Params4bit(w, quant_type="nf4", compress_statistics=True,
-                             quant_storage=torch.bfloat16).to("cuda") for w in dense]  # fmt: skip
-    adapters = []
-    for o, i in shapes:
-        a = (torch.randn(r, i, generator=gen) / i**0.5).cuda().requires_grad_()
-        b = (torch.randn(o, r, generator=gen) * 0.01).cuda().requires_grad_()
-        adapters.append(LoRAWeights(a, b, 2.0))
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    dense, nf4, adapters, x, dy = llama_mlp(tokens, hidden, inter, r)
     print(f"== LoRA MLP, {tokens} tokens, {hidden} -> {inter}, r {r}, bf16 compute")
     print(f"  {'bases':6s} {'pass':8s} {'old ms':>8s} {'new ms':>8s} {'saved us':>9s}")
     for name, bases in (("nf4", nf4), ("bf16", dense)):
@@ -112,18 +97,11 @@ def mlp(tokens: int, hidden: int, inter: int, r: int = 16) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--inter", type=int, default=14336)
-    parser.add_argument("--only", default="kernels,mlp")
-    args = parser.parse_args()
-    only = set(args.only.split(","))
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    if "kernels" in only:
-        kernels(args.tokens, args.inter)
-    if "mlp" in only:
-        mlp(args.tokens, args.hidden, args.inter)
+    sections = {
+        "kernels": lambda args: kernels(args.tokens, args.inter),
+        "mlp": lambda args: mlp(args.tokens, args.hidden, args.inter),
+    }
+    run_sections(__doc__, sections)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ Times are CUDA-event medians. Nothing here is a unit test. About 30 s on an H100
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from timing import time_ms  # this folder (scripts run from here)
+from mlp_case import llama_mlp, run_sections  # this folder (scripts run from here)
+from timing import time_ms
 
 from turbotune.ops import lora as lora_ops
-from turbotune.ops.lora import LoRAWeights, lora_mlp
+from turbotune.ops.lora import lora_mlp
 from turbotune.ops.lora_mlp_backward import _glu_backward_inplace, glu_forward
 from turbotune.ops.swiglu import swiglu_backward, swiglu_backward_with_h, swiglu_forward
 
@@ -63,21 +62,7 @@ def _old_down_and_glu_backward(dy, e, u, down, layout, saved, needs, activation,
 
 
 def mlp(tokens: int, hidden: int, inter: int, r: int = 16) -> None:
-    import bitsandbytes as bnb
-
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
-    dense = [(torch.randn(o, i, generator=gen) / i**0.5).to("cuda", torch.bfloat16)
-             for o, i in shapes]  # fmt: skip
-    nf4 = [bnb.nn.Params4bit(w, quant_type="nf4", compress_statistics=True,
-                             quant_storage=torch.bfloat16).to("cuda") for w in dense]  # fmt: skip
-    adapters = []
-    for o, i in shapes:
-        a = (torch.randn(r, i, generator=gen) / i**0.5).cuda().requires_grad_()
-        b = (torch.randn(o, r, generator=gen) * 0.01).cuda().requires_grad_()
-        adapters.append(LoRAWeights(a, b, 2.0))
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    dense, nf4, adapters, x, dy = llama_mlp(tokens, hidden, inter, r)
     new = lora_ops.down_and_glu_backward
     print(f"== LoRA MLP fwd+bwd, {tokens} tokens, {hidden} -> {inter}, r {r}, bf16 compute")
     print(f"  {'bases':6s} {'old ms':>8s} {'new ms':>8s} {'saved us':>9s}")
@@ -99,18 +84,11 @@ def mlp(tokens: int, hidden: int, inter: int, r: int = 16) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--inter", type=int, default=14336)
-    parser.add_argument("--only", default="kernels,mlp")
-    args = parser.parse_args()
-    only = set(args.only.split(","))
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    if "kernels" in only:
-        kernels(args.tokens, args.inter)
-    if "mlp" in only:
-        mlp(args.tokens, args.hidden, args.inter)
+    sections = {
+        "kernels": lambda args: kernels(args.tokens, args.inter),
+        "mlp": lambda args: mlp(args.tokens, args.hidden, args.inter),
+    }
+    run_sections(__doc__, sections)
 
 
 if __name__ == "__main__":
