@@ -257,6 +257,18 @@ def _mlp_grads(dtype, monkeypatch, device, *, base="direct", activation="silu", 
     return {"y": y.detach(), **grads}, calls, group_needs
 
 
+def _old_and_new(run, **old):
+    """The four runs the flash rule compares, in this order: fp32 old path (the reference),
+    fp32 new, bf16 old (the eager low-precision error), bf16 new; ``old`` switches the new
+    path off. Each run returns ``_mlp_grads``'s (results, kernel calls, group needs)."""
+    return (
+        run(torch.float32, **old),
+        run(torch.float32),
+        run(torch.bfloat16, **old),
+        run(torch.bfloat16),
+    )
+
+
 def _assert_all_close(got, want, eager, device, label, floor=1e-5):
     assert got.keys() == want.keys() == eager.keys(), (got.keys(), want.keys())
     for name in want:
@@ -271,10 +283,9 @@ def test_lora_mlp_fast_path_matches_old(device, monkeypatch, activation):
     itself)."""
     torch.set_num_threads(1)
     run = lambda dtype, **kw: _mlp_grads(dtype, monkeypatch, device, activation=activation, **kw)  # noqa: E731
-    want, n_old, _ = run(torch.float32, enabled=False)
-    got32, n32, _ = run(torch.float32)
-    eager, _, _ = run(torch.bfloat16, enabled=False)
-    got, n16, _ = run(torch.bfloat16)
+    (want, n_old, _), (got32, n32, _), (eager, _, _), (got, n16, _) = _old_and_new(
+        run, enabled=False
+    )
     assert (n_old, n32, n16) == ([], [True], [True])
     _assert_all_close(got32, want, want, device, "fp32")
     _assert_all_close(got, want, eager, device, "bf16")
@@ -288,10 +299,9 @@ def test_lora_mlp_fused_db_matches_old(device, monkeypatch, base):
     group's backward was asked for no ``dB`` (so the two products are really skipped)."""
     torch.set_num_threads(1)
     run = lambda dtype, **kw: _mlp_grads(dtype, monkeypatch, device, base=base, **kw)  # noqa: E731
-    want, n_want, needs_want = run(torch.float32, fused_db=False)
-    got32, n32, needs32 = run(torch.float32)
-    eager, _, _ = run(torch.bfloat16, fused_db=False)
-    got, n16, needs16 = run(torch.bfloat16)
+    (want, n_want, needs_want), (got32, n32, needs32), (eager, _, _), (got, n16, needs16) = (
+        _old_and_new(run, fused_db=False)
+    )
     assert (n_want, n32, n16) == ([False], [True], [True])
     assert [n.B for n in needs_want[0]] == [True, True]
     assert [n.B for n in needs32[0]] == [n.B for n in needs16[0]] == [False, False]
