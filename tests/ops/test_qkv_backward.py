@@ -193,6 +193,28 @@ def _learn_room(columns: int) -> None:
 OPROJ_SHAPES = [(16, 32, 4), (13, 23, 3), (2, 2, 1)]
 
 
+def _o_proj_master(m, h, r, seed, b_scale):
+    """fp32 leaves of an o_proj ``[m, h] -> [h, h]`` with a rank-``r`` adapter; ``B`` times
+    ``b_scale`` (``None``: unscaled)."""
+    gen = torch.Generator().manual_seed(seed)
+    master = {
+        "x": torch.randn(m, h, generator=gen).requires_grad_(),
+        "weight": torch.randn(h, h, generator=gen) / h**0.5,
+        "a": (torch.randn(r, h, generator=gen) / h**0.5).requires_grad_(),
+    }
+    b = torch.randn(h, r, generator=gen)
+    master["b"] = (b if b_scale is None else b * b_scale).requires_grad_()
+    return master
+
+
+def _o_proj_ours(x, weight, a, b):
+    return _GradWithRoom.apply(lora_linear(x, weight, LoRAWeights(a, b, 2.0)))
+
+
+def _o_proj_ref(x, weight, a, b):
+    return reference.lora_linear_reference(x, weight, LoRAWeights(a, b, 2.0))
+
+
 @pytest.mark.parametrize("wide", [True, False], ids=["wide-at-runtime", "old-path"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", OPROJ_SHAPES, ids=str)
@@ -201,23 +223,10 @@ def test_o_proj_backward_matches_reference(
 ):
     monkeypatch.setattr(lora_fold, "WIDE_WHEN_ROOM", wide)
     m, h, r = shape
-    gen = torch.Generator().manual_seed(2)
-    master = {
-        "x": torch.randn(m, h, generator=gen).requires_grad_(),
-        "weight": torch.randn(h, h, generator=gen) / h**0.5,
-        "a": (torch.randn(r, h, generator=gen) / h**0.5).requires_grad_(),
-        "b": torch.randn(h, r, generator=gen).requires_grad_(),
-    }
-
-    def ours(x, weight, a, b):
-        return _GradWithRoom.apply(lora_linear(x, weight, LoRAWeights(a, b, 2.0)))
-
-    def ref(x, weight, a, b):
-        return reference.lora_linear_reference(x, weight, LoRAWeights(a, b, 2.0))
-
+    master = _o_proj_master(m, h, r, seed=2, b_scale=None)
     _learn_room(8)
     before = spare_columns.claims
-    parity(ours, ref, master, dtype, device)
+    parity(_o_proj_ours, _o_proj_ref, master, dtype, device)
     # The wide path claims dy's spare columns for g; the old path leaves them alone.
     assert spare_columns.claims - before == (1 if wide else 0)
 
@@ -395,24 +404,10 @@ def test_gpu_rotary_qkv_real_shape(parity):
 @pytest.mark.gpu
 def test_gpu_o_proj_wide_real_shape(parity, stacked_bases):
     """o_proj at Llama-8B shape, 4096 tokens, r 16: the wide backward vs the fp32 reference."""
-    gen = torch.Generator().manual_seed(4)
-    h, r = 4096, 16
-    master = {
-        "x": torch.randn(4096, h, generator=gen).requires_grad_(),
-        "weight": torch.randn(h, h, generator=gen) / h**0.5,
-        "a": (torch.randn(r, h, generator=gen) / h**0.5).requires_grad_(),
-        "b": (torch.randn(h, r, generator=gen) * 0.1).requires_grad_(),
-    }
-
-    def ours(x, weight, a, b):
-        return _GradWithRoom.apply(lora_linear(x, weight, LoRAWeights(a, b, 2.0)))
-
-    def ref(x, weight, a, b):
-        return reference.lora_linear_reference(x, weight, LoRAWeights(a, b, 2.0))
-
+    master = _o_proj_master(4096, 4096, 16, seed=4, b_scale=0.1)
     _learn_room(48)
     before = spare_columns.claims
-    parity(ours, ref, master, torch.bfloat16, torch.device("cuda"))
+    parity(_o_proj_ours, _o_proj_ref, master, torch.bfloat16, torch.device("cuda"))
     assert spare_columns.claims - before == 1  # the wide path ran
 
 
