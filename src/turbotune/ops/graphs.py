@@ -48,7 +48,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from turbotune.ops import spare_columns
+from turbotune.ops import graph_gradients, spare_columns
+from turbotune.ops.graph_gradients import offer as _offer
+from turbotune.ops.graph_gradients import rows as _rows
+from turbotune.ops.graph_gradients import same_view as _same_view
 
 __all__ = ["LayerGraphs", "graphable_layers"]
 
@@ -252,12 +255,7 @@ class _GraphSet:
 
     def _gradient_buffer(self) -> torch.Tensor:
         """A layer-output-shaped gradient buffer with spare columns behind each row."""
-        like = self.outputs[-1]
-        width = like.shape[-1]
-        rows = spare_columns.rows_with_room(
-            like.numel() // width, width, like.dtype, like.device, room=GRADIENTS_IN_PLACE
-        )
-        return rows.view(like.shape)
+        return graph_gradients.gradient_buffer(self.outputs[-1], room=GRADIENTS_IN_PLACE)
 
     # ---- replay ----
 
@@ -298,22 +296,6 @@ class _GraphSet:
 # before session 5 (A/B: ``benchmarks/ab_point.py ... --variants grads-in-place,grads-copied``).
 GRADIENTS_IN_PLACE = True
 
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, t.shape[-1])
-
-
-def _offer(t: torch.Tensor) -> None:
-    """Offer the spare columns behind a gradient buffer to the next backward capture."""
-    rows = _rows(t)
-    if rows.stride(0) > rows.shape[1]:
-        spare_columns.offer(rows, rows.stride(0) - rows.shape[1])
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-
-
 # One multi-tensor copy of a layer's parameter gradients instead of one clone each (~14 per
 # layer for LoRA). H100, reference workload 4 x 1024: 252.3 vs 252.9 ms per step (A/B of
 # ``benchmarks/ab_point.py ... --variants flat-grads,clone-grads``, session 5).
@@ -321,24 +303,9 @@ FLAT_GRAD_COPIES = True
 
 
 def _copies(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Fresh copies of the static gradient buffers (autograd may keep a returned tensor as
-    ``param.grad``, and the next replay overwrites the buffers): views of one new flat buffer
-    filled by one ``_foreach_copy_`` when the gradients share dtype and device."""
-    present = [g for g in grads if g is not None]
-    same = present and all(
-        g.dtype == present[0].dtype and g.device == present[0].device for g in present
-    )
-    if not (FLAT_GRAD_COPIES and same and len(present) > 1):
-        return [g.clone() if g is not None else None for g in grads]
-    flat = torch.empty(sum(g.numel() for g in present), dtype=present[0].dtype,
-                       device=present[0].device)  # fmt: skip
-    views, offset = [], 0
-    for g in present:
-        views.append(flat[offset : offset + g.numel()].view(g.shape))
-        offset += g.numel()
-    torch._foreach_copy_(views, present)
-    it = iter(views)
-    return [next(it) if g is not None else None for g in grads]
+    """Fresh copies of the static gradient buffers (``graph_gradients.copies`` under
+    ``FLAT_GRAD_COPIES``, read at each call so the switch can be flipped at run time)."""
+    return graph_gradients.copies(grads, FLAT_GRAD_COPIES)
 
 
 class LayerGraphs:
