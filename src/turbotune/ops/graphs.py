@@ -52,12 +52,13 @@ from turbotune.ops import graph_gradients, spare_columns
 from turbotune.ops.graph_gradients import offer as _offer
 from turbotune.ops.graph_gradients import rows as _rows
 from turbotune.ops.graph_gradients import same_view as _same_view
+from turbotune.ops.graph_inputs import describe as _describe
+from turbotune.ops.graph_inputs import flatten_kwargs as _flatten_kwargs
+from turbotune.ops.graph_inputs import rebuild_kwargs as _rebuild_kwargs
 
 __all__ = ["LayerGraphs", "graphable_layers"]
 
 log = logging.getLogger(__name__)
-
-_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype)
 
 
 def graphable_layers(layers: Sequence[nn.Module]) -> str | None:
@@ -70,48 +71,6 @@ def graphable_layers(layers: Sequence[nn.Module]) -> str | None:
             if isinstance(p, float) and p > 0:
                 return f"{name} has attention dropout {p}"
     return None
-
-
-def _flatten_kwargs(kwargs: dict[str, Any]) -> tuple[list[tuple[str, int]], list, tuple] | None:
-    """``(tensor slots, tensors, constants)`` of a layer's keyword arguments, or None when a value
-    is neither a tensor, a tuple of tensors nor a plain constant."""
-    slots, tensors, constants = [], [], []
-    for name in sorted(kwargs):
-        value = kwargs[name]
-        if isinstance(value, torch.Tensor):
-            slots.append((name, -1))
-            tensors.append(value)
-        elif (
-            isinstance(value, (tuple, list))
-            and value
-            and all(isinstance(v, torch.Tensor) for v in value)
-        ):
-            for j, v in enumerate(value):
-                slots.append((name, j))
-                tensors.append(v)
-        elif isinstance(value, _CONSTANT_TYPES):
-            constants.append((name, value))
-        else:
-            return None
-    return slots, tensors, tuple(constants)
-
-
-def _rebuild_kwargs(
-    slots: Sequence[tuple[str, int]], tensors: Sequence[torch.Tensor], constants: tuple
-) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(constants)
-    parts: dict[str, list] = {}
-    for (name, j), t in zip(slots, tensors):
-        if j < 0:
-            kwargs[name] = t
-        else:
-            parts.setdefault(name, []).append(t)
-    kwargs.update({name: tuple(ts) for name, ts in parts.items()})
-    return kwargs
-
-
-def _describe(t: torch.Tensor) -> tuple:
-    return (tuple(t.shape), t.dtype, t.requires_grad, t.device)
 
 
 @contextlib.contextmanager
