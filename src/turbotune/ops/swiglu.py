@@ -15,12 +15,19 @@ MLP's down adapter, ``dA = g^T D(h)``) then reads ``g`` and ``u`` once instead o
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from turbotune.ops import reference
 from turbotune.ops._triton import tl, triton, use_triton
+from turbotune.ops.glu_activation import (  # re-exported: other GLU kernels import them here
+    _ACTIVATION_IDS,
+    Activation,
+    _act_and_grad,
+    _as_rows,
+    _check,
+    _gelu_activation,
+    _grid,
+)
 
 __all__ = [
     "GLUFunction",
@@ -33,43 +40,6 @@ __all__ = [
     "swiglu_backward_with_h",
     "swiglu_forward",
 ]
-
-Activation = Literal["silu", "gelu_tanh", "gelu"]
-_ACTIVATION_IDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
-_MAX_BLOCK = 1024
-# Kernel constants must be constexpr for Triton to read them as globals.
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
-@triton.jit
-def _act_and_grad(g, ACTIVATION: tl.constexpr):
-    """``(act(g), act'(g))`` in fp32 for silu (0), tanh-approximated gelu (1), erf gelu (2).
-
-    silu: ``a = g s``, ``a' = s (1 + g (1 - s))`` with ``s = sigmoid(g)``.
-    gelu_tanh: ``a = g (1 + t) / 2`` with ``t = tanh(k (g + 0.044715 g^3))``, ``k = sqrt(2/pi)``;
-    ``a' = (1 + t) / 2 + g (1 - t^2) k (1 + 3 * 0.044715 g^2) / 2``.
-    gelu: ``a = g Phi(g)``, ``a' = Phi(g) + g exp(-g^2 / 2) / sqrt(2 pi)``.
-    """
-    if ACTIVATION == 0:
-        s = tl.sigmoid(g)
-        act = g * s
-        dact = s * (1.0 + g * (1.0 - s))
-    elif ACTIVATION == 1:
-        inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
-        # tanh is +-1 to fp32 precision beyond |20|; clamping keeps exp() below overflow.
-        inner = tl.minimum(tl.maximum(inner, -20.0), 20.0)
-        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh, which tl lacks on older releases
-        act = 0.5 * g * (1.0 + t)
-        dact = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (
-            1.0 + 3.0 * 0.044715 * g * g
-        )
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(g * _INV_SQRT_2))
-        act = g * cdf
-        dact = cdf + g * tl.exp(-0.5 * g * g) * _INV_SQRT_2PI
-    return act, dact
 
 
 @triton.jit
@@ -174,22 +144,6 @@ def _bwd_h_kernel(
     tl.store(h_ptr + row * stride_hm + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``[..., I] -> [N, I]`` without a copy when possible; the kernels need unit column stride."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def _grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int]:
-    block = min(_MAX_BLOCK, triton.next_power_of_2(n_cols))
-    return (n_rows, triton.cdiv(n_cols, block)), block
-
-
-def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
-    if gate.shape != up.shape:
-        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
-
-
 def _glu_forward(
     gate: torch.Tensor, up: torch.Tensor, activation: Activation, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -277,12 +231,6 @@ def _glu_backward_with_h(
     if inplace:
         return gate, up, h
     return dg.view(gate.shape), du.view(up.shape), h
-
-
-def _gelu_activation(approximate: str) -> Activation:
-    if approximate not in ("tanh", "none"):
-        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
-    return "gelu_tanh" if approximate == "tanh" else "gelu"
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
