@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from turbotune.ops.lora_dropout import dropout_keep, dropped, slot_keep
 from turbotune.ops.lora_stash import keep, take
 from turbotune.quant.weights import dense_weight, weight_shape
 
@@ -212,33 +213,6 @@ def split_da(
             grads[i] = (cast(d_a_all[r0:r1], slots[i].A.dtype), grads[i][1])
 
 
-# ---- dropout masks ----
-
-
-def dropout_keep(shape: Sequence[int], p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The boolean keep mask ``m`` (True with probability ``1 - p``) drawn from ``seed``.
-
-    The projection with index ``j`` in a fused call (q, k, v = 0, 1, 2; gate, up, down = 0, 1, 2)
-    uses ``seed + j``, so each adapter gets its own mask, as with peft's separate dropouts. The
-    mask lives only inside one forward or backward call (1 byte per element).
-    """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    keep = torch.empty(tuple(shape), device=device, dtype=torch.bool)
-    return keep.bernoulli_(1.0 - p, generator=gen)
-
-
-def _keep(x: torch.Tensor, slot: Slot) -> torch.Tensor | None:
-    if slot.A is None or slot.dropout == 0.0:
-        return None
-    return dropout_keep(x.shape, slot.dropout, slot.seed, x.device)
-
-
-def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-    """``D(x) = x * m / (1 - p)``: ``x * m`` is exact, so one rounding, like ``F.dropout``."""
-    return x if keep is None else (x * keep).mul_(1.0 / (1.0 - p))
-
-
 # ---- frozen base: y = x W^T + b, dx = dy W ----
 
 
@@ -336,7 +310,7 @@ def lora_forward(
     saved = []
     for k, i in enumerate(layout.adapters):
         slot, a = slots[i], cast(slots[i].A, dtype)
-        t = torch.mm(_dropped(x, _keep(x, slot), slot.dropout), a.t())
+        t = torch.mm(dropped(x, slot_keep(x, slot), slot.dropout), a.t())
         ys[i].addmm_(t, b_casts[k].t(), alpha=slot.scaling)
         saved += [t, a, b_casts[k]]
     return saved
@@ -414,8 +388,8 @@ def _one_backward(dy, x, t, a, b, slot: Slot, dx, needs: Needs):
     if dx is None and not needs.A:
         return None, d_b
     g = torch.addmm(t, dy, b, beta=0, alpha=slot.scaling)
-    keep = _keep(x, slot)
-    d_a = cast(torch.mm(g.t(), _dropped(x, keep, slot.dropout)), slot.A.dtype) if needs.A else None
+    keep = slot_keep(x, slot)
+    d_a = cast(torch.mm(g.t(), dropped(x, keep, slot.dropout)), slot.A.dtype) if needs.A else None
     if dx is not None:
         if keep is None:
             dx.addmm_(g, a)
