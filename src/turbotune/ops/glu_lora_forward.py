@@ -1,17 +1,21 @@
-"""The LoRA MLP's forward tail: ``h = act(e) * u`` and ``T = h A^T`` in one pass, then ONE GEMM.
+"""The LoRA MLP's forward tail: ``h = act(e) * u`` written with ``T = h A^T`` behind it, then
+ONE GEMM.
 
 Design note. After the gate/up group (``ops/lora.py``), the down projection with an adapter
 used to cost three passes besides its base GEMM: the gated activation writes ``h`` (``[M, I]``),
 ``T = h A_down^T`` reads all of ``h`` again (48 us at Llama-8B, ``M = 4096``, ``I = 14336``,
 on an H100), and ``y += s T B^T`` reads and writes all of ``y`` (26 us). Here:
 
-1. :func:`glu_lora` (one Triton kernel) computes ``h`` exactly as ``swiglu._fwd_kernel`` does
-   (fp32 maths, one rounding), writes it into an ``[M, I + R]`` buffer and, while the block of
-   ``h`` is still in registers, accumulates ``T = h_rounded A^T`` with ``tl.dot`` in fp32 (so
-   ``T`` equals the eager ``mm`` of the rounded ``h`` up to summation order). ``T`` (rounded)
-   goes into the ``R`` spare columns (zeros behind the rank) and into a separate ``[M, r]``
-   tensor ``t``, the only adapter product the backward reads (``ops/lora_mlp_backward.py``).
-   Each program owns ``BLOCK_M`` rows and loops over ``I``: no atomics, one rounding of ``T``.
+1. :func:`glu_lora` writes ``h`` into an ``[M, I + R]`` buffer and ``T`` (rounded) into its
+   ``R`` spare columns (zeros behind the rank) and into a separate ``[M, r]`` tensor ``t``, the
+   only adapter product the backward reads (``ops/lora_mlp_backward.py``). By default
+   (``FUSED_T`` off) the activation kernel writes ``h`` straight into the buffer and a cuBLAS
+   ``mm`` computes ``T``: on an H100 that pair beat the one-pass kernel. The one-pass Triton
+   kernel computes ``h`` exactly as ``swiglu._fwd_kernel`` does (fp32 maths, one rounding)
+   and, while the block of ``h`` is still in registers, accumulates ``T = h_rounded A^T`` with
+   ``tl.dot`` in fp32 (so ``T`` equals the eager ``mm`` of the rounded ``h`` up to summation
+   order). Each program owns ``BLOCK_M`` rows and one of ``SPLIT`` column ranges of ``I``: no
+   atomics; with a split, torch sums the fp32 partials and rounds ``T`` once.
 2. :func:`down_forward`: ``y = [h | T] [W | sB | 0]^T``, the folded weight of
    ``ops/lora_fold.py`` (the ``W`` part dequantized straight into it), as one GEMM. The
    decoder layer's residual may ride on it too (``torch.addmm(residual, ...)``): torch copies
@@ -53,8 +57,9 @@ Activation = Literal["silu", "gelu_tanh", "gelu"]
 # Off: the MLP's down projection runs as before (activation kernel, T by mm, y.addmm_).
 ENABLED = True
 # Off: h by the activation kernel (written into the wide buffer) and T by a cuBLAS mm instead of
-# the one kernel. On an H100 at Llama-8B shape the pair takes 0.179 ms and the one kernel
-# 0.21 ms at its best setting of the sweep (benchmarks/glu_lora_forward.py, session 5): the
+# the one kernel. On an H100 at Llama-8B shape the pair takes 0.179-0.192 ms and the one kernel
+# 0.187-0.208 ms at its best setting of the sweep (benchmarks/glu_lora_forward.py), and the
+# whole step is 1.1% slower with it (session 5, benchmarks/results/h100_202611_step_s5.md): the
 # one-pass kernel stays off until a setting beats the pair.
 FUSED_T = False
 # Launch settings (benchmarks/glu_lora_forward.py sweeps them on an H100).
