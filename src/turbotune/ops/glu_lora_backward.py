@@ -10,10 +10,10 @@ walks the rows of ``M`` in ``BLOCK_M`` chunks, writes ``de``, ``du`` over ``e``,
 accumulates its ``[r, BLOCK_I]`` slice of ``dA`` in fp32 with ``tl.dot`` (3 reads, 2 writes; at
 Llama-8B's ``M = 4096``, ``I = 14336`` in bf16, 235 MB less traffic per layer and step).
 
-``h`` is rounded to ``dh``'s dtype before the product, as ``swiglu._bwd_h_kernel`` stores it, so
-``dA`` equals ``g^T h`` of the old path up to summation order (and it is not rounded to the
-compute dtype before the cast to ``A``'s dtype). ``tl.dot`` needs every dimension >= 16: ``r`` is
-padded to a power of two >= 16 by masking rows of ``g^T``.
+``h`` is rounded to ``dh``'s dtype before the product, as ``glu_backward_h._bwd_h_kernel``
+stores it, so ``dA`` equals ``g^T h`` of the old path up to summation order (and it is not
+rounded to the compute dtype before the cast to ``A``'s dtype). ``tl.dot`` needs every dimension
+>= 16: ``r`` is padded to a power of two >= 16 by masking rows of ``g^T``.
 
 Only the column grid keeps ``dA`` free of atomics and partial buffers, but at ``I = 14336`` it
 has only ``I / BLOCK_I`` programs (224 at 64) for 132 SMs. ``split_m > 1`` also splits the rows:
@@ -31,7 +31,7 @@ rounded to their stored dtype (what the products read), scales by ``s`` at the s
 the transpose. The row split's fp32 partials of ``dA``, ``dB_g`` and ``dB_u`` are segments of
 one buffer, summed by one reduction.
 
-No dropout on down: ``D(h)`` under a keep mask stays on the old path (``swiglu``'s kernel).
+No dropout on down: ``D(h)`` under a keep mask stays on the old path (``swiglu_backward_with_h``).
 """
 
 from __future__ import annotations
