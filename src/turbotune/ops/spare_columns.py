@@ -22,6 +22,7 @@ inside :func:`gradient_into` the add-norm backward that computes that gradient a
 with :func:`gradient_rows`, which returns the graphs' buffer, instead of a fresh one that the
 graph would then copy (a strided 32 MB copy per layer at Llama-8B shape, and the spare columns
 lost with it).
+
 How many columns to offer is learned: a group that finds too few (or none) asks for more, and
 later norms allocate them (rounded up to 16, at most ``MAX_SPARE``). The first step therefore
 copies; every later step, including CUDA-graph captures and checkpoint recomputations, does not.
