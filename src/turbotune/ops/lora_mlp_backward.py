@@ -17,12 +17,16 @@ the backward runs input gradient first:
 
 That is 3 reads and 3 writes of ``[M, I]`` instead of 5 reads and 3 writes: at Llama-8B's
 ``M = 4096``, ``I = 14336`` in bf16, 235 MB less traffic per layer and step (it grows with
-``M``: twice that at 8 x 1024 tokens). Without a ``dA`` to compute (no adapter on down, or a frozen ``A``) no ``h`` is written at all. Under
-dropout the kernel writes ``D(h)`` directly, so the mask multiply is no pass of its own either.
+``M``: twice that at 8 x 1024 tokens). Without a ``dA`` to compute (no adapter on down, or a
+frozen ``A``) no ``h`` is written at all. Under dropout the kernel writes ``D(h)`` directly, so
+the mask multiply is no pass of its own either.
 
-The fused kernel also sums the gate and up adapters' ``dB = s de^T t`` from the ``de``, ``du`` it
-writes (:func:`gate_up_t` finds their saved ``t`` in the gate/up group's layout), so the group's
-backward skips those two products (``glu_lora_backward.FUSED_DB``).
+Without dropout on down, where Triton runs (the default path), steps 2 and 3 are one kernel
+instead (``ops/glu_lora_backward.py``, switch ``glu_lora_backward.ENABLED``): ``dA = g^T h`` is
+summed in-kernel and ``h`` is never written (3 reads, 2 writes). That kernel also sums the gate
+and up adapters' ``dB = s de^T t`` from the ``de``, ``du`` it writes (:func:`gate_up_t` finds
+their saved ``t`` in the gate/up group's layout), so the group's backward skips those two
+products (``glu_lora_backward.FUSED_DB``).
 """
 
 from __future__ import annotations
