@@ -8,8 +8,10 @@ parameter, a module) that is dequantized in forward and again in backward, then 
 dropout mask is regenerated in backward from a seed. What is saved per projection group is the
 input ``x`` once (shared by q/k/v, or by gate/up) and the tiny ``[tokens, r]`` products.
 The SwiGLU/GeGLU MLP saves ``x`` and ``[e | u]`` (the "LoRA MLP" of Unsloth,
-github.com/unslothai/unsloth, written anew here); its backward writes ``h = act(e) * u`` in the
-same pass as ``de``, ``du`` (``ops/lora_mlp_backward.py``).
+github.com/unslothai/unsloth, written anew here); its backward never recomputes
+``h = act(e) * u`` by a pass of its own: the pass that writes ``de``, ``du`` also sums the down
+adapter's ``dA = g^T h`` (or writes ``h``, ``D(h)`` under dropout, for an ``mm``; see
+``ops/lora_mlp_backward.py``).
 
 Projections that share an input run as one group (``ops/lora_group.py``): their weights are
 dequantized into one stacked buffer, the input gradient is one matmul over it, and without
