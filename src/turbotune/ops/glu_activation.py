@@ -9,7 +9,7 @@ derivatives with the same fp32 formulas and round ``h`` identically. The launch 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -67,6 +67,31 @@ def _grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int]:
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+
+
+class _BackwardRows(NamedTuple):
+    """A backward launch's ``[N, I]`` operands (see :func:`_backward_rows`)."""
+
+    g: torch.Tensor
+    u: torch.Tensor
+    dh: torch.Tensor
+    dg: torch.Tensor
+    du: torch.Tensor
+    inplace: bool
+
+
+def _backward_rows(
+    grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, inplace: bool
+) -> _BackwardRows:
+    """Shape check, ``[N, I]`` rows of the inputs, and the ``dg``/``du`` outputs: ``g``/``u``
+    themselves when ``inplace`` and the rows are the caller's storage, else new tensors."""
+    _check(gate, up)
+    g, u, dh = _as_rows(gate), _as_rows(up), _as_rows(grad_h)
+    # In place only when the row views really are the caller's storage (no copy was made).
+    inplace = inplace and g.data_ptr() == gate.data_ptr() and u.data_ptr() == up.data_ptr()
+    dg = g if inplace else torch.empty(g.shape, dtype=gate.dtype, device=g.device)
+    du = u if inplace else torch.empty(u.shape, dtype=up.dtype, device=u.device)
+    return _BackwardRows(g, u, dh, dg, du, inplace)
 
 
 def _gelu_activation(approximate: str) -> Activation:

@@ -20,7 +20,7 @@ from turbotune.ops.glu_activation import (
     Activation,
     _act_and_grad,
     _as_rows,
-    _check,
+    _backward_rows,
     _grid,
 )
 
@@ -88,11 +88,7 @@ def _glu_backward_with_h(
     keep: torch.Tensor | None,
     dropout: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(gate, up)
-    g, u, dh = _as_rows(gate), _as_rows(up), _as_rows(grad_h)
-    inplace = inplace and g.data_ptr() == gate.data_ptr() and u.data_ptr() == up.data_ptr()
-    dg = g if inplace else torch.empty(g.shape, dtype=gate.dtype, device=g.device)
-    du = u if inplace else torch.empty(u.shape, dtype=up.dtype, device=u.device)
+    g, u, dh, dg, du, inplace = _backward_rows(grad_h, gate, up, inplace)
     h = None if out_h is None else _writable_rows(out_h)
     if h is None:  # no buffer given, or one the kernel cannot write row by row
         dtype = torch.promote_types(gate.dtype, up.dtype) if out_h is None else out_h.dtype

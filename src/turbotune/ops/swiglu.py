@@ -26,6 +26,7 @@ from turbotune.ops.glu_activation import (  # re-exported: other GLU kernels imp
     Activation,
     _act_and_grad,
     _as_rows,
+    _backward_rows,
     _check,
     _gelu_activation,
     _grid,
@@ -130,12 +131,7 @@ def _glu_backward(
     activation: Activation,
     inplace: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(gate, up)
-    g, u, dh = _as_rows(gate), _as_rows(up), _as_rows(grad_h)
-    # In place only when the row views really are the caller's storage (no copy was made).
-    inplace = inplace and g.data_ptr() == gate.data_ptr() and u.data_ptr() == up.data_ptr()
-    dg = g if inplace else torch.empty(g.shape, dtype=gate.dtype, device=g.device)
-    du = u if inplace else torch.empty(u.shape, dtype=up.dtype, device=u.device)
+    g, u, dh, dg, du, inplace = _backward_rows(grad_h, gate, up, inplace)
     if g.numel():
         grid, block = _grid(*g.shape)
         _bwd_kernel[grid](
