@@ -191,7 +191,7 @@ def test_replaced_parameters_refuse_capture(single_thread, monkeypatch):
     assert "replaced" in graphs.disabled
 
 
-def test_gradient_copies_are_fresh_and_equal():
+def test_gradient_copies_are_fresh_and_equal(monkeypatch):
     """The copies handed to autograd after a backward replay: equal values, their own memory
     (the next replay overwrites the static buffers), None kept in place, one flat buffer for
     one dtype, clones for mixed dtypes."""
@@ -199,11 +199,8 @@ def test_gradient_copies_are_fresh_and_equal():
 
     statics = [torch.randn(4, 3), None, torch.randn(3, 5), torch.randn(7)]
     for flat in (True, False):
-        graphs.FLAT_GRAD_COPIES = flat
-        try:
-            copies = graphs._copies(statics)
-        finally:
-            graphs.FLAT_GRAD_COPIES = False
+        monkeypatch.setattr(graphs, "FLAT_GRAD_COPIES", flat)  # restored after the test
+        copies = graphs._copies(statics)
         assert copies[1] is None
         for got, want in zip(copies, statics):
             if want is not None:
