@@ -21,7 +21,7 @@ from turbotune.ops._triton import HAS_TRITON
 from turbotune.ops.lora import LoRAWeights, lora_mlp
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _inputs(m: int, i: int, r: int, device, seed: int = 0):

@@ -21,7 +21,7 @@ from turbotune.ops.reference import lora_mlp_reference
 from turbotune.quant.weights import dense_weight
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _h_reference(e: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:

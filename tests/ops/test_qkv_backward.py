@@ -31,7 +31,7 @@ lora_mod = importlib.import_module("turbotune.ops.lora")
 
 # (B, Hq, Hk, S, D): typical GQA, prime heads and half-dim (23), tiny, half-dim above 32.
 SHAPES = [(2, 4, 2, 8, 64), (1, 5, 3, 7, 46), (1, 1, 1, 1, 2), (2, 3, 1, 4, 66)]
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _inv_freq(dim: int) -> torch.Tensor:
