@@ -43,9 +43,7 @@ def gradient_buffer(like: torch.Tensor, room: bool) -> torch.Tensor:
 
 def offer(t: torch.Tensor) -> None:
     """Offer the spare columns behind a gradient buffer to the next backward capture."""
-    view = rows(t)
-    if view.stride(0) > view.shape[1]:
-        spare_columns.offer(view, view.stride(0) - view.shape[1])
+    spare_columns.offer_room(rows(t))
 
 
 def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -43,6 +43,7 @@ __all__ = [
     "gradient_rows",
     "has_room",
     "offer",
+    "offer_room",
     "reset",
     "rows_with_room",
     "wanted",
@@ -121,18 +122,31 @@ def gradient_rows(
         and rows.device == x.device
         and rows.stride(1) == 1
     ):
-        if room and rows.stride(0) > n_cols:
-            offer(rows, rows.stride(0) - n_cols)
+        if room:
+            offer_room(rows)
         return rows
     return rows_with_room(n_rows, n_cols, dtype, x.device, room=room)
+
+
+def offer_room(rows: torch.Tensor) -> None:
+    """Offer whatever spare columns stand behind ``rows`` (``[N, H]`` with row stride ``> H``;
+    none: nothing is offered)."""
+    if rows.stride(0) > rows.shape[1]:
+        offer(rows, rows.stride(0) - rows.shape[1])
 
 
 def has_room(x: torch.Tensor, columns: int) -> bool:
     """Whether :func:`claim` would hand out ``columns`` spare columns behind ``x`` now. Claims
     nothing and learns nothing: a consumer that can do without decides with it."""
-    if not ENABLED or x.dim() != 2 or x.stride(1) != 1:
-        return False
-    entry = _offers.get(x.data_ptr())
+    return ENABLED and _fits(x, _offers.get(x.data_ptr()) if _claimable(x) else None, columns)
+
+
+def _claimable(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.stride(1) == 1
+
+
+def _fits(x: torch.Tensor, entry: tuple[int, int] | None, columns: int) -> bool:
+    """An offer ``(row stride, spare)`` covers ``columns`` behind ``x``'s rows."""
     return entry is not None and entry[0] == x.stride(0) and entry[1] >= columns
 
 
@@ -160,8 +174,8 @@ def claim(x: torch.Tensor, columns: int) -> torch.Tensor | None:
     global _wanted, claims
     if not ENABLED:
         return None
-    entry = _offers.pop(x.data_ptr(), None) if x.dim() == 2 and x.stride(1) == 1 else None
-    if entry is not None and entry[0] == x.stride(0) and entry[1] >= columns:
+    entry = _offers.pop(x.data_ptr(), None) if _claimable(x) else None
+    if _fits(x, entry, columns):
         claims += 1
         return x.as_strided((x.shape[0], x.shape[1] + columns), (x.stride(0), 1))
     if columns <= MAX_SPARE:
