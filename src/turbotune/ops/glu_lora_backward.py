@@ -41,7 +41,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from turbotune.ops._triton import tl, triton, use_triton
+from turbotune.ops._triton import num_programs_hint, tl, triton, use_triton
 from turbotune.ops.swiglu import _act_and_grad
 
 __all__ = [
@@ -278,8 +278,7 @@ def row_ranges(
     elif device.type != "cuda":
         splits = 2 if n_rows >= 2 * config.block_m else 1  # still exercises the partial sums
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = min(triton.cdiv(4 * sms, n_col_blocks), n_rows // 256)
+        splits = min(triton.cdiv(4 * num_programs_hint(device), n_col_blocks), n_rows // 256)
     splits = max(1, min(splits, triton.cdiv(n_rows, config.block_m)))
     per_range = triton.cdiv(triton.cdiv(n_rows, splits), config.block_m) * config.block_m
     return max(1, triton.cdiv(n_rows, per_range)), per_range  # no empty range at the end

@@ -26,7 +26,7 @@ import torch
 
 from turbotune.ops import reference
 from turbotune.ops._triton import use_triton
-from turbotune.ops.rope import rotary_forward, rotate_into
+from turbotune.ops.rope import rotary_backward, rotary_forward, rotate_into
 
 __all__ = ["ENABLED", "RotaryQKVFunction", "apply_rotary_qkv", "rotary_qkv_backward"]
 
@@ -75,8 +75,7 @@ class RotaryQKVFunction(torch.autograd.Function):
     def backward(ctx, dq_rot: torch.Tensor, dk_rot: torch.Tensor, dv: torch.Tensor):
         cos, sin = ctx.saved_tensors
         if not dq_rot.dtype == dk_rot.dtype == dv.dtype:  # no one buffer for mixed dtypes
-            dq, dk = torch.empty_like(dq_rot), torch.empty_like(dk_rot)
-            rotate_into(dq_rot, dk_rot, cos, sin, dq, dk, backward=True)
+            dq, dk = rotary_backward(dq_rot, dk_rot, cos, sin)
             return dq, dk, dv, None, None
         dq, dk, dv = rotary_qkv_backward(dq_rot, dk_rot, dv, cos, sin)
         return dq, dk, dv, None, None
