@@ -97,8 +97,7 @@ def _run(model, batches, graphs: bool, accumulate: int = 1):
         # The fused add-norm backward writes each layer's input gradient straight into the
         # buffer the previous layer's graph reads (spare_columns.gradient_into): no copies.
         (graph_set,) = installed.sets.values()
-        if "add_norm" in KINDS:
-            assert graph_set.grad_copies == 0, graph_set.grad_copies
+        assert graph_set.grad_copies == 0, graph_set.grad_copies
         installed.remove()
     return losses, _lora_state(model)
 
