@@ -17,7 +17,6 @@ import statistics
 import sys
 import time
 import traceback
-import warnings
 from collections import Counter
 
 import torch
@@ -61,17 +60,10 @@ def _sync_sites(parts, batch) -> Counter:
             keep = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in frames[-4:]]
             sites[" < ".join(reversed(keep))] += 1
 
-    old = warnings.showwarning
-    warnings.showwarning = record
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            _phases(parts, batch)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = old
+    from profile_point import catch_syncs  # this folder is on sys.path when run as a script
+
+    with catch_syncs(record):
+        _phases(parts, batch)
     return sites
 
 

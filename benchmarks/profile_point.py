@@ -10,8 +10,9 @@ trace next to ``--out`` when given).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -91,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 def _sync_stacks(step: Callable[[Any], torch.Tensor], batch: Any) -> None:
     """One step with ``torch.cuda.set_sync_debug_mode("warn")``: each synchronizing call's stack."""
     import traceback
-    import warnings
 
     seen: dict[str, int] = {}
 
@@ -99,20 +99,28 @@ def _sync_stacks(step: Callable[[Any], torch.Tensor], batch: Any) -> None:
         stack = "".join(traceback.format_stack(limit=14)[:-2])
         seen[stack] = seen.get(stack, 0) + 1
 
-    old = warnings.showwarning
-    warnings.showwarning = show
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            step(batch)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = old
+    with catch_syncs(show):
+        step(batch)
     print(f"== {sum(seen.values())} synchronizing calls in one step")
     for stack, n in seen.items():
         print(f"-- {n}x\n{stack}")
+
+
+@contextlib.contextmanager
+def catch_syncs(show: Callable[..., None]) -> Iterator[None]:
+    """Within: every CUDA call that synchronizes the host warns (``set_sync_debug_mode``), and
+    ``show`` (a ``warnings.showwarning``) receives each warning, called from inside the
+    synchronizing call so that its stack names the call site."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():  # restores showwarning and the filters on exit
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # Kernel name patterns -> kind, first match wins (names of torch 2.11 / triton 3.6 on an H100).
