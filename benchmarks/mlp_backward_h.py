@@ -58,7 +58,7 @@ def _old_down_and_glu_backward(dy, e, u, down, layout, saved, needs, activation,
     )
     del h
     _glu_backward_inplace(dh, e, u, activation)
-    return grads
+    return grads, None  # the gate/up group computes its dB
 
 
 def mlp(tokens: int, hidden: int, inter: int, r: int = 16) -> None:

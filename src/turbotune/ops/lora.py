@@ -282,10 +282,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         with _no_autocast(dy.device):
             # The kernel that writes [de | du] may also sum gate's and up's dB (from their t).
             gate_up = gate_up_t(gate, up, gu_layout, saved_gu, needs[:2])
-            lora_down = down_and_glu_backward(
+            lora_down, d_b_gu = down_and_glu_backward(
                 dy, e, u, down, down_layout, saved_down, needs[2], ctx.activation, gate_up=gate_up
             )  # eu is now [de | du]
-            d_b_gu = lora_down.pop("gate_up", None)
             gu_needs = needs[:2] if d_b_gu is None else [n._replace(B=False) for n in needs[:2]]
             dx, lora_gu = _projections_backward(
                 eu, [e, u], x, [gate, up], gu_layout, saved_gu, gu_needs

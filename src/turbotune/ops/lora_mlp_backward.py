@@ -135,7 +135,7 @@ def down_and_glu_backward(
     needs: Needs,
     activation: Activation,
     gate_up: glu_lora_backward.GateUpT | None = None,
-) -> dict:
+) -> tuple[dict[int, tuple[torch.Tensor | None, torch.Tensor | None]], tuple | None]:
     """The down projection's backward through ``h = act(e) * u``: ``de``, ``du`` over ``e``, ``u``.
 
     Without dropout on down, where Triton runs, steps 2 and 3 of the module note are one kernel
@@ -152,14 +152,14 @@ def down_and_glu_backward(
         gate_up: the gate/up adapters' saved ``t`` (:func:`gate_up_t`), or None.
 
     Returns:
-        ``{0: (dA, dB)}`` when ``down`` has an adapter, else ``{}``; plus
-        ``"gate_up": (dB_gate, dB_up)`` when the kernel summed them (else the caller's group
-        backward computes them).
+        ``(down's grads, gate/up dB)``: ``{0: (dA, dB)}`` when ``down`` has an adapter, else
+        ``{}``; and ``(dB_gate, dB_up)`` when the kernel summed them, else None (the caller's
+        group backward computes them).
     """
     grads = down_input_backward(dy, down, layout, saved, needs, tuple(e.shape))
     if grads.g is None:  # no dA: h is not needed at all
         _glu_backward_inplace(grads.dh, e, u, activation)
-        return {} if down.A is None else {0: (None, grads.d_b)}
+        return ({} if down.A is None else {0: (None, grads.d_b)}), None
     if grads.keep is None and glu_lora_backward.supported(grads.dh, e, u, grads.g):
         # One pass: de, du over e, u and dA = g^T h summed in-kernel, h never written.
         if gate_up is not None and not glu_lora_backward.takes_gate_up(grads.dh, gate_up):
@@ -167,11 +167,10 @@ def down_and_glu_backward(
         out = glu_lora_backward.glu_backward_lora_da(
             grads.dh, e, u, grads.g, activation, down.A.dtype, gate_up=gate_up
         )
-        if gate_up is None:
-            return {0: (out.d_a, grads.d_b)}
-        return {0: (out.d_a, grads.d_b), "gate_up": (out.d_b_gate, out.d_b_up)}
+        d_b_gate_up = None if gate_up is None else (out.d_b_gate, out.d_b_up)
+        return {0: (out.d_a, grads.d_b)}, d_b_gate_up
     h = _glu_backward_with_h(grads.dh, e, u, activation, grads.keep, down.dropout)
-    return {0: (cast(torch.mm(grads.g.t(), h), down.A.dtype), grads.d_b)}
+    return {0: (cast(torch.mm(grads.g.t(), h), down.A.dtype), grads.d_b)}, None
 
 
 def gate_up_t(
