@@ -47,7 +47,6 @@ VARIANTS = {
     "no-o-wide": {"o_wide": False},
     "adapter-first": {"adapter_first": True},
     "no-adapter-first": {"adapter_first": False},
-    "fused-t": {"fused_t": True},
     "defaults": {},
     # glu_lora_backward's launch settings (the kernel sweeps on an H100 were noisy).
     "glu-st3": {"glu_cfg": {"num_stages": 3}},
@@ -73,7 +72,6 @@ _FLAGS = {
     "rope_qkv": ("turbotune.ops.rope_qkv", "ENABLED", True),
     "o_wide": ("turbotune.ops.lora_fold", "WIDE_WHEN_ROOM", True),
     "adapter_first": ("turbotune.ops.lora_adapter_first", "ENABLED", True),
-    "fused_t": ("turbotune.ops.glu_lora_forward", "FUSED_T", True),
     "glu_cfg": ("turbotune.ops.glu_lora_backward", "CONFIG", True),
     "residual_mlp": ("turbotune.patches.layers", "RESIDUAL_INTO_MLP", True),
 }

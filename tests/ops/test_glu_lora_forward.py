@@ -1,6 +1,7 @@
-"""ops/glu_lora_forward: h and T = h A^T in one kernel, and the LoRA MLP's one-GEMM down projection.
+"""ops/glu_lora_forward: h written with T = h A^T behind it, and the LoRA MLP's one-GEMM down
+projection.
 
-The kernel is checked against the fp32 eager reference (``act(e) * u``, then ``h_rounded A^T``)
+``glu_lora`` is checked against the fp32 eager reference (``act(e) * u``, then ``h_rounded A^T``)
 and against the activation kernel it must equal bit for bit; ``lora_mlp`` is run with the fast
 path on and off (output and every gradient against the fp32 reference, per the flash-attention
 rule), on NF4, fp32-dense and compute-dtype (``lora_direct``) bases.
@@ -37,40 +38,31 @@ def _max_diff(got: torch.Tensor, want: torch.Tensor) -> str:
     return f"max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}"
 
 
-# ---- the kernel ----
+# ---- glu_lora ----
 
-# (M, I, r, activation, split): tiny, prime, one row block exactly, above the row and column
-# blocks, wide ranks; each activation on two shapes; I split over 2..4 programs on three.
+# (M, I, r, activation): tiny, prime, one row block exactly, above it, wide ranks; each
+# activation on two shapes.
 SHAPES = [
-    (1, 16, 1, "silu", 1),
-    (7, 100, 8, "gelu_tanh", 3),
-    (64, 1000, 16, "gelu", 1),
-    (257, 100, 64, "silu", 2),
-    (257, 1000, 8, "gelu_tanh", 4),
-    (7, 16, 64, "gelu", 1),
+    (1, 16, 1, "silu"),
+    (7, 100, 8, "gelu_tanh"),
+    (64, 1000, 16, "gelu"),
+    (257, 100, 64, "silu"),
+    (257, 1000, 8, "gelu_tanh"),
+    (7, 16, 64, "gelu"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_pass_kernel_in_kernel_tests(request, monkeypatch):
-    """The tests named after the kernel run it (``FUSED_T`` picks the activation + ``mm`` pair
-    by default); the rest run the default."""
-    if "kernel" in request.node.name:
-        monkeypatch.setattr(glu_lora_forward, "FUSED_T", True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_kernel_matches_reference(device, dtype, shape):
-    n_rows, n_cols, rank, activation, split = shape
+def test_glu_lora_matches_reference(device, dtype, shape):
+    n_rows, n_cols, rank, activation = shape
     gen = torch.Generator().manual_seed(n_rows * 7 + n_cols + rank)
     # e, u as the column halves of [e | u], as the MLP hands them over (row stride 2 I).
     eu = (2 * torch.randn(n_rows, 2 * n_cols, generator=gen)).to(device, dtype)
     e, u = eu[:, :n_cols], eu[:, n_cols:]
     a = (torch.randn(rank, n_cols, generator=gen) / n_cols**0.5).to(device, dtype)
     room = -(-rank // 8) * 8
-    block_i = 32 if n_cols <= 100 else 128  # several loop steps, and per split
-    wide, t = glu_lora(e, u, a, activation, room=room, split=split, block_i=block_i)
+    wide, t = glu_lora(e, u, a, activation, room=room)
     h = wide[:, :n_cols]
 
     # h: the activation kernel's, bit for bit, and within one rounding of the fp32 value.
@@ -81,7 +73,7 @@ def test_kernel_matches_reference(device, dtype, shape):
     ulp = 2 * torch.finfo(dtype).eps  # interpreter bf16 stores truncate: a whole ulp
     assert (h.float() - h_ref).abs().max() <= ulp * h_ref.abs().max() + 1e-6, _max_diff(h, h_ref)
 
-    # T from the rounded h, accumulated in fp32, rounded once (eager: the mm in dtype).
+    # T from the rounded h (the eager mm in dtype).
     t_ref = h.double() @ a.double().t()
     eager_err = ((h @ a.t()).double() - t_ref).abs().max().item()
     bound = 2 * eager_err + ulp * t_ref.abs().max().item() + 1e-5
@@ -92,37 +84,38 @@ def test_kernel_matches_reference(device, dtype, shape):
     assert not wide[:, n_cols + rank :].any()
 
 
-def test_kernel_without_room_and_launch_overrides(device):
-    """room = 0 (the direct layout's case) and non-default blocks give the same h and T."""
+def test_glu_lora_without_room(device):
+    """room = 0 (the direct layout's case) gives the same h and T as with room."""
     gen = torch.Generator().manual_seed(3)
     e, u = (torch.randn(2, 45, 300, generator=gen).to(device, torch.bfloat16)).unbind(0)
     a = torch.randn(12, 300, generator=gen).to(device, torch.bfloat16)
     h, t = glu_lora(e, u, a, "silu")
-    h2, t2 = glu_lora(e, u, a, "silu", room=16, block_m=16, block_i=64, num_warps=2)
+    h2, t2 = glu_lora(e, u, a, "silu", room=16)
     assert h.shape == (45, 300) and torch.equal(h, h2[:, :300])
-    # Another loop blocking sums T in another order: a rounding of T apart at most.
+    # A mm over h with another row stride: a rounding of T apart at most.
     assert (t.float() - t2.float()).abs().max() <= 2 * 2**-7 * t.float().abs().max(), _max_diff(
         t, t2
     )
 
 
-def test_eager_path_matches_kernel(monkeypatch, device):
-    """Ranks past ``MAX_RANK`` (and machines without Triton) take the activation + ``mm`` path:
-    same layout, same ``h``, ``T`` to a rounding."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_without_triton_writes_the_same_wide_buffer(monkeypatch, device, dtype):
+    """Where Triton does not run, the eager reference's h is copied into the wide buffer: the
+    same layout, h bit for bit, and T within a rounding of the default path's."""
     gen = torch.Generator().manual_seed(4)
-    e, u = torch.randn(2, 19, 70, generator=gen).to(device, torch.bfloat16).unbind(0)
-    a = torch.randn(9, 70, generator=gen).to(device, torch.bfloat16)
+    eu = torch.randn(37, 2 * 100, generator=gen).to(device, dtype)
+    e, u = eu.narrow(1, 0, 100), eu.narrow(1, 100, 100)
+    a = (torch.randn(9, 100, generator=gen) / 10).to(device, dtype)
     wide, t = glu_lora(e, u, a, "gelu_tanh", room=16)
-    monkeypatch.setattr(glu_lora_forward, "MAX_RANK", 4)
+    monkeypatch.setattr(glu_lora_forward, "use_triton", lambda *tensors: False)
     wide2, t2 = glu_lora(e, u, a, "gelu_tanh", room=16)
-    assert torch.equal(wide[:, :70], wide2[:, :70])
-    assert torch.equal(wide2[:, 70:79], t2) and not wide2[:, 79:].any()
-    assert (t.float() - t2.float()).abs().max() <= 2 * 2**-7 * t.float().abs().max(), _max_diff(
-        t, t2
-    )
+    assert torch.equal(wide[:, :100], wide2[:, :100]), _max_diff(wide[:, :100], wide2[:, :100])
+    assert torch.equal(wide2[:, 100:109], t2) and not wide2[:, 109:].any()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(t.float(), t2.float(), rtol=tol, atol=tol)
 
 
-def test_kernel_rejects_mismatched_inputs(device):
+def test_glu_lora_rejects_mismatched_inputs(device):
     e = torch.zeros(4, 32, device=device)
     with pytest.raises(ValueError):
         glu_lora(e, e, torch.zeros(4, 31, device=device), "silu")
@@ -354,9 +347,9 @@ def test_residual_matches_adding_it(down_calls, device, case, dtype):
 
 
 @pytest.mark.gpu
-def test_kernel_llama8b_gpu():
+def test_glu_lora_llama8b_gpu():
     """M = 4096, I = 14336, r = 16 in bf16: h equals the activation kernel's, T is within the
-    eager mm's error of the fp64 value, the spare columns hold T then zeros."""
+    eager mm's error of the fp64 value, the spare columns hold T."""
     n_rows, n_cols, rank = 4096, 14336, 16
     gen = torch.Generator(device="cuda").manual_seed(0)
     eu = torch.randn(n_rows, 2 * n_cols, device="cuda", generator=gen).bfloat16()
@@ -402,20 +395,3 @@ def test_lora_mlp_llama8b_on_matches_off_gpu(monkeypatch, kind):
         scale = ref.abs().max().item()
         bound = 2 * (off - ref).abs().max().item() + 2**-8 * scale
         assert (on - ref).abs().max().item() <= bound, f"{name}: {_max_diff(on, ref)}"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_pair_writes_the_same_wide_buffer_as_the_kernel(device, dtype):
-    """``fused=False`` (the default: activation kernel into the wide buffer's rows, then a ``mm``)
-    and the one-pass kernel give the same h bit for bit and T within the kernel's rounding."""
-    gen = torch.Generator().manual_seed(3)
-    eu = torch.randn(37, 2 * 100, generator=gen).to(device, dtype)
-    e, u = eu.narrow(1, 0, 100), eu.narrow(1, 100, 100)
-    a = (torch.randn(8, 100, generator=gen) / 10).to(device, dtype)
-    pair, t_pair = glu_lora(e, u, a, "silu", room=16, fused=False)
-    one, t_one = glu_lora(e, u, a, "silu", room=16, fused=True)
-    assert torch.equal(pair[:, :100], one[:, :100])
-    assert torch.equal(pair[:, 108:], torch.zeros_like(pair[:, 108:]))
-    assert torch.equal(pair[:, 100:108], t_pair)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(t_pair.float(), t_one.float(), rtol=tol, atol=tol)

@@ -79,13 +79,6 @@ SCRIPT = textwrap.dedent(
                 build("lora_fold_tail", "_adapter_block_kernel", p,
                       {"N_ADAPTERS": n, "BLOCK_M": 64, "BLOCK_N": 64},
                       floats=tuple(f"scale{k}" for k in range(4)))
-    for dt in ("bf16", "fp32"):  # ops/glu_lora_forward.py
-        p = pointers("glu_lora_forward", "_glu_lora_kernel", dt)
-        p["part_ptr"] = "*fp32"
-        for activation, block_r, split in ((0, 16, False), (1, 64, True), (2, 16, True)):
-            c = {"ACTIVATION": activation, "DOT_FP32": dt == "fp32", "SPLIT": split,
-                 "BLOCK_M": 32, "BLOCK_I": 128, "BLOCK_R": block_r}
-            build("glu_lora_forward", "_glu_lora_kernel", p, c)
     print("ok")
     """
 )

@@ -6,16 +6,12 @@ used to cost three passes besides its base GEMM: the gated activation writes ``h
 ``T = h A_down^T`` reads all of ``h`` again (48 us at Llama-8B, ``M = 4096``, ``I = 14336``,
 on an H100), and ``y += s T B^T`` reads and writes all of ``y`` (26 us). Here:
 
-1. :func:`glu_lora` writes ``h`` into an ``[M, I + R]`` buffer and ``T`` (rounded) into its
-   ``R`` spare columns (zeros behind the rank) and into a separate ``[M, r]`` tensor ``t``, the
-   only adapter product the backward reads (``ops/lora_mlp_backward.py``). By default
-   (``FUSED_T`` off) the activation kernel writes ``h`` straight into the buffer and a cuBLAS
-   ``mm`` computes ``T``: on an H100 that pair beat the one-pass kernel. The one-pass Triton
-   kernel computes ``h`` exactly as ``swiglu._fwd_kernel`` does (fp32 maths, one rounding)
-   and, while the block of ``h`` is still in registers, accumulates ``T = h_rounded A^T`` with
-   ``tl.dot`` in fp32 (so ``T`` equals the eager ``mm`` of the rounded ``h`` up to summation
-   order). Each program owns ``BLOCK_M`` rows and one of ``SPLIT`` column ranges of ``I``: no
-   atomics; with a split, torch sums the fp32 partials and rounds ``T`` once.
+1. :func:`glu_lora` writes ``h`` into an ``[M, I + R]`` buffer (the activation kernel writes
+   straight into its rows) and ``T = h A^T`` (a cuBLAS ``mm``) into a separate ``[M, r]`` tensor
+   ``t``, the only adapter product the backward reads (``ops/lora_mlp_backward.py``), copied
+   into the ``R`` spare columns with zeros behind the rank. A one-pass Triton kernel computing
+   ``h`` and ``T`` together was measured slower than this pair on an H100 and removed
+   (``benchmarks/results/h100_202611_step_s5.md``).
 2. :func:`down_forward`: ``y = [h | T] [W | sB | 0]^T``, the folded weight of
    ``ops/lora_fold.py`` (the ``W`` part dequantized straight into it), as one GEMM. The
    decoder layer's residual may ride on it too (``torch.addmm(residual, ...)``): torch copies
@@ -43,104 +39,19 @@ from typing import Literal
 import torch
 
 from turbotune.ops import lora_group
-from turbotune.ops._triton import tl, triton, use_triton
+from turbotune.ops._triton import use_triton
 from turbotune.ops.lora_fold import _folded_weight, _padded
 from turbotune.ops.lora_group import Layout, Slot, cast, placeholder
 from turbotune.ops.lora_mlp_backward import glu_forward
 from turbotune.ops.lora_stash import keep
-from turbotune.ops.swiglu import _ACTIVATION_IDS, _act_and_grad, _glu_forward
+from turbotune.ops.swiglu import _glu_forward
 
-__all__ = ["ENABLED", "FUSED_T", "applies", "down_forward", "glu_lora"]
+__all__ = ["ENABLED", "applies", "down_forward", "glu_lora"]
 
 Activation = Literal["silu", "gelu_tanh", "gelu"]
 
 # Off: the MLP's down projection runs as before (activation kernel, T by mm, y.addmm_).
 ENABLED = True
-# Off: h by the activation kernel (written into the wide buffer) and T by a cuBLAS mm instead of
-# the one kernel. On an H100 at Llama-8B shape the pair takes 0.179-0.192 ms and the one kernel
-# 0.187-0.208 ms at its best setting of the sweep (benchmarks/glu_lora_forward.py), and the
-# whole step is 1.1% slower with it (session 5, benchmarks/results/h100_202611_step_s5.md): the
-# one-pass kernel stays off until a setting beats the pair.
-FUSED_T = False
-# Launch settings (benchmarks/glu_lora_forward.py sweeps them on an H100).
-# (H100, first sweep: 64 x 128, 4 warps, 3 stages, split 4 was the fastest at 0.208 ms.)
-BLOCK_M = 64
-BLOCK_I = 128
-NUM_WARPS = 4
-NUM_STAGES = 3
-# Programs per row block along I (1: each program loops over all of I, no partial sums).
-SPLIT = 4
-# Widest rank block the kernel keeps in registers; wider adapters take the eager path.
-MAX_RANK = 256
-
-
-@triton.jit
-def _glu_lora_kernel(
-    h_ptr,
-    stride_hm,
-    t_ptr,
-    stride_tm,
-    e_ptr,
-    stride_em,
-    u_ptr,
-    stride_um,
-    a_ptr,
-    stride_ar,
-    part_ptr,
-    n_rows,
-    n_cols,
-    split_cols,
-    rank,
-    room,
-    ACTIVATION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    """``h = act(e) * u`` and ``T = h A^T`` for ``BLOCK_M`` rows, looping over the ``I`` columns.
-
-    ``h`` (rounded to its dtype) is both stored and fed to ``tl.dot``; ``T`` accumulates in fp32
-    and is rounded once. ``T`` goes to ``t`` (``[M, rank]``) and, when ``room > 0``, to the
-    ``room`` columns behind ``h``'s ``n_cols`` (zeros past ``rank``: ``A``'s masked rows are 0).
-    ``DOT_FP32`` (fp32 inputs, and the interpreter, whose bf16 ``tl.dot`` returns garbage on
-    Triton 3.9) feeds ``tl.dot`` the same rounded values as fp32. ``SPLIT``: program ``(i, j)``
-    covers columns ``[j split_cols, (j + 1) split_cols)`` only and stores its fp32 partial ``T``
-    to ``part`` (``[n_splits, M, BLOCK_R]``), for the launcher to sum and round.
-    """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    rows = rows.to(tl.int64)  # M * (I + R) passes 2^31 at long sequences
-    ranks = tl.arange(0, BLOCK_R)
-    rank_ok = ranks < rank
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    col_begin = tl.program_id(1) * split_cols
-    col_end = tl.minimum(col_begin + split_cols, n_cols)
-    for start in range(col_begin, col_end, BLOCK_I):
-        cols = start + tl.arange(0, BLOCK_I)
-        col_ok = cols < col_end
-        mask = row_ok[:, None] & col_ok[None, :]
-        g = tl.load(e_ptr + rows[:, None] * stride_em + cols[None, :], mask=mask, other=0.0)
-        u = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :], mask=mask, other=0.0)
-        act, _ = _act_and_grad(g.to(tl.float32), ACTIVATION)
-        h = (act * u.to(tl.float32)).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + rows[:, None] * stride_hm + cols[None, :], h, mask=mask)
-        a_mask = rank_ok[:, None] & col_ok[None, :]
-        a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :], mask=a_mask, other=0.0)
-        if DOT_FP32:  # no TF32, as torch.mm in fp32; bf16 products are exact in fp32
-            acc = tl.dot(h.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, tl.trans(a), acc)
-    if SPLIT:
-        part = part_ptr + (tl.program_id(1) * n_rows + rows[:, None]) * BLOCK_R + ranks[None, :]
-        tl.store(part, acc, mask=row_ok[:, None])
-    else:
-        t = acc.to(t_ptr.dtype.element_ty)
-        t_mask = row_ok[:, None] & rank_ok[None, :]
-        tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :], t, mask=t_mask)
-        spare = h_ptr + rows[:, None] * stride_hm + n_cols + ranks[None, :]
-        tl.store(spare, t, mask=row_ok[:, None] & (ranks < room)[None, :])
 
 
 def glu_lora(
@@ -149,27 +60,15 @@ def glu_lora(
     a: torch.Tensor,
     activation: Activation,
     room: int = 0,
-    *,
-    block_m: int | None = None,
-    block_i: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    split: int | None = None,
-    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = act(e) * u`` written with ``T = h A^T`` behind it, and ``t = T`` on its own.
 
     Args:
-        e: ``[M, I]`` gate output, unit column stride (a column view of ``[e | u]`` is fine).
+        e: ``[M, I]`` gate output (a column view of ``[e | u]`` is fine).
         u: ``[M, I]`` up output, ``e``'s dtype.
         a: ``[r, I]`` the down adapter's ``A`` in ``e``'s dtype.
         activation: the gate's activation.
         room: spare columns behind ``h`` (0, or at least ``r``): they hold ``[T | 0]``.
-        block_m, block_i, num_warps, num_stages, split: launch overrides (benchmarks);
-            ``split > 1`` also splits the ``I`` loop over that many programs per row block
-            (fp32 partial sums of ``T``, added by torch afterwards).
-        fused: the one-pass kernel (True) or the activation kernel and a ``mm`` (False);
-            None: :data:`FUSED_T`.
 
     Returns:
         ``(wide, t)``: ``wide`` is ``[M, I + room]`` (``h`` in its first ``I`` columns), ``t``
@@ -183,53 +82,12 @@ def glu_lora(
         raise ValueError(f"room {room} cannot hold rank {rank}")
     wide = torch.empty((n_rows, n_cols + room), dtype=e.dtype, device=e.device)
     t = torch.empty((n_rows, rank), dtype=e.dtype, device=e.device)
-    kernel_ok = max(rank, room) <= MAX_RANK and e.stride(1) == 1 and u.stride(1) == 1
-    if not ((FUSED_T if fused is None else fused) and kernel_ok and use_triton(e, u, a)):
-        return _eager(e, u, a, activation, wide, t)
-    if n_rows == 0:
-        return wide, t
-    block_m, block_i = block_m or BLOCK_M, block_i or BLOCK_I
-    block_r = max(16, triton.next_power_of_2(max(rank, room)))
-    split = split or SPLIT
-    split_cols = triton.cdiv(triton.cdiv(n_cols, split), block_i) * block_i if split > 1 else n_cols
-    n_splits = triton.cdiv(n_cols, split_cols)
-    part = wide  # unused without a split
-    if n_splits > 1:
-        part = torch.empty((n_splits, n_rows, block_r), dtype=torch.float32, device=e.device)
-    a = a if a.stride(1) == 1 else a.contiguous()
-    dot_fp32 = e.dtype == torch.float32 or not e.is_cuda  # CPU tensors: the interpreter
-    _glu_lora_kernel[(triton.cdiv(n_rows, block_m), n_splits)](
-        wide, wide.stride(0), t, t.stride(0), e, e.stride(0), u, u.stride(0), a, a.stride(0),
-        part, n_rows, n_cols, split_cols, rank, room,
-        ACTIVATION=_ACTIVATION_IDS[activation], DOT_FP32=dot_fp32, SPLIT=n_splits > 1,
-        BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_R=block_r,
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
-    )  # fmt: skip
-    if n_splits > 1:  # one rounding of the summed partials, as without the split
-        total = part.sum(0)
-        t.copy_(total[:, :rank])
-        if room:
-            wide.narrow(1, n_cols, room).copy_(total[:, :room])
-    return wide, t
-
-
-def _eager(
-    e: torch.Tensor,
-    u: torch.Tensor,
-    a: torch.Tensor,
-    activation: Activation,
-    wide: torch.Tensor,
-    t: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same outputs from the activation kernel (or its reference) and a ``mm``."""
-    n_cols, rank = e.shape[1], a.shape[0]
     h = wide.narrow(1, 0, n_cols)
     if use_triton(e, u) and e.stride(1) == 1 and u.stride(1) == 1:
         _glu_forward(e, u, activation, out=h)  # the activation kernel writes into the room's rows
     else:
         h.copy_(glu_forward(e, u, activation))
     torch.mm(h, a.t(), out=t)
-    room = wide.shape[1] - n_cols
     if room:
         wide.narrow(1, n_cols, rank).copy_(t)
         wide.narrow(1, n_cols + rank, room - rank).zero_()
