@@ -383,3 +383,13 @@ def test_fused_layer_hands_its_residual_to_the_lora_mlp(eager_ops, monkeypatch):
         layer.mlp.forward = functools.partial(lambda f, x, residual=None: f(x), layer.mlp.forward)
     plain = train(models[1], batches, lr=1e-3)
     assert_close_losses(fused, plain, 1e-6, "residual in the MLP vs added by the layer")
+    # A forward hook on the MLP sees the MLP's own output: the layer adds the residual itself.
+    seen.clear()
+    mlp = decoder_layers(models[0])[0].mlp
+    outputs = []
+    handle = mlp.register_forward_hook(lambda m, i, o: outputs.append(o))
+    ids = batches[0][0]
+    with torch.no_grad():
+        models[0](input_ids=ids)
+    handle.remove()
+    assert seen[0] is False and len(outputs) == 1, seen

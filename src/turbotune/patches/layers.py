@@ -102,6 +102,7 @@ def _fused_layer(fam: Family, defaults: dict[str, Any]) -> Callable[..., torch.T
             RESIDUAL_INTO_MLP
             and multiplier is None
             and getattr(mlp.forward, "takes_residual", False)
+            and not _hooked(mlp)  # a hook on the MLP expects its own output, not the sum
         ):
             return mlp(x, residual=residual)  # the add rides on the down projection's GEMM
         x = mlp(x)
