@@ -20,7 +20,8 @@ on an H100), and ``y += s T B^T`` reads and writes all of ``y`` (26 us). Here:
    add-norm before the MLP saves that very tensor for its backward). Plain dense
    bases in the compute dtype (``ops/lora_direct.py``) would pay a copy of ``W`` for the fold:
    there ``y = s t B^T`` is written first (rank ``r``) and ``y += h W^T`` uses ``W`` as stored,
-   cuBLAS reading ``y`` in its epilogue (no read-modify-write pass of its own over ``y``).
+   cuBLAS reading ``y`` in its epilogue (no read-modify-write pass of its own over ``y``): the
+   ``adapter_first`` of ``ops/lora_adapter_first.py``, shared with lone projections.
 
 What the backward finds is what the unfused path saved: ``[t, A, B]`` (``A``, ``B`` cast to
 the compute dtype). ``t`` is its own small tensor: a view into ``[h | T]`` would keep the whole
@@ -40,8 +41,9 @@ import torch
 
 from turbotune.ops import lora_group
 from turbotune.ops._triton import use_triton
+from turbotune.ops.lora_adapter_first import adapter_first, product
 from turbotune.ops.lora_fold import _folded_weight, _padded
-from turbotune.ops.lora_group import Layout, Slot, cast, placeholder
+from turbotune.ops.lora_group import Layout, Slot, cast
 from turbotune.ops.lora_mlp_backward import glu_forward
 from turbotune.ops.lora_stash import keep
 from turbotune.ops.swiglu import _glu_forward
@@ -133,32 +135,10 @@ def down_forward(
     a, b = cast(down.A, dtype), cast(down.B, dtype)
     if layout.direct:  # the fold would copy W: W as stored, the adapter term written first
         h, t = glu_lora(e, u, a, activation)
-        # y = s t B^T (rank r: a write of y), then y += h W^T: the big GEMM reads y in its
-        # epilogue instead of a separate read-modify-write pass over y after it.
-        y = _matmul(t, b.t(), residual, down.bias, alpha=down.scaling)
-        y.addmm_(h, weights[0].t())
+        y = adapter_first(h, weights[0], t, b, down.scaling, down.bias, residual)
         return y, [t, a, b]
     wide, t = glu_lora(e, u, a, activation, room=_padded(a.shape[0]))
     weight = _folded_weight([down], layout, dtype, e.device)
     # A checkpoint recomputation: the backward's dh = dy W reads the W part (a column view).
     keep("stacked", [down], weight.narrow(1, 0, e.shape[1]))
-    return _matmul(wide, weight.t(), residual, down.bias), [t, a, b]
-
-
-def _matmul(
-    x: torch.Tensor,
-    w_t: torch.Tensor,
-    residual: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    alpha: float = 1.0,
-) -> torch.Tensor:
-    """``residual + alpha x w_t + bias`` with what is there folded into the one ``addmm``."""
-    bias = None if bias is None else cast(bias, x.dtype)
-    if residual is not None:
-        y = torch.addmm(residual, x, w_t, alpha=alpha)
-        return y if bias is None else y.add_(bias)
-    if bias is not None:
-        return torch.addmm(bias, x, w_t, alpha=alpha)
-    if alpha == 1.0:
-        return torch.mm(x, w_t)
-    return torch.addmm(placeholder(x.dtype, x.device), x, w_t, beta=0, alpha=alpha)
+    return product(wide, weight.t(), residual, down.bias), [t, a, b]

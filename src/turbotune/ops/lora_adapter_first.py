@@ -14,6 +14,10 @@ and the saved tensors are exactly those of ``lora_group.lora_forward`` (``[t, A,
 backward does not know which forward ran. Rounding differs from the old order only in which sum
 is rounded first (``round(round(s t B^T) + x W^T)`` instead of ``round(round(x W^T) + s t B^T)``).
 
+The two steps are :func:`adapter_first`, shared with the LoRA MLP's down projection on bases
+used as stored (``ops/glu_lora_forward.py``); :func:`product` is its GEMM with a residual and a
+bias folded into one ``addmm`` where possible.
+
 ``ENABLED = False`` keeps the base-then-adapter order (A/B).
 """
 
@@ -26,7 +30,7 @@ import torch
 from turbotune.ops.lora_group import Layout, Slot, cast, placeholder, stacked_weight
 from turbotune.ops.lora_stash import keep
 
-__all__ = ["ENABLED", "adapter_first_forward", "applies"]
+__all__ = ["ENABLED", "adapter_first", "adapter_first_forward", "applies", "product"]
 
 # Off: y = x W^T, then y += s t B^T (lora_group.base_forward + lora_forward).
 ENABLED = True
@@ -64,9 +68,60 @@ def adapter_first_forward(
     keep("stacked", slots, weight)  # a checkpoint recomputation: its backward reuses it
     a, b = cast(slot.A, dtype), cast(slot.B, dtype)
     t = torch.mm(x, a.t())
-    if slot.bias is None:  # beta = 0: the one-element placeholder only lends a shape
-        y = torch.addmm(placeholder(dtype, x.device), t, b.t(), beta=0, alpha=slot.scaling)
-    else:
-        y = torch.addmm(cast(slot.bias, dtype), t, b.t(), alpha=slot.scaling)
-    y.addmm_(x, weight.t())
-    return [y], [t, a, b]
+    return [adapter_first(x, weight, t, b, slot.scaling, slot.bias)], [t, a, b]
+
+
+def adapter_first(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    t: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = residual + s t B^T + bias``, then ``y += x W^T``: the big GEMM reads ``y`` in its
+    epilogue instead of a read-modify-write pass over ``y`` after it.
+
+    Args:
+        x: ``[M, in]``; w: ``[out, in]`` the base weight, ``x``'s dtype.
+        t: ``[M, r]`` ``= x A^T``; b: ``[out, r]`` the adapter's ``B``, both ``x``'s dtype.
+        scaling: the adapter's ``s``.
+        bias: optional ``[out]`` (cast to ``t``'s dtype); residual: optional ``[M, out]``.
+
+    Returns:
+        ``y [M, out]``.
+    """
+    y = product(t, b.t(), residual, bias, alpha=scaling)  # rank r: one write of y
+    return y.addmm_(x, w.t())
+
+
+def product(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """``residual + alpha x w_t + bias`` as one ``addmm`` where possible.
+
+    Args:
+        x: ``[M, K]``; w_t: ``[K, N]`` (a transposed weight view is fine).
+        residual: optional ``[M, N]``: ``addmm`` copies it into the output and cuBLAS adds the
+            product in its epilogue (the bias, if any, is then added in place).
+        bias: optional ``[N]``, cast to ``x``'s dtype.
+        alpha: the product's scale.
+
+    Returns:
+        ``[M, N]``, a new tensor.
+    """
+    bias = None if bias is None else cast(bias, x.dtype)
+    if residual is not None:
+        y = torch.addmm(residual, x, w_t, alpha=alpha)
+        return y if bias is None else y.add_(bias)
+    if bias is not None:
+        return torch.addmm(bias, x, w_t, alpha=alpha)
+    if alpha == 1.0:
+        return torch.mm(x, w_t)
+    # beta = 0: the one-element placeholder only lends a shape
+    return torch.addmm(placeholder(x.dtype, x.device), x, w_t, beta=0, alpha=alpha)
