@@ -6,10 +6,14 @@ trainable, 8192 tokens) with its experts computed by:
 - ``hf-grouped_mm`` / ``hf-eager``: transformers' ``config._experts_implementation``;
 - ``loop``: a plain per-expert loop (``turbotune.moe.reference``);
 - ``tt-grouped_mm`` / ``tt-mm_loop`` / ``tt-triton`` / ``tt-auto``: turbotune's experts patch
-  with that backend.
+  with that backend; ``tt-mm_loop:sync`` reads the row counts with a blocking ``tolist()`` (the
+  old way) instead of the non-blocking copy (``turbotune.moe.plan.ASYNC_COUNTS``).
 
 Timing: CUDA events around forward+backward, median of ``--iters`` after ``--warmup`` (the
-Triton autotuner runs during warmup). ``--frozen`` times the QLoRA/LoRA case (expert stacks
+Triton autotuner runs during warmup). With ``--rounds N`` every implementation's block is built
+once and the implementations take turns N times (a GPU that heats up or a host that slows down
+then weighs on all of them alike); each cell is the median of the rounds' medians, and the
+ratios of each round are printed. ``--frozen`` times the QLoRA/LoRA case (expert stacks
 frozen: no weight-gradient products). The FLOP floor is ``6 * T * k * 3 * H * I`` (forward 2 FLOP
 per multiply-add for 3 projections, backward twice that) at ``--peak`` TFLOP/s.
 
@@ -24,16 +28,20 @@ needs the products at ~750 TFLOP/s trainable, ~670 frozen.
 input gradient, weight gradient) at the block's own routing: the per-expert ``mm`` loop against
 ``torch._grouped_mm`` and against one dense ``mm`` of the same FLOPs (what cuBLAS reaches on
 that shape without experts). ``--profile`` prints the top GPU kernels of one forward+backward
-of each implementation.
+of each implementation; ``--gaps`` the GPU's idle gaps in it and the Python lines that launched
+the kernel after each of the largest (``profile_point.gap_report``).
 
     python benchmarks/moe_layer.py                      # both shapes, all implementations
     python benchmarks/moe_layer.py --shapes qwen3 --impls hf-grouped_mm,tt-triton --iters 50
     python benchmarks/moe_layer.py --shapes mixtral --impls hf-grouped_mm,tt-mm_loop --gemms
+    python benchmarks/moe_layer.py --shapes mixtral --frozen --rounds 3 \
+        --impls hf-grouped_mm,tt-mm_loop,tt-mm_loop:sync --gaps
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 import types
@@ -62,6 +70,7 @@ def build_block(shape: str, impl: str, frozen: bool, device: str, shrink: int = 
         kwargs.update(moe_intermediate_size=inter, num_experts=experts, norm_topk_prob=True)
     config = getattr(transformers, config_cls)(**kwargs)
     config._experts_implementation = impl[3:] if impl.startswith("hf-") else "eager"
+    assert impl.split(":")[0] in IMPLS, f"unknown implementation {impl!r}: one of {IMPLS}"
     module = importlib_module(shape)
     torch.manual_seed(0)
     with torch.device(device):
@@ -82,7 +91,21 @@ def importlib_module(shape: str):
     return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
 
 
+@contextlib.contextmanager
+def variant(impl: str):
+    """Within: the module switches of ``impl``'s variant suffix (``tt-mm_loop:sync``)."""
+    from turbotune.moe import plan
+
+    saved = plan.ASYNC_COUNTS
+    plan.ASYNC_COUNTS = not impl.endswith(":sync")
+    try:
+        yield
+    finally:
+        plan.ASYNC_COUNTS = saved
+
+
 def _set_experts(experts: torch.nn.Module, impl: str) -> None:
+    impl = impl.split(":")[0]
     if impl.startswith("tt-"):
         from turbotune.moe.patch import experts_forward
         from turbotune.patches.engine import PatchSet
@@ -97,18 +120,26 @@ def _set_experts(experts: torch.nn.Module, impl: str) -> None:
         experts.forward = types.MethodType(loop, experts)
 
 
-def profile_block(block: torch.nn.Module, tokens: int, rows: int = 12) -> None:
-    """Print the top GPU kernels of one forward+backward (after the timed runs: warm)."""
+def profile_block(block: torch.nn.Module, tokens: int, rows: int = 12, gaps: bool = False) -> None:
+    """Print the top GPU kernels of one forward+backward (after the timed runs: warm), and with
+    ``gaps`` the GPU's idle gaps and who launched the kernel after each."""
     from torch.profiler import ProfilerActivity, profile
 
     param = next(block.parameters())
     x = torch.randn(1, tokens, block.experts.hidden_dim, device=param.device, dtype=param.dtype)
     x.requires_grad_()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if gaps else [])
+    with profile(activities=activities, with_stack=gaps) as prof:
         block(x).backward(torch.randn_like(x))
         torch.cuda.synchronize()
     block.zero_grad(set_to_none=True)
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=rows))
+    if gaps:
+        from profile_point import gap_report  # benchmarks/ is this script's directory
+
+        trace = "/tmp/moe-layer-trace.json"
+        prof.export_chrome_trace(trace)
+        gap_report(trace, top=8)
 
 
 def _median_ms(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -219,53 +250,79 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="implementations take turns")
     parser.add_argument("--peak", type=float, default=790.0, help="dense bf16 TFLOP/s (measured)")
     parser.add_argument("--frozen", action="store_true", help="expert stacks frozen (LoRA/QLoRA)")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (use --shrink)")
     parser.add_argument("--shrink", type=int, default=1, help="divide hidden/intermediate by this")
     parser.add_argument("--gemms", action="store_true", help="time the six expert products")
     parser.add_argument("--profile", action="store_true", help="top GPU kernels per impl")
+    parser.add_argument("--gaps", action="store_true", help="GPU idle gaps per impl (a trace)")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"# {gpu} torch {torch.__version__} tokens {args.tokens} bf16 fwd+bwd"
-          f"{' frozen experts' if args.frozen else ''}")  # fmt: skip
-    header = "| shape | impl | ms (median) | GiB peak | vs hf-grouped_mm | vs loop | % of floor |"
-    print(header)
-    print("|---|---|---:|---:|---:|---:|---:|")
+          f"{' frozen experts' if args.frozen else ''}, {args.rounds} round(s)")  # fmt: skip
     for shape in args.shapes.split(","):
-        _, _, hidden, inter, _, k = SHAPES[shape]
-        hidden, inter = hidden // args.shrink, inter // args.shrink
-        multiplier = 4 if args.frozen else 6  # no weight-gradient products when frozen
-        floor_ms = multiplier * args.tokens * k * 3 * hidden * inter / (args.peak * 1e12) * 1e3
-        results = {}
-        impls = args.impls.split(",")
+        run_shape(shape, args)
+
+
+def run_shape(shape: str, args: argparse.Namespace) -> None:
+    """Time every implementation at ``shape`` (taking turns over ``args.rounds``) and print the
+    table, then the per-round ratios and the optional diagnostics."""
+    _, _, hidden, inter, _, k = SHAPES[shape]
+    hidden, inter = hidden // args.shrink, inter // args.shrink
+    multiplier = 4 if args.frozen else 6  # no weight-gradient products when frozen
+    floor_ms = multiplier * args.tokens * k * 3 * hidden * inter / (args.peak * 1e12) * 1e3
+    impls = args.impls.split(",")
+    cuda = args.device == "cuda"
+    blocks = {
+        impl: build_block(shape, impl, args.frozen, args.device, args.shrink) for impl in impls
+    }
+    rounds: dict[str, list[tuple[float, float]]] = {impl: [] for impl in impls}
+    for _ in range(args.rounds):
         for impl in impls:
-            block = build_block(shape, impl, args.frozen, args.device, args.shrink)
             try:
-                results[impl] = time_block(block, args.tokens, args.warmup, args.iters)
-                if args.profile and args.device == "cuda":
-                    print(f"## {shape} {impl}: top kernels of one forward+backward")
-                    profile_block(block, args.tokens)
+                with variant(impl):
+                    rounds[impl].append(
+                        time_block(blocks[impl], args.tokens, args.warmup, args.iters)
+                    )
             except torch.OutOfMemoryError:
-                results[impl] = (float("nan"), float("nan"))
+                rounds[impl].append((float("nan"), float("nan")))
             except Exception as error:  # one broken impl must not lose the others' numbers
                 print(f"## {shape} {impl} failed: {error!r}")
-                results[impl] = (float("nan"), float("nan"))
-            if args.gemms and impl == impls[0] and args.device == "cuda":
-                try:  # a diagnostic: never lose the layer table to it
-                    gemm_table(block, args.tokens, args.peak)
-                except Exception as error:
-                    print(f"## expert products table failed: {error!r}")
-            del block
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-        base, loop = results.get("hf-grouped_mm", (None,))[0], results.get("loop", (None,))[0]
-        for impl, (ms, gib) in results.items():
-            r_base = f"{base / ms:.2f}x" if base else "-"
-            r_loop = f"{loop / ms:.2f}x" if loop else "-"
-            print(f"| {shape} | {impl} | {ms:.2f} | {gib:.1f} | {r_base} | {r_loop} |"
-                  f" {100 * floor_ms / ms:.0f}% |")  # fmt: skip
-        print(f"| {shape} | FLOP floor at {args.peak:.0f} TFLOP/s | {floor_ms:.2f} | | | | 100% |")
+                rounds[impl].append((float("nan"), float("nan")))
+    results = {
+        impl: (statistics.median(r[0] for r in runs), max(r[1] for r in runs))
+        for impl, runs in rounds.items()
+    }
+    print("| shape | impl | ms (median) | GiB peak | vs hf-grouped_mm | vs loop | % of floor |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    base, loop = results.get("hf-grouped_mm", (None,))[0], results.get("loop", (None,))[0]
+    for impl, (ms, gib) in results.items():
+        r_base = f"{base / ms:.2f}x" if base else "-"
+        r_loop = f"{loop / ms:.2f}x" if loop else "-"
+        print(f"| {shape} | {impl} | {ms:.2f} | {gib:.1f} | {r_base} | {r_loop} |"
+              f" {100 * floor_ms / ms:.0f}% |")  # fmt: skip
+    print(f"| {shape} | FLOP floor at {args.peak:.0f} TFLOP/s | {floor_ms:.2f} | | | | 100% |")
+    if args.rounds > 1 and "hf-grouped_mm" in rounds:
+        for impl in impls:
+            ratios = [b[0] / r[0] for b, r in zip(rounds["hf-grouped_mm"], rounds[impl])]
+            times = " ".join(f"{r[0]:.2f}" for r in rounds[impl])
+            print(f"  {impl}: ms by round {times}; vs hf-grouped_mm by round "
+                  + " ".join(f"{x:.3f}x" for x in ratios))  # fmt: skip
+    for impl in impls:
+        if cuda and (args.profile or args.gaps):
+            print(f"## {shape} {impl}: top kernels of one forward+backward")
+            with variant(impl):
+                profile_block(blocks[impl], args.tokens, gaps=args.gaps)
+        if args.gemms and impl == impls[0] and cuda:
+            try:  # a diagnostic: never lose the layer table to it
+                gemm_table(blocks[impl], args.tokens, args.peak)
+            except Exception as error:
+                print(f"## expert products table failed: {error!r}")
+    blocks.clear()
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -156,3 +156,41 @@ def test_auto_backend_rule_on_gpu() -> None:
         y = x + 1
     graph.replay()
     assert chosen == "grouped_mm" and y.float().mean() == 1
+
+
+@pytest.mark.parametrize("async_counts", [True, False])
+def test_mm_loop_forward_never_blocks_the_stream(async_counts: bool) -> None:
+    """The per-expert loop's row counts reach the host by a non-blocking copy and an event: no
+    stream-synchronizing call in its forward or backward (``set_sync_debug_mode("error")`` raises
+    on one, as the blocking ``tolist()`` of ``ASYNC_COUNTS = False`` shows), and both ways give
+    the same bits."""
+    from turbotune.moe import plan
+
+    x, index, weights, gate_up, down, grad = _inputs(SHAPES["mixtral"])
+    leaves = [t.bfloat16().requires_grad_() for t in (x, weights, gate_up, down)]
+    saved = plan.ASYNC_COUNTS
+    plan.ASYNC_COUNTS = async_counts
+    try:
+        want = moe_experts(
+            *_detached(leaves, index), backend="mm_loop"
+        )  # warm: allocator, autotune
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = moe_experts(leaves[0], index, *leaves[1:], backend="mm_loop")
+            out.backward(grad.bfloat16())
+        except RuntimeError as error:
+            assert not async_counts, f"the async path synchronized: {error}"
+            assert "synchroniz" in str(error)
+            return
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        plan.ASYNC_COUNTS = saved
+    assert async_counts, "the blocking tolist() was not caught: this test cannot tell the paths"
+    assert torch.equal(out, want)
+
+
+def _detached(leaves, index):
+    x, weights, gate_up, down = (t.detach() for t in leaves)
+    return x, index, weights, gate_up, down

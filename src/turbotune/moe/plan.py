@@ -5,8 +5,12 @@ choice). Sorting the ``T * k`` slots by expert id (stably, so ties keep token or
 are deterministic) makes each expert's rows one contiguous run; ``ends`` (the cumulative counts,
 int32) is the ``offs`` argument of ``torch._grouped_mm`` and the row bounds of the Triton kernels.
 Nothing here syncs with the device: counts come from ``scatter_add``, not ``bincount``. Only the
-per-expert ``mm`` loop needs the counts on the host: :meth:`ExpertPlan.on_host` reads them once
-(one sync) into ``sizes``, which every product of the layer, forward and backward, then reuses.
+per-expert ``mm`` loop needs the counts on the host: :meth:`ExpertPlan.on_host` starts one
+non-blocking copy of them to pinned host memory (:class:`HostCounts`), and the first read of
+``sizes`` waits for that copy only, so the work queued between the two (the dequantization of a
+quantized stack, the gather of the tokens into sorted rows) runs on the GPU while the host waits,
+instead of the GPU idling from the end of the routing until the host has launched the first
+product. Every product of the layer, forward and backward, then reuses the same sizes.
 """
 
 from __future__ import annotations
@@ -14,6 +18,37 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+ASYNC_COUNTS = True
+"""Copy the counts without blocking and wait on first use (False: ``tolist()`` at once, the
+old way, kept for ``benchmarks/moe_layer.py``'s A/B)."""
+
+
+class HostCounts:
+    """Rows per expert on their way to the host: one non-blocking device-to-host copy into pinned
+    memory, waited for (an event, not the whole stream) on the first :meth:`get`."""
+
+    def __init__(self, counts: torch.Tensor) -> None:
+        self._sizes: tuple[int, ...] | None = None
+        self._event = None
+        if counts.is_cuda and not ASYNC_COUNTS:
+            self._host = counts
+            self._sizes = tuple(counts.tolist())
+        elif counts.is_cuda:
+            self._host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            self._host.copy_(counts, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = counts
+
+    def get(self) -> tuple[int, ...]:
+        """The counts as ints (waits for the copy the first time)."""
+        if self._sizes is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._sizes = tuple(self._host.tolist())
+        return self._sizes
 
 
 class ExpertPlan(NamedTuple):
@@ -29,7 +64,7 @@ class ExpertPlan(NamedTuple):
         row_of_slot: ``[S]`` int64 inverse of ``order``: the sorted row of slot ``s``
             (``row_of_slot[order[r]] = r``), what :func:`~turbotune.moe.combine.combine_rows`
             reads the down projection's sorted rows through.
-        sizes: ``counts`` on the host (a tuple of ints), or None until :meth:`on_host` read them.
+        host: the counts on their way to the host (:meth:`on_host`), or None.
     """
 
     order: torch.Tensor
@@ -37,13 +72,20 @@ class ExpertPlan(NamedTuple):
     ends: torch.Tensor
     top_k: int
     row_of_slot: torch.Tensor
-    sizes: tuple[int, ...] | None = None
+    host: HostCounts | None = None
 
     def on_host(self) -> ExpertPlan:
-        """This plan with ``sizes`` filled (one device sync, none when already filled)."""
-        if self.sizes is not None:
+        """This plan with its counts copied to the host (started here, waited for on the first
+        read of :attr:`sizes`; nothing new when already started)."""
+        if self.host is not None:
             return self
-        return self._replace(sizes=tuple(self.counts.tolist()))
+        return self._replace(host=HostCounts(self.counts))
+
+    @property
+    def sizes(self) -> tuple[int, ...] | None:
+        """Rows per expert as host ints (the one wait for the copy), or None before
+        :meth:`on_host`."""
+        return None if self.host is None else self.host.get()
 
     @property
     def num_experts(self) -> int:
