@@ -201,7 +201,7 @@ class TrainConfig:
     activation_offload: bool = False
     """With ``gradient_checkpointing``: keep each decoder layer's checkpointed input in pinned
     host memory instead of on the GPU (copied on side streams, prefetched one layer ahead in
-    backward; ``turbotune.train.offload``). Saves ``layers x batch x seq x hidden`` bytes."""
+    backward; ``turbotune.distributed.offload``). Saves ``layers x batch x seq x hidden`` bytes."""
     activation_offload_layers: int | None = None
     """With ``activation_offload``: offload only the first N decoder layers' inputs (the rest
     stay on the GPU, still checkpointed): trades the copies' cost against memory. Empty: all."""

@@ -1,6 +1,7 @@
-"""Offloaded gradient checkpointing (``train/offload.py``): the same losses and LoRA gradients as
-plain checkpointing and as no checkpointing, dropout included; host buffers reused across steps;
-the prefetch chain; the ``train.activation_offload`` wiring of ``run_training`` and the bench.
+"""Offloaded gradient checkpointing (``distributed/offload.py``): the same losses and LoRA
+gradients as plain checkpointing and as no checkpointing, dropout included; host buffers reused
+across steps; the prefetch chain; the ``train.activation_offload`` wiring of ``run_training`` and
+the bench.
 
 CPU tests run the same code with plain copies; the CUDA path (side streams, pinned pool, peak
 memory) is in ``test_activation_offload_gpu.py``.
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from turbotune.distributed.activations import checkpoint_layers, decoder_layers
-from turbotune.train.offload import ActivationOffloader, HostBufferPool, offloaded_checkpoint
+from turbotune.distributed.offload import ActivationOffloader, HostBufferPool, offloaded_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

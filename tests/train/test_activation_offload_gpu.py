@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from turbotune.distributed.activations import checkpoint_layers
-from turbotune.train.offload import ActivationOffloader
+from turbotune.distributed.offload import ActivationOffloader
 
 pytestmark = pytest.mark.gpu
 

@@ -11,8 +11,9 @@ the composition torchtitan uses (checkpoint inside ``fully_shard``).
   backward (not parameters, not small tensors) to pinned CPU memory, and back on use.
 * offload *with* checkpointing: what remains per block is its input hidden state, which the
   non-reentrant checkpoint holds itself (no saved-tensor hook sees it).
-  :func:`turbotune.train.offload.offloaded_checkpoint` is a checkpoint that keeps that input in
-  pinned host memory, copied on side streams and prefetched in backward (its design note).
+  :func:`turbotune.distributed.offload.offloaded_checkpoint` is a checkpoint that keeps that
+  input in pinned host memory, copied on side streams and prefetched in backward (its design
+  note).
 
 :func:`checkpoint_layers` applies the same wrapping to every decoder layer of a model on one
 device (``train.activation_offload``), in place of transformers' own checkpointing.
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from turbotune.blocks import checkpointing_layers
-from turbotune.train.offload import ActivationOffloader, offloaded_checkpoint
+from turbotune.distributed.offload import ActivationOffloader, offloaded_checkpoint
 
 __all__ = ["checkpoint_layers", "decoder_layers", "offload_saved_tensors", "wrap_block"]
 
@@ -142,7 +143,7 @@ def checkpoint_layers(
 
     Args:
         model: a transformers model, or a peft model around one.
-        offload: keep each layer's input in host memory (:mod:`turbotune.train.offload`).
+        offload: keep each layer's input in host memory (:mod:`turbotune.distributed.offload`).
         offloader: pool and streams to use (default: the process's own).
         offload_layers: with ``offload``, offload only the first this many layers' inputs
             (None: all); the others are checkpointed on the GPU.

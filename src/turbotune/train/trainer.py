@@ -107,10 +107,10 @@ def _checkpointing_args(t: TrainConfig) -> dict[str, Any]:
         else "gradient_checkpointing"
     )
     if t.activation_offload:
-        # turbotune checkpoints the layers itself (train/offload.py, applied by run_training):
-        # transformers' checkpointing stays off, or each layer would be recomputed twice. Its
-        # reentrant-style recomputation needs DDP's static graph view, as the Trainer gives
-        # transformers' checkpointing (find_unused_parameters off).
+        # turbotune checkpoints the layers itself (distributed/offload.py, applied by
+        # run_training): transformers' checkpointing stays off, or each layer would be
+        # recomputed twice. Its reentrant-style recomputation needs DDP's static graph view, as
+        # the Trainer gives transformers' checkpointing (find_unused_parameters off).
         return {name: False, "ddp_find_unused_parameters": False}
     return {
         name: t.gradient_checkpointing,
