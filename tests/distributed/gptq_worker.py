@@ -3,8 +3,9 @@ LoRA) sharded by FSDP2 (``apply_fsdp``, which packs the GPTQ storage into sharde
 
 ``python gptq_worker.py OUT.pt VARIANTS.json`` (``RANK``, ``WORLD_SIZE``, ``MASTER_*`` set by the
 caller): per ``{"name": ..., "config": {...}}`` a fresh model, 3 AdamW steps on this rank's rows
-of each global batch; rank 0 saves per variant the global losses, the full LoRA weights and, per
-GPTQ layer, the packed bytes in total and the bytes each rank holds locally.
+of each global batch (:func:`tiny.train_sharded`, as ``options_worker.py``); rank 0 saves per
+variant the global losses, the full LoRA weights and, per GPTQ layer, the packed bytes in total
+and the bytes each rank holds locally.
 """
 
 from __future__ import annotations
@@ -13,12 +14,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from tiny import FP32, ROWS, STEPS, batches, mean_over_ranks, train, worker_main
+from tiny import train_sharded, worker_main
 from tiny_gptq import gptq_layers, gptq_tiny_lm
-
-from turbotune.distributed.config import DistributedConfig
-from turbotune.distributed.env import build_mesh, device_for
-from turbotune.distributed.shard import apply_fsdp
 
 
 def _local_bytes(model: torch.nn.Module) -> list[list[int]]:
@@ -35,16 +32,8 @@ def _local_bytes(model: torch.nn.Module) -> list[list[int]]:
 
 
 def _run(variant: dict, info) -> dict:
-    cfg = DistributedConfig(enabled=True, **variant["config"])
-    cfg.validate()
-    model = gptq_tiny_lm()
-    mesh = build_mesh(cfg.strategy, info, device_for(info, "cpu"), cfg.shard_size)
-    apply_fsdp(model, cfg, FP32, mesh)
-    rows = slice(info.rank * ROWS, (info.rank + 1) * ROWS)
-    local = [{k: v[rows] for k, v in b.items()} for b in batches(STEPS, rows=2 * ROWS)]
-    losses, weights = train(model, local, reduce=mean_over_ranks)
-    sharded = sorted(n for n, p in model.named_parameters() if hasattr(p, "device_mesh"))
-    return {"losses": losses, "weights": weights, "bytes": _local_bytes(model), "sharded": sharded}
+    model, record = train_sharded(gptq_tiny_lm, variant, info)
+    return {**record, "bytes": _local_bytes(model)}
 
 
 if __name__ == "__main__":

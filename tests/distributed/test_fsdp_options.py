@@ -18,8 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from tests.distributed.tiny import TinyLM, assert_close, batches, run_two_processes, train
+from tests.distributed.tiny import TinyLM, assert_close, run_two_processes, train_one_process
 
 WORKER = Path(__file__).with_name("options_worker.py")
 VARIANTS = {
@@ -44,17 +43,7 @@ def runs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def reference(runs) -> tuple[list[float], dict]:
     """One process, the whole global batch (computed after the workers: 2 cores)."""
-    import os as _os
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    old = _os.environ.get("TRITON_INTERPRET")
-    _os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        return train(TinyLM(), batches(3, rows=4))
-    finally:
-        torch.set_num_threads(before)
-        _os.environ["TRITON_INTERPRET"] = old if old is not None else "1"
+    return train_one_process(TinyLM)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -11,13 +11,12 @@ Without the packing, the GPTQ storage would be buffers, replicated: the byte che
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tests.distributed.tiny import assert_close, batches, run_two_processes, train
+from tests.distributed.tiny import assert_close, batches, run_two_processes, train_one_process
 
 WORKER = Path(__file__).with_name("gptq_worker.py")
 VARIANTS = {
@@ -38,15 +37,7 @@ def reference(runs) -> tuple[list[float], dict]:
     sys.path.insert(0, str(WORKER.parent))
     from tiny_gptq import gptq_tiny_lm
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        return train(gptq_tiny_lm(), batches(3, rows=4))
-    finally:
-        torch.set_num_threads(before)
-        os.environ["TRITON_INTERPRET"] = old if old is not None else "1"
+    return train_one_process(gptq_tiny_lm)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

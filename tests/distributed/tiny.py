@@ -203,6 +203,47 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def train_sharded(build, variant: dict, info) -> tuple[nn.Module, dict]:
+    """A worker's run of one variant: ``build()`` a fresh model, shard it with FSDP2 under
+    ``DistributedConfig(enabled=True, **variant["config"])`` and train :data:`STEPS` AdamW steps
+    on this rank's :data:`ROWS` rows of each global batch.
+
+    Returns:
+        The trained model and its record: ``losses`` (global: mean over ranks), ``weights``
+        (full trainable weights) and ``sharded`` (sorted names of the sharded parameters).
+    """
+    from turbotune.distributed.config import DistributedConfig
+    from turbotune.distributed.env import build_mesh, device_for
+    from turbotune.distributed.shard import apply_fsdp
+
+    cfg = DistributedConfig(enabled=True, **variant["config"])
+    cfg.validate()
+    model = build()
+    mesh = build_mesh(cfg.strategy, info, device_for(info, "cpu"), cfg.shard_size)
+    apply_fsdp(model, cfg, FP32, mesh)
+    rows = slice(info.rank * ROWS, (info.rank + 1) * ROWS)
+    local = [{k: v[rows] for k, v in b.items()} for b in batches(STEPS, rows=2 * ROWS)]
+    losses, weights = train(model, local, reduce=mean_over_ranks)
+    sharded = sorted(n for n, p in model.named_parameters() if hasattr(p, "device_mesh"))
+    return model, {"losses": losses, "weights": weights, "sharded": sharded}
+
+
+def train_one_process(build) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The reference of a two-process run: ``build()`` trained in this process on the whole
+    global batches, one thread, eager dequantizer (as the workers), the settings restored after."""
+    import os
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        return train(build(), batches(STEPS, rows=2 * ROWS))
+    finally:
+        torch.set_num_threads(before)
+        os.environ["TRITON_INTERPRET"] = old if old is not None else "1"
+
+
 def worker_main(run, out: str, variants_path: str) -> None:
     """A worker's body: ``run(variant, info)`` for each variant; rank 0 saves the records."""
     import json
