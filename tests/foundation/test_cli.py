@@ -85,5 +85,3 @@ def test_train_bad_config_key_exits_2_with_message(tmp_path):
 def test_train_override_without_equals_is_error():
     out = turbotune("train", "lora-bf16", "oops")
     assert out.returncode == 2 and "key=value" in out.stderr
-
-
