@@ -59,7 +59,7 @@ def _grouped_wgrad(
 
 
 def _sorted_input(a: torch.Tensor, plan: ExpertPlan, layout: Layout) -> torch.Tensor:
-    return a.index_select(0, plan.order // plan.top_k) if layout == "gather" else a
+    return a.index_select(0, plan.tokens) if layout == "gather" else a
 
 
 def _to_slots(rows: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:

@@ -93,7 +93,7 @@ def expert_parallel_experts(
     send_splits = plan.counts.view(world, local).sum(1).tolist()
     recv_by_source = recv_counts.view(world, local)
     recv_splits = recv_by_source.sum(1).tolist()
-    rows = _AllToAll.apply(hidden[plan.order // plan.top_k], send_splits, recv_splits, group)
+    rows = _AllToAll.apply(hidden[plan.tokens], send_splits, recv_splits, group)
     expert_of_row = torch.arange(local, device=rows.device).repeat(world)
     expert_of_row = expert_of_row.repeat_interleave(recv_by_source.reshape(-1))
     ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from turbotune.moe import plan_kernel
+
 ASYNC_COUNTS = True
 """Copy the counts without blocking and wait on first use (False: ``tolist()`` at once, the
 old way, kept for ``benchmarks/moe_layer.py``'s A/B)."""
@@ -65,6 +67,8 @@ class ExpertPlan(NamedTuple):
             (``row_of_slot[order[r]] = r``), what :func:`~turbotune.moe.combine.combine_rows`
             reads the down projection's sorted rows through.
         host: the counts on their way to the host (:meth:`on_host`), or None.
+        token_rows: ``[S]`` int64 ``order // top_k`` (the token of each sorted row) when the
+            plan kernel wrote it, else None (see :attr:`tokens`).
     """
 
     order: torch.Tensor
@@ -73,6 +77,7 @@ class ExpertPlan(NamedTuple):
     top_k: int
     row_of_slot: torch.Tensor
     host: HostCounts | None = None
+    token_rows: torch.Tensor | None = None
 
     def on_host(self) -> ExpertPlan:
         """This plan with its counts copied to the host (started here, waited for on the first
@@ -88,6 +93,11 @@ class ExpertPlan(NamedTuple):
         return None if self.host is None else self.host.get()
 
     @property
+    def tokens(self) -> torch.Tensor:
+        """``[S]`` int64 token of each sorted row (``order // top_k``)."""
+        return self.order // self.top_k if self.token_rows is None else self.token_rows
+
+    @property
     def num_experts(self) -> int:
         return self.counts.shape[0]
 
@@ -97,7 +107,20 @@ class ExpertPlan(NamedTuple):
 
 
 def plan_experts(top_k_index: torch.Tensor, num_experts: int) -> ExpertPlan:
-    """Sort the slots of ``top_k_index`` (``[T, k]`` expert ids) by expert."""
+    """Sort the slots of ``top_k_index`` (``[T, k]`` expert ids) by expert: one Triton launch for
+    few experts (:mod:`turbotune.moe.plan_kernel`, same result), else the eager sort."""
+    flat = top_k_index.reshape(-1)
+    top_k = top_k_index.shape[-1]
+    if flat.numel() and plan_kernel.fits(flat, num_experts):
+        order, counts, ends, row_of_slot, tokens = plan_kernel.expert_plan_launch(
+            flat.contiguous(), num_experts, top_k
+        )
+        return ExpertPlan(order, counts, ends, top_k, row_of_slot, token_rows=tokens)
+    return plan_experts_reference(top_k_index, num_experts)
+
+
+def plan_experts_reference(top_k_index: torch.Tensor, num_experts: int) -> ExpertPlan:
+    """The eager :func:`plan_experts`: a stable sort, ``scatter_add`` counts, their ``cumsum``."""
     flat = top_k_index.reshape(-1)
     _, order = torch.sort(flat, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
