@@ -6,11 +6,15 @@ trainable, 8192 tokens) with its experts computed by:
 - ``hf-grouped_mm`` / ``hf-eager``: transformers' ``config._experts_implementation``;
 - ``loop``: a plain per-expert loop (``turbotune.moe.reference``);
 - ``tt-grouped_mm`` / ``tt-mm_loop`` / ``tt-triton`` / ``tt-auto``: turbotune's experts patch
-  with that backend; ``tt-mm_loop:sync`` reads the row counts with a blocking ``tolist()`` (the
-  old way) instead of the non-blocking copy (``turbotune.moe.plan.ASYNC_COUNTS``).
+  with that backend; suffixes switch one thing off (:func:`variant`): ``tt-mm_loop:sync`` reads
+  the row counts with a blocking ``tolist()``, ``tt-mm_loop:eager-plan`` sorts with
+  ``torch.sort`` (``turbotune.moe.plan.ASYNC_COUNTS``, ``turbotune.moe.plan_kernel.ENABLED``).
 
 Timing: CUDA events around forward+backward, median of ``--iters`` after ``--warmup`` (the
-Triton autotuner runs during warmup). With ``--rounds N`` every implementation's block is built
+Triton autotuner runs during warmup). Each run starts on an idle GPU, so the host time of the
+layer's first launches (router, sort) is in it; ``--head-start MS`` queues MS of GPU work before
+each run (outside the events), as inside a model, where they queue behind the previous layer.
+With ``--rounds N`` every implementation's block is built
 once and the implementations take turns N times (a GPU that heats up or a host that slows down
 then weighs on all of them alike); each cell is the median of the rounds' medians, and the
 ratios of each round are printed. ``--frozen`` times the QLoRA/LoRA case (expert stacks
@@ -93,15 +97,20 @@ def importlib_module(shape: str):
 
 @contextlib.contextmanager
 def variant(impl: str):
-    """Within: the module switches of ``impl``'s variant suffix (``tt-mm_loop:sync``)."""
-    from turbotune.moe import plan
+    """Within: the module switches named by ``impl``'s suffixes (``tt-mm_loop:sync:eager-plan``):
+    ``sync`` reads the row counts with a blocking ``tolist()``, ``eager-plan`` sorts the slots
+    with ``torch.sort`` instead of the one-launch counting sort."""
+    from turbotune.moe import plan, plan_kernel
 
-    saved = plan.ASYNC_COUNTS
-    plan.ASYNC_COUNTS = not impl.endswith(":sync")
+    flags = set(impl.split(":")[1:])
+    unknown = flags - {"sync", "eager-plan"}
+    assert not unknown, f"unknown variant {unknown} of {impl}"
+    saved = plan.ASYNC_COUNTS, plan_kernel.ENABLED
+    plan.ASYNC_COUNTS, plan_kernel.ENABLED = "sync" not in flags, "eager-plan" not in flags
     try:
         yield
     finally:
-        plan.ASYNC_COUNTS = saved
+        plan.ASYNC_COUNTS, plan_kernel.ENABLED = saved
 
 
 def _set_experts(experts: torch.nn.Module, impl: str) -> None:
@@ -214,8 +223,24 @@ def _like(t: torch.Tensor) -> dict:
     return {"device": t.device, "dtype": t.dtype}
 
 
-def time_block(block: torch.nn.Module, tokens: int, warmup: int, iters: int):
-    """Median milliseconds of forward+backward and the peak memory (GiB) over the timed runs."""
+def sleep_cycles_per_ms() -> float:
+    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond (measured)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # wake the clocks
+    start.record()
+    torch.cuda._sleep(20_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    return 20_000_000 / start.elapsed_time(end)
+
+
+def time_block(block: torch.nn.Module, tokens: int, warmup: int, iters: int, head_start: int = 0):
+    """Median milliseconds of forward+backward and the peak memory (GiB) over the timed runs.
+
+    ``head_start``: GPU cycles of a spin kernel queued before each timed run (outside the
+    events), so that the host has launched the layer's first kernels by the time the GPU gets to
+    them, as inside a model where they queue behind the previous layer's work; 0: every run
+    starts on an idle GPU, its first launches exposed."""
     param = next(block.parameters())
     x = torch.randn(1, tokens, block.experts.hidden_dim, device=param.device, dtype=param.dtype)
     x.requires_grad_()
@@ -229,6 +254,8 @@ def time_block(block: torch.nn.Module, tokens: int, warmup: int, iters: int):
         start = torch.cuda.Event(enable_timing=True) if cuda else None
         end = torch.cuda.Event(enable_timing=True) if cuda else None
         t0 = time.perf_counter()
+        if cuda and head_start:
+            torch.cuda._sleep(head_start)
         if cuda:
             start.record()
         block(x).backward(grad)
@@ -258,10 +285,14 @@ def main() -> None:
     parser.add_argument("--gemms", action="store_true", help="time the six expert products")
     parser.add_argument("--profile", action="store_true", help="top GPU kernels per impl")
     parser.add_argument("--gaps", action="store_true", help="GPU idle gaps per impl (a trace)")
+    parser.add_argument(
+        "--head-start", type=float, default=0.0, help="ms of GPU work queued before each run"
+    )
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"# {gpu} torch {torch.__version__} tokens {args.tokens} bf16 fwd+bwd"
-          f"{' frozen experts' if args.frozen else ''}, {args.rounds} round(s)")  # fmt: skip
+          f"{' frozen experts' if args.frozen else ''}, {args.rounds} round(s), head start "
+          f"{args.head_start} ms")  # fmt: skip
     for shape in args.shapes.split(","):
         run_shape(shape, args)
 
@@ -275,6 +306,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> None:
     floor_ms = multiplier * args.tokens * k * 3 * hidden * inter / (args.peak * 1e12) * 1e3
     impls = args.impls.split(",")
     cuda = args.device == "cuda"
+    head_start = int(args.head_start * sleep_cycles_per_ms()) if cuda and args.head_start else 0
     blocks = {
         impl: build_block(shape, impl, args.frozen, args.device, args.shrink) for impl in impls
     }
@@ -284,7 +316,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> None:
             try:
                 with variant(impl):
                     rounds[impl].append(
-                        time_block(blocks[impl], args.tokens, args.warmup, args.iters)
+                        time_block(blocks[impl], args.tokens, args.warmup, args.iters, head_start)
                     )
             except torch.OutOfMemoryError:
                 rounds[impl].append((float("nan"), float("nan")))

@@ -26,6 +26,9 @@ import torch
 
 from turbotune.ops._triton import HAS_TRITON, tl, triton, use_triton
 
+ENABLED = True
+"""Run the kernel where it fits (False: the eager sort everywhere; ``benchmarks/moe_layer.py``'s
+``:eager-plan`` variant)."""
 MAX_EXPERTS = 16
 """Most experts the one-program counting sort takes."""
 TILE = 8192
@@ -66,7 +69,7 @@ if HAS_TRITON:
 
 def fits(index: torch.Tensor, num_experts: int) -> bool:
     """Whether the kernel takes this plan: Triton runs on ``index`` and the experts are few."""
-    return 0 < num_experts <= MAX_EXPERTS and use_triton(index)
+    return ENABLED and 0 < num_experts <= MAX_EXPERTS and use_triton(index)
 
 
 def expert_plan_launch(
