@@ -28,7 +28,12 @@ old way, kept for ``benchmarks/moe_layer.py``'s A/B)."""
 
 class HostCounts:
     """Rows per expert on their way to the host: one non-blocking device-to-host copy into pinned
-    memory, waited for (an event, not the whole stream) on the first :meth:`get`."""
+    memory, waited for (an event, not the whole stream) on the first :meth:`get`.
+
+    The pinned buffer and the event are let go of in :meth:`get`, not when the plan dies: the
+    plan lives on in the autograd graph, and freeing a pinned block records an event on the
+    current stream, which fails ("invalid argument") if that happens while a CUDA graph is
+    being captured, e.g. the next step's layer graphs (``ops/graphs.py``)."""
 
     def __init__(self, counts: torch.Tensor) -> None:
         self._sizes: tuple[int, ...] | None = None
@@ -50,6 +55,7 @@ class HostCounts:
             if self._event is not None:
                 self._event.synchronize()
             self._sizes = tuple(self._host.tolist())
+            self._host = self._event = None
         return self._sizes
 
 
