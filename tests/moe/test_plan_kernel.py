@@ -56,21 +56,37 @@ def test_many_experts_keep_the_eager_sort() -> None:
     assert torch.equal(plan.order, plan_experts_reference(index, experts).order)
 
 
+def test_block_limit(monkeypatch) -> None:
+    """Past :data:`MAX_BLOCKS` blocks of slots the eager sort runs; at the limit, the kernels."""
+    monkeypatch.setattr(plan_kernel, "MAX_BLOCKS", 2)  # 2 blocks of 1024 slots over 8 experts
+    assert plan_kernel.fits(torch.zeros(2048, dtype=torch.int64), 8)
+    assert not plan_kernel.fits(torch.zeros(2049, dtype=torch.int64), 8)
+    assert not plan_kernel.fits(torch.zeros(0, dtype=torch.int64), 8)
+    index = routing(1100, 8, 2, seed=5, skew=True)  # 2200 slots: 3 blocks
+    assert plan_experts(index, 8).token_rows is None
+    _check(routing(1000, 8, 2, seed=5, skew=True), 8)  # 2000 slots: 2 blocks
+
+
 COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from turbotune.moe import plan_kernel
+from turbotune.moe import plan_kernel as pk
 
-fn = plan_kernel._expert_plan_kernel
-pointers = {"index_ptr": "*i64", "order_ptr": "*i64", "row_ptr": "*i64", "token_ptr": "*i64",
-            "counts_ptr": "*i64", "ends_ptr": "*i32"}
-for experts, top_k in ((8, 2), (16, 1), (3, 3)):
-    e_pad = max(2, triton.next_power_of_2(experts))
-    constexprs = {"TOP_K": top_k, "E": experts, "E_PAD": e_pad, "BLOCK": plan_kernel.TILE // e_pad}
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
+def build(fn, pointers, constexprs):
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32")
+                 for n in fn.arg_names}
     triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 8})
+
+pointers = {"index_ptr": "*i64", "table_ptr": "*i32", "order_ptr": "*i64", "row_ptr": "*i64",
+            "token_ptr": "*i64", "counts_ptr": "*i64", "ends_ptr": "*i32"}
+for experts, top_k, blocks in ((8, 2, 16), (16, 1, 256), (3, 3, 2)):
+    e_pad = max(2, triton.next_power_of_2(experts))
+    block = pk.TILE // e_pad
+    build(pk._block_counts_kernel, pointers, {"E_PAD": e_pad, "BLOCK": block})
+    build(pk._place_kernel, pointers, {"TOP_K": top_k, "E": experts, "E_PAD": e_pad,
+                                       "BLOCK": block, "BLOCKS_PAD": blocks})
 print("ok")
 """
 

@@ -113,11 +113,11 @@ class ExpertPlan(NamedTuple):
 
 
 def plan_experts(top_k_index: torch.Tensor, num_experts: int) -> ExpertPlan:
-    """Sort the slots of ``top_k_index`` (``[T, k]`` expert ids) by expert: one Triton launch for
-    few experts (:mod:`turbotune.moe.plan_kernel`, same result), else the eager sort."""
+    """Sort the slots of ``top_k_index`` (``[T, k]`` expert ids) by expert: a Triton counting sort
+    for few experts (:mod:`turbotune.moe.plan_kernel`, same result), else the eager sort."""
     flat = top_k_index.reshape(-1)
     top_k = top_k_index.shape[-1]
-    if flat.numel() and plan_kernel.fits(flat, num_experts):
+    if plan_kernel.fits(flat, num_experts):
         order, counts, ends, row_of_slot, tokens = plan_kernel.expert_plan_launch(
             flat.contiguous(), num_experts, top_k
         )
