@@ -26,7 +26,7 @@ pytestmark = [
 _WORKER = Path(__file__).with_name("ep_gpu_worker.py")
 
 
-@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton", "mm_loop"])
 def test_expert_parallel_two_gpus_torchrun(tmp_path, backend: str) -> None:
     if backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm missing")
