@@ -37,23 +37,19 @@ class HostCounts:
 
     def __init__(self, counts: torch.Tensor) -> None:
         self._sizes: tuple[int, ...] | None = None
-        self._event = None
-        if counts.is_cuda and not ASYNC_COUNTS:
-            self._host = counts
-            self._sizes = tuple(counts.tolist())
-        elif counts.is_cuda:
-            self._host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-            self._host.copy_(counts, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = counts
+        self._host = self._event = None
+        if not counts.is_cuda or not ASYNC_COUNTS:
+            self._sizes = tuple(counts.tolist())  # nothing to overlap on CPU
+            return
+        self._host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        self._host.copy_(counts, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
 
     def get(self) -> tuple[int, ...]:
         """The counts as ints (waits for the copy the first time)."""
         if self._sizes is None:
-            if self._event is not None:
-                self._event.synchronize()
+            self._event.synchronize()
             self._sizes = tuple(self._host.tolist())
             self._host = self._event = None
         return self._sizes
