@@ -5,7 +5,11 @@ LoRA) sharded by FSDP2 (``apply_fsdp``, which packs the GPTQ storage into sharde
 caller): per ``{"name": ..., "config": {...}}`` a fresh model, 3 AdamW steps on this rank's rows
 of each global batch (:func:`tiny.train_sharded`, as ``options_worker.py``); rank 0 saves per
 variant the global losses, the full LoRA weights and, per GPTQ layer, the packed bytes in total
-and the bytes each rank holds locally.
+and the bytes each rank holds locally, and the device of the packed storage.
+
+On the CPU (``tiny.run_two_processes``: gloo, eager dequantizer) or, with
+``TURBOTUNE_TEST_DEVICE=cuda`` under ``torchrun``, on ``cuda:LOCAL_RANK`` (NCCL, the Triton
+GPTQ kernels): ``test_gptq_fsdp_gpu.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ def _local_bytes(model: torch.nn.Module) -> list[list[int]]:
 
 def _run(variant: dict, info) -> dict:
     model, record = train_sharded(gptq_tiny_lm, variant, info)
-    return {**record, "bytes": _local_bytes(model)}
+    packed = gptq_layers(model)[0].packed
+    where = str((packed.to_local() if hasattr(packed, "to_local") else packed).device)
+    print(f"rank {info.rank}: {variant['name']} trained on {where}", flush=True)
+    return {**record, "bytes": _local_bytes(model), "device": where}
 
 
 if __name__ == "__main__":

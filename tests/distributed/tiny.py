@@ -9,6 +9,7 @@ linears are NF4 storage with trainable LoRA A and B.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,11 @@ from turbotune.config import AdapterConfig
 from turbotune.precision import PrecisionPlan
 
 FP32 = PrecisionPlan("fp32", torch.float32, None, False)
+BF16 = PrecisionPlan("bf16_autocast", torch.float32, torch.bfloat16, False)
+"""bf16 gathers and compute, fp32 weights, optimizer and gradient reduction (a worker variant
+with ``"precision": "bf16"`` trains under it)."""
+DEVICE_ENV = "TURBOTUNE_TEST_DEVICE"
+"""Where workers train: ``cpu`` (default: gloo) or ``cuda`` (``cuda:LOCAL_RANK``, NCCL)."""
 
 
 def tiny_llama(seed: int = 0, layers: int = 2):
@@ -126,7 +132,7 @@ def full_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             t = p.detach()
-            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu().clone()
     return out
 
 
@@ -177,7 +183,7 @@ def run_two_processes(worker, variants: dict[str, dict], tmp) -> dict:
     )
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
             "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-            "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}  # fmt: skip
+            "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0", DEVICE_ENV: "cpu"}  # fmt: skip
     procs = [
         subprocess.Popen(
             [sys.executable, str(worker), str(tmp / "out.pt"), str(tmp / "variants.json")],
@@ -204,8 +210,10 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def train_sharded(build, variant: dict, info) -> tuple[nn.Module, dict]:
-    """A worker's run of one variant: ``build()`` a fresh model, shard it with FSDP2 under
-    ``DistributedConfig(enabled=True, **variant["config"])`` and train :data:`STEPS` AdamW steps
+    """A worker's run of one variant: ``build()`` a fresh model, move it to this rank's device
+    (:data:`DEVICE_ENV`), shard it with FSDP2 under
+    ``DistributedConfig(enabled=True, **variant["config"])`` (precision :data:`FP32`, or
+    :data:`BF16` when ``variant["precision"] == "bf16"``) and train :data:`STEPS` AdamW steps
     on this rank's :data:`ROWS` rows of each global batch.
 
     Returns:
@@ -218,30 +226,34 @@ def train_sharded(build, variant: dict, info) -> tuple[nn.Module, dict]:
 
     cfg = DistributedConfig(enabled=True, **variant["config"])
     cfg.validate()
-    model = build()
-    mesh = build_mesh(cfg.strategy, info, device_for(info, "cpu"), cfg.shard_size)
-    apply_fsdp(model, cfg, FP32, mesh)
+    device = device_for(info, os.environ.get(DEVICE_ENV, "cpu"))
+    model = build().to(device)
+    mesh = build_mesh(cfg.strategy, info, device, cfg.shard_size)
+    apply_fsdp(model, cfg, BF16 if variant.get("precision") == "bf16" else FP32, mesh)
     rows = slice(info.rank * ROWS, (info.rank + 1) * ROWS)
-    local = [{k: v[rows] for k, v in b.items()} for b in batches(STEPS, rows=2 * ROWS)]
+    local = [{k: v[rows].to(device) for k, v in b.items()} for b in batches(STEPS, rows=2 * ROWS)]
     losses, weights = train(model, local, reduce=mean_over_ranks)
     sharded = sorted(n for n, p in model.named_parameters() if hasattr(p, "device_mesh"))
     return model, {"losses": losses, "weights": weights, "sharded": sharded}
 
 
-def train_one_process(build) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The reference of a two-process run: ``build()`` trained in this process on the whole
-    global batches, one thread, eager dequantizer (as the workers), the settings restored after."""
-    import os
-
+def train_one_process(build, device: str = "cpu") -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The reference of a two-process run: ``build()`` trained in this process on ``device`` on
+    the whole global batches, one thread, eager dequantizer on the CPU (as the workers), the
+    settings restored after."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
-        return train(build(), batches(STEPS, rows=2 * ROWS))
+        data = [{k: v.to(device) for k, v in b.items()} for b in batches(STEPS, rows=2 * ROWS)]
+        return train(build().to(device), data)
     finally:
         torch.set_num_threads(before)
-        os.environ["TRITON_INTERPRET"] = old if old is not None else "1"
+        if old is None:  # a GPU machine: conftest sets nothing there
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def worker_main(run, out: str, variants_path: str) -> None:
@@ -254,7 +266,7 @@ def worker_main(run, out: str, variants_path: str) -> None:
     from turbotune.distributed.env import init_distributed
 
     torch.set_num_threads(1)
-    info = init_distributed("cpu")
+    info = init_distributed(os.environ.get(DEVICE_ENV, "cpu"))
     records = {v["name"]: run(v, info) for v in json.loads(Path(variants_path).read_text())}
     if info.is_main:
         torch.save(records, out)

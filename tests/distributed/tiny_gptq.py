@@ -31,3 +31,14 @@ def gptq_tiny_lm(seed: int = 0, layers: int = 2) -> TinyLM:
 
 def gptq_layers(model: nn.Module) -> list[GPTQLinear]:
     return [m for m in model.modules() if isinstance(m, GPTQLinear)]
+
+
+def assert_half_of_the_bytes(record: dict) -> None:
+    """Each of two ranks held about half of every GPTQ layer's packed bytes (a worker record)."""
+    rows = record["bytes"]
+    assert len(rows) == 6, rows  # 2 blocks x (gate, up, down)
+    for total, *local in rows:
+        assert len(local) == 2 and sum(local) >= total, (total, local)
+        # dim-0 shards with padding: ceil(elements / 2) elements each (at most 4-byte elements)
+        assert max(local) <= total // 2 + 4, (total, local)
+    assert sum(n.endswith(".packed") for n in record["sharded"]) == 6
