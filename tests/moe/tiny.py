@@ -5,14 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    Ernie4_5_MoeConfig,
+    Ernie4_5_MoeForCausalLM,
+    FlexOlmoConfig,
+    FlexOlmoForCausalLM,
     GraniteMoeConfig,
     GraniteMoeForCausalLM,
+    GraniteMoeSharedConfig,
+    GraniteMoeSharedForCausalLM,
+    MiniMaxConfig,
+    MiniMaxForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    Qwen3NextConfig,
+    Qwen3NextForCausalLM,
 )
 
 from turbotune.ops._triton import use_triton
@@ -68,6 +80,77 @@ FAMILIES = {
             num_local_experts=4,
             num_experts_per_tok=2,
             logits_scaling=2.0,
+        ),
+    ),
+    # OLMoE: softmax top-2 of 4, not renormalized; q/k norms over the whole projection. No
+    # clip_qkv (as the released checkpoints): its in-place clamp fails on the patched norm's output.
+    "olmoe": (
+        OlmoeForCausalLM,
+        lambda: OlmoeConfig(intermediate_size=24, num_experts=4, num_experts_per_tok=2),
+    ),
+    # Granite-MoE-Shared: a shared MLP beside the sparse block; multipliers on every branch.
+    "granitemoeshared": (
+        GraniteMoeSharedForCausalLM,
+        lambda: GraniteMoeSharedConfig(
+            intermediate_size=24,
+            shared_intermediate_size=20,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            logits_scaling=2.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.3,
+        ),
+    ),
+    # Ernie 4.5 MoE: score-corrected top-2 of 6, a shared expert, biases in every linear.
+    "ernie4_5_moe": (
+        Ernie4_5_MoeForCausalLM,
+        lambda: Ernie4_5_MoeConfig(
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            moe_num_experts=6,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=0,
+            use_bias=True,
+        ),
+    ),
+    # FlexOlmo: OLMo-2 post-norm layers, top-2 of 5.
+    "flex_olmo": (
+        FlexOlmoForCausalLM,
+        lambda: FlexOlmoConfig(
+            intermediate_size=24, num_experts=5, num_experts_per_tok=2, pad_token_id=0
+        ),
+    ),
+    # Qwen3-Next: one linear-attention and one gated-attention layer, shared expert, top-2 of 6.
+    "qwen3_next": (
+        Qwen3NextForCausalLM,
+        lambda: Qwen3NextConfig(
+            num_hidden_layers=2,
+            layer_types=["linear_attention", "full_attention"],
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=6,
+            num_experts_per_tok=2,
+            head_dim=8,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+        ),
+    ),
+    # MiniMax: one lightning-attention and one softmax-attention layer, alpha/beta residuals.
+    "minimax": (
+        MiniMaxForCausalLM,
+        lambda: MiniMaxConfig(
+            num_hidden_layers=2,
+            layer_types=["linear_attention", "full_attention"],
+            intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            full_attn_alpha_factor=0.8,
+            mlp_beta_factor=1.5,
         ),
     ),
 }

@@ -104,4 +104,67 @@ FAMILIES: dict[str, Family] = {
         layer_mlp="block_sparse_moe",
         residual_multiplier_attr="residual_multiplier",
     ),
+    # More MoE families, all with transformers 5's stacked experts (5.17 and 5.23). Attention is
+    # left out where its forward is not the one the rope/q-k-v patches assume; decoder layers are
+    # left out where they are not the plain pre-norm ``x + mlp(norm(x))`` of layers.py.
+    # OLMoE: q_norm/k_norm over the whole projection (not per head), clip_qkv.
+    "olmoe": Family(
+        module=f"{_T}.olmoe.modeling_olmoe",
+        causal_lm="OlmoeForCausalLM",
+        norms=("OlmoeRMSNorm",),
+        decoder_layers=("OlmoeDecoderLayer",),
+        experts=("OlmoeExperts",),
+        rope_fn=None,
+    ),
+    # Granite-MoE with a shared MLP (``input_linear``/``output_linear``) added beside the sparse
+    # block inside the decoder layer: the fused layer would drop it, so layers stay unpatched.
+    "granitemoeshared": Family(
+        module=f"{_T}.granitemoeshared.modeling_granitemoeshared",
+        causal_lm="GraniteMoeSharedForCausalLM",
+        norms=("GraniteMoeSharedRMSNorm",),
+        attentions=("GraniteMoeSharedAttention",),
+        logits_divisor_attr="logits_scaling",
+        experts=("GraniteMoeSharedExperts",),
+    ),
+    # Ernie 4.5 MoE: interleaved (GLM-style) rotary, which the fused rotary does not compute.
+    "ernie4_5_moe": Family(
+        module=f"{_T}.ernie4_5_moe.modeling_ernie4_5_moe",
+        causal_lm="Ernie4_5_MoeForCausalLM",
+        norms=("Ernie4_5_MoeRMSNorm",),
+        mlps=("Ernie4_5_MoeMLP",),
+        decoder_layers=("Ernie4_5_MoeDecoderLayer",),
+        experts=("Ernie4_5_MoeExperts",),
+        rope_fn=None,
+    ),
+    # FlexOlmo: OLMo-2 layers (norms after attention and MLP), q/k norms over the projection.
+    "flex_olmo": Family(
+        module=f"{_T}.flex_olmo.modeling_flex_olmo",
+        causal_lm="FlexOlmoForCausalLM",
+        norms=("FlexOlmoRMSNorm",),
+        experts=("FlexOlmoExperts",),
+        rope_fn=None,
+    ),
+    # Qwen3-Next: gated attention (q_proj also yields the output gate) with partial rotary, and
+    # linear-attention layers; (1 + w) norms with ``eps``. Layers with ``self_attn`` are fused.
+    "qwen3_next": Family(
+        module=f"{_T}.qwen3_next.modeling_qwen3_next",
+        causal_lm="Qwen3NextForCausalLM",
+        norms=("Qwen3NextRMSNorm",),
+        mlps=("Qwen3NextMLP",),
+        decoder_layers=("Qwen3NextDecoderLayer",),
+        experts=("Qwen3NextExperts",),
+        rope_fn=None,
+        norm_offset=1.0,
+        norm_eps_attr="eps",
+    ),
+    # MiniMax: decoder layers scale residual and branch (alpha/beta) after the norm; its
+    # lightning-attention layers are not patched, its softmax attention is.
+    "minimax": Family(
+        module=f"{_T}.minimax.modeling_minimax",
+        causal_lm="MiniMaxForCausalLM",
+        norms=("MiniMaxRMSNorm",),
+        attentions=("MiniMaxAttention",),
+        sliding_window="config",
+        experts=("MiniMaxExperts",),
+    ),
 }
