@@ -42,6 +42,16 @@ def _inner(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _trainable_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without any frozen parameter. ``ignore_frozen_params`` drops each frozen
+    parameter under one name only (torch walks ``named_parameters()``, which skips the aliases
+    of shared parameters): a tied LM head (``lm_head.weight``, the embedding matrix) stayed in
+    every checkpoint. turbotune adds no wrapper modules (activation checkpointing wraps
+    ``forward`` only), so parameter names are the state dict's keys."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
 def save_sharded(model: nn.Module, optimizer: Any, checkpoint_dir: str | Path) -> Path:
     """Write the trainable parameters and the optimizer state of every process (collective).
 
@@ -58,10 +68,10 @@ def save_sharded(model: nn.Module, optimizer: Any, checkpoint_dir: str | Path) -
 
     out = Path(checkpoint_dir) / SHARDED_DIR
     if optimizer is None:
-        state = {"model": get_model_state_dict(model, options=_options())}
+        state = {"model": _trainable_state(model, get_model_state_dict(model, options=_options()))}
     else:
         msd, osd = get_state_dict(model, _inner(optimizer), options=_options())
-        state = {"model": msd, "optim": osd}
+        state = {"model": _trainable_state(model, msd), "optim": osd}
     dcp.save(state, checkpoint_id=str(out))
     return out
 
@@ -88,13 +98,13 @@ def load_sharded(model: nn.Module, optimizer: Any, checkpoint_dir: str | Path) -
 
     where = str(Path(checkpoint_dir) / SHARDED_DIR)
     if optimizer is None:
-        state = {"model": get_model_state_dict(model, options=_options())}
+        state = {"model": _trainable_state(model, get_model_state_dict(model, options=_options()))}
         dcp.load(state, checkpoint_id=where)
         set_model_state_dict(model, state["model"], options=_options())
         return
     opt = _inner(optimizer)
     msd, osd = get_state_dict(model, opt, options=_options())
-    state = {"model": msd, "optim": osd}
+    state = {"model": _trainable_state(model, msd), "optim": osd}
     dcp.load(state, checkpoint_id=where)
     set_state_dict(
         model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -111,4 +121,5 @@ def gather_trainable(model: nn.Module, *, frozen: bool = False) -> dict[str, tor
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_options(full=True, frozen=frozen))
+    state = get_model_state_dict(model, options=_options(full=True, frozen=frozen))
+    return state if frozen else _trainable_state(model, state)
