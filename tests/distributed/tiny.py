@@ -266,6 +266,7 @@ def worker_main(run, out: str, variants_path: str) -> None:
     from turbotune.distributed.env import init_distributed
 
     torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("highest")  # fp32 on a GPU: no TF32 (torch's default)
     info = init_distributed(os.environ.get(DEVICE_ENV, "cpu"))
     records = {v["name"]: run(v, info) for v in json.loads(Path(variants_path).read_text())}
     if info.is_main:
