@@ -22,6 +22,7 @@ def _batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _step(model, batch) -> tuple[torch.Tensor, torch.Tensor, list, dict]:
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # PhiMoE samples its experts while training: the same draws each step
     out = model(**batch, output_router_logits=True)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

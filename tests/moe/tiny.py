@@ -19,6 +19,8 @@ from transformers import (
     MixtralForCausalLM,
     OlmoeConfig,
     OlmoeForCausalLM,
+    PhimoeConfig,
+    PhimoeForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
@@ -151,6 +153,14 @@ FAMILIES = {
             head_dim=8,
             full_attn_alpha_factor=0.8,
             mlp_beta_factor=1.5,
+        ),
+    ),
+    # PhiMoE: sparsemixer (top-2 sampled while training: the tests seed each step); LayerNorms,
+    # a biased LM head.
+    "phimoe": (
+        PhimoeForCausalLM,
+        lambda: PhimoeConfig(
+            intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, lm_head_bias=True
         ),
     ),
 }

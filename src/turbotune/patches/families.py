@@ -167,4 +167,11 @@ FAMILIES: dict[str, Family] = {
         sliding_window="config",
         experts=("MiniMaxExperts",),
     ),
+    # PhiMoE: LayerNorms (not RMSNorm), so neither norms nor decoder layers; sparsemixer routing.
+    "phimoe": Family(
+        module=f"{_T}.phimoe.modeling_phimoe",
+        causal_lm="PhimoeForCausalLM",
+        attentions=("PhimoeAttention",),
+        experts=("PhimoeExperts",),
+    ),
 }
