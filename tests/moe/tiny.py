@@ -123,12 +123,13 @@ FAMILIES = {
             intermediate_size=24, num_experts=5, num_experts_per_tok=2, pad_token_id=0
         ),
     ),
-    # Qwen3-Next: one linear-attention and one gated-attention layer, shared expert, top-2 of 6.
+    # Qwen3-Next: gated-attention layers (every layer fused in tests/patches' add_norm test;
+    # a linear-attention layer keeps the plain layer), shared expert, top-2 of 6.
     "qwen3_next": (
         Qwen3NextForCausalLM,
         lambda: Qwen3NextConfig(
             num_hidden_layers=2,
-            layer_types=["linear_attention", "full_attention"],
+            layer_types=["full_attention", "full_attention"],
             intermediate_size=40,
             moe_intermediate_size=16,
             shared_expert_intermediate_size=24,
