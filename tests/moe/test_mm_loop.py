@@ -214,3 +214,23 @@ def test_auto_rule() -> None:
     x = torch.zeros(8192, 8)
     assert resolve_backend("auto", x, 8, 2) == "loop"
     assert resolve_backend("mm_loop", x, 128, 8) == "mm_loop"
+
+
+@pytest.mark.parametrize("section", ["fused_ops", "expert_parallel"])
+def test_every_backend_is_a_config_choice(section: str) -> None:
+    """Each backend ``moe_experts`` takes can be named in a config (``mm_loop`` once was not)."""
+    import typing
+
+    import turbotune
+    from turbotune.moe.experts import BackendChoice
+
+    key = "moe_backend" if section == "fused_ops" else "backend"
+    extra = (
+        {}
+        if section == "fused_ops"
+        else {"distributed": {"enabled": True, "low_memory_loading": False}}
+    )
+    for backend in typing.get_args(BackendChoice):
+        fw = turbotune.AccelerationFramework({"plugins": {section: {key: backend}}, **extra})
+        plugin = next(p for p in fw.plugins if p.name == section)
+        assert getattr(plugin.config, key) == backend

@@ -117,7 +117,7 @@ def apply_patches(
         model: a transformers causal LM of a family in the table (peft wrappers are fine).
         kinds: subset of :data:`KINDS`.
         moe_backend: expert kernels of the ``moe`` kind (``auto``, ``triton``, ``grouped_mm``,
-            ``loop``; see :func:`turbotune.moe.resolve_backend`).
+            ``mm_loop``, ``loop``; see :func:`turbotune.moe.resolve_backend`).
     """
     from turbotune.patches import forwards, layers
 

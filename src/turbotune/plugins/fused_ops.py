@@ -37,9 +37,11 @@ class FusedOpsConfig:
     moe: bool = True
     """MoE experts (Mixtral, Qwen2/3-MoE, Granite-MoE) as grouped products over tokens sorted by
     expert, no loop over experts; routers, router logits and the auxiliary loss unchanged."""
-    moe_backend: Literal["auto", "triton", "grouped_mm", "loop"] = "auto"
-    """Expert kernels: ``grouped_mm`` (``torch._grouped_mm``; ``auto`` on sm90+ bf16), ``triton``
-    (gather/scatter grouped GEMMs; ``auto`` elsewhere on CUDA), ``loop`` (``auto`` on CPU)."""
+    moe_backend: Literal["auto", "triton", "grouped_mm", "mm_loop", "loop"] = "auto"
+    """Expert kernels: ``mm_loop`` (one cuBLAS product per expert; ``auto`` for at most 16
+    experts with at least 1024 rows each, outside CUDA graphs), ``grouped_mm``
+    (``torch._grouped_mm``; ``auto`` on sm90+ bf16), ``triton`` (gather/scatter grouped GEMMs;
+    ``auto`` elsewhere on CUDA), ``loop`` (``auto`` on CPU)."""
     moe_quantize_experts: bool = True
     """With a 4-bit (bitsandbytes) model, quantize the frozen stacked experts to NF4 as well:
     transformers 5 leaves them dense (it only quantizes ``nn.Linear``)."""
