@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.moe.tiny import FAMILIES, TRITON, router, run_block, sparse_blocks, tiny_model
+from tests.moe.tiny import (
+    FAMILIES,
+    MORE_FAMILIES,
+    TRITON,
+    router,
+    run_block,
+    sparse_blocks,
+    tiny_model,
+)
 
 from turbotune.patches import apply_patches
 
@@ -24,7 +32,7 @@ def _run(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> dict:
     return run_block(block, x, grad)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILIES) + sorted(MORE_FAMILIES))
 @pytest.mark.parametrize("backend", ["loop", "mm_loop", "grouped_mm", TRITON])
 def test_block_matches_transformers(family: str, backend: str) -> None:
     torch.set_num_threads(1)

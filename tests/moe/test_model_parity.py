@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.moe.tiny import FAMILIES, tiny_model
+from tests.moe.tiny import FAMILIES, MORE_FAMILIES, tiny_model
 
 from turbotune.patches import apply_patches
 from turbotune.patches.engine import KINDS
@@ -34,7 +34,7 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> Non
     assert diff.max() <= atol, f"{name}: max abs diff {diff.max():.3e} mean {diff.mean():.3e}"
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILIES) + sorted(MORE_FAMILIES))
 def test_patched_model_matches(family: str) -> None:
     torch.set_num_threads(1)
     model = tiny_model(family)
