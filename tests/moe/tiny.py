@@ -145,12 +145,32 @@ FAMILIES = {
     ),
 }
 
-# Families for the whole-model and block parity tests (and tests/patches' add_norm test) that
-# test_mm_loop's frozen-experts test cannot take as it stands: it runs a block twice unseeded
-# (PhiMoE samples its experts while training) and tells expert gradients by the name "experts"
-# (Ernie's trainable ``shared_experts``). They join FAMILIES once that test seeds and matches
-# ``experts.`` only.
+# Models for the whole-model and block parity tests only (Ernie also in tests/patches' add_norm
+# test). Ernie and PhiMoE: test_mm_loop's frozen-experts test cannot take them as it stands: it
+# runs a block twice unseeded (PhiMoE samples its experts while training) and tells expert
+# gradients by the name "experts" (Ernie's trainable ``shared_experts``). They join FAMILIES
+# once that test seeds and matches ``experts.`` only.
 MORE_FAMILIES = {
+    # Qwen3-Next with a linear-attention (gated delta net) layer: that layer keeps transformers'
+    # own decoder layer around patched norms and MoE (tests/patches' add_norm test wants every
+    # layer fused, so FAMILIES' qwen3_next has gated attention only).
+    "qwen3_next_hybrid": (
+        Qwen3NextForCausalLM,
+        lambda: Qwen3NextConfig(
+            num_hidden_layers=2,
+            layer_types=["linear_attention", "full_attention"],
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=6,
+            num_experts_per_tok=2,
+            head_dim=8,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+        ),
+    ),
     # Ernie 4.5 MoE: score-corrected top-2 of 6, a shared expert, biases in every linear.
     "ernie4_5_moe": (
         Ernie4_5_MoeForCausalLM,
