@@ -5,14 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    Dots1Config,
+    Dots1ForCausalLM,
     Ernie4_5_MoeConfig,
     Ernie4_5_MoeForCausalLM,
     FlexOlmoConfig,
     FlexOlmoForCausalLM,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     GraniteMoeConfig,
     GraniteMoeForCausalLM,
     GraniteMoeSharedConfig,
     GraniteMoeSharedForCausalLM,
+    HunYuanMoEV1Config,
+    HunYuanMoEV1ForCausalLM,
     MiniMaxConfig,
     MiniMaxForCausalLM,
     MixtralConfig,
@@ -192,14 +200,49 @@ MORE_FAMILIES = {
             intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, lm_head_bias=True
         ),
     ),
-}
+    # Routers with a score-correction bias and no auxiliary loss (router logits, no aux loss).
+    # DeepSeek-V3: grouped top-k (2 groups, 1 kept), latent attention (kv heads = heads).
+    "deepseek_v3": (
+        DeepseekV3ForCausalLM,
+        lambda: DeepseekV3Config(
+            intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+            num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+            first_k_dense_replace=0, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, pad_token_id=0,
+        ),
+        {"num_key_value_heads": 4},
+    ),
+    "glm4_moe": (
+        Glm4MoeForCausalLM,
+        lambda: Glm4MoeConfig(
+            intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+            num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+            first_k_dense_replace=0, use_qk_norm=True, head_dim=8, pad_token_id=0,
+        ),
+    ),
+    "dots1": (
+        Dots1ForCausalLM,
+        lambda: Dots1Config(
+            intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+            num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+            first_k_dense_replace=0, head_dim=8, pad_token_id=0,
+        ),
+    ),
+    "hunyuan_v1_moe": (
+        HunYuanMoEV1ForCausalLM,
+        lambda: HunYuanMoEV1Config(
+            intermediate_size=24, num_experts=4, moe_topk=2, head_dim=8, pad_token_id=0,
+            eod_token_id=1, bos_token_id=1, eos_token_id=1,
+        ),
+    ),
+}  # fmt: skip
 
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny model of ``family`` with random (non-zero) routers, eager attention and experts."""
-    cls, make_config = FAMILIES[family] if family in FAMILIES else MORE_FAMILIES[family]
+    cls, make_config, *overrides = FAMILIES[family] if family in FAMILIES else MORE_FAMILIES[family]
     config = make_config()
-    for key, value in _COMMON.items():
+    for key, value in {**_COMMON, **(overrides[0] if overrides else {})}.items():
         setattr(config, key, value)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

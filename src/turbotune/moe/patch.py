@@ -112,10 +112,17 @@ def moe_lm_output(
 ) -> Any:
     """The ``MoeCausalLMOutputWithPast`` of a patched causal-LM forward run with
     ``output_router_logits``: the family's own ``load_balancing_loss_func`` on the recorded logits,
-    added to the loss with ``router_aux_loss_coef`` as transformers does."""
+    added to the loss with ``router_aux_loss_coef`` as transformers does. Families without one
+    (DeepSeek-V3, GLM-4-MoE, dots1, HunYuan-MoE: their routers balance through a score bias,
+    not a loss) return the router logits and no auxiliary loss, as their own forward does."""
     from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-    balance = importlib.import_module(family_module).load_balancing_loss_func
+    balance = getattr(importlib.import_module(family_module), "load_balancing_loss_func", None)
+    if balance is None:
+        return MoeCausalLMOutputWithPast(
+            loss=loss, logits=None, past_key_values=outputs.past_key_values,
+            router_logits=getattr(outputs, "router_logits", None),  # transformers 5.17: none
+        )  # fmt: skip
     aux = balance(
         outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask
     )

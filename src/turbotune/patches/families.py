@@ -174,4 +174,39 @@ FAMILIES: dict[str, Family] = {
         attentions=("PhimoeAttention",),
         experts=("PhimoeExperts",),
     ),
+    # Families whose routers balance through a score-correction bias, not an auxiliary loss (no
+    # ``load_balancing_loss_func``: router logits are returned, no aux loss, as transformers
+    # does). DeepSeek-V3 and GLM-4-MoE: multi-head latent / partial-rotary attention, left out.
+    "deepseek_v3": Family(
+        module=f"{_T}.deepseek_v3.modeling_deepseek_v3",
+        causal_lm="DeepseekV3ForCausalLM",
+        norms=("DeepseekV3RMSNorm",),
+        mlps=("DeepseekV3MLP",),
+        decoder_layers=("DeepseekV3DecoderLayer",),
+        experts=("DeepseekV3Experts",),
+        rope_fn=None,
+    ),
+    "glm4_moe": Family(
+        module=f"{_T}.glm4_moe.modeling_glm4_moe",
+        causal_lm="Glm4MoeForCausalLM",
+        norms=("Glm4MoeRMSNorm",),
+        mlps=("Glm4MoeMLP",),
+        decoder_layers=("Glm4MoeDecoderLayer",),
+        experts=("Glm4MoeExperts",),
+        rope_fn=None,
+    ),
+    # dots1: Qwen3-style attention (per-head q/k norms), DeepSeek-style routing.
+    "dots1": _row(
+        "dots1", "Dots1", sliding_window="module", qk_norm=True, experts=("Dots1Experts",)
+    ),
+    # HunYuan-MoE: q/k norms applied after the rotary, so attention stays unpatched.
+    "hunyuan_v1_moe": Family(
+        module=f"{_T}.hunyuan_v1_moe.modeling_hunyuan_v1_moe",
+        causal_lm="HunYuanMoEV1ForCausalLM",
+        norms=("HunYuanMoEV1RMSNorm",),
+        mlps=("HunYuanMoEV1MLP",),
+        decoder_layers=("HunYuanMoEV1DecoderLayer",),
+        experts=("HunYuanMoEV1Experts",),
+        rope_fn=None,
+    ),
 }

@@ -316,7 +316,7 @@ def causal_lm_forward(fam: Family) -> Callable[..., Any]:
         if fam.experts:  # MoE: record router logits when transformers would (auxiliary loss)
             wanted = kwargs.get("output_router_logits")
             kwargs["output_router_logits"] = (
-                self.config.output_router_logits if wanted is None else wanted
+                getattr(self.config, "output_router_logits", False) if wanted is None else wanted
             )
         # No positions, mask or cache given: the model's positions are a plain arange, so
         # transformers' packed-sequence probe (a host sync per step) is skipped (patches/packing.py).
