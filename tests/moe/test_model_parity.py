@@ -153,3 +153,23 @@ def test_attention_lora_patched_matches(family: str, monkeypatch) -> None:
     assert p_grads.keys() == grads.keys() and any("lora_A" in n for n in grads)
     for name, g in grads.items():
         _close(f"grad {name}", p_grads[name], g, 1e-6)
+
+
+def test_olmoe_clip_qkv_keeps_its_qk_norms() -> None:
+    """OLMoE's ``clip_qkv`` clamps the q/k norm outputs in place, which a fused norm's output (a
+    view made inside an autograd Function) does not allow: those norms stay unpatched, the rest
+    is patched, and the model trains as the unpatched one."""
+    torch.set_num_threads(1)
+    model = tiny_model("olmoe")
+    model.config.clip_qkv = 0.5  # read by the attention at each forward
+    batch = _batch(model.config.vocab_size)
+    loss, aux, _, grads = _step(model, batch)
+    patches = apply_patches(model, KINDS)
+    attention = model.model.layers[0].self_attn
+    assert "forward" not in attention.q_norm.__dict__, "q_norm was patched despite clip_qkv"
+    assert patches.counts["moe"] == 2 and patches.counts.get("add_norm", 0) == 2
+    p_loss, p_aux, _, p_grads = _step(model, batch)
+    _close("loss", p_loss, loss, 1e-5)
+    _close_aux(p_aux, aux, True)
+    for name, g in grads.items():
+        _close(f"grad {name}", p_grads[name], g, 5e-5)

@@ -131,11 +131,12 @@ def apply_patches(
     patches = PatchSet(name)
     # Projections of an MLP whose whole forward is fused need no patch of their own.
     in_fused_mlp = _fused_mlp_children(model, fam) if "swiglu" in kinds else set()
+    clamped = _norms_clamped_in_place(model)
     for module in model.modules():
         cls = type(module).__name__
         if "add_norm" in kinds and layers.is_standard_decoder_layer(module, fam):
             patches.bind(module, "add_norm", layers.decoder_layer_forward(fam, type(module)))
-        elif "rms_norm" in kinds and cls in fam.norms:
+        elif "rms_norm" in kinds and cls in fam.norms and id(module) not in clamped:
             patches.bind(module, "rms_norm", forwards.rms_norm_forward(fam))
         elif "swiglu" in kinds and cls in fam.mlps:
             patches.bind(
@@ -159,6 +160,20 @@ def apply_patches(
     ):
         patches.swap_global(*packing.PROBE, packing.probe_without_sync)
     return patches
+
+
+def _norms_clamped_in_place(model: torch.nn.Module) -> set[int]:
+    """Ids of the q/k norms whose output the attention clamps in place (OLMoE's ``clip_qkv``):
+    the fused norm's output is a view made inside an autograd Function, which autograd forbids
+    modifying in place, so those norms keep transformers' forward."""
+    if getattr(getattr(model, "config", None), "clip_qkv", None) is None:
+        return set()
+    return {
+        id(norm)
+        for module in model.modules()
+        for norm in (getattr(module, "q_norm", None), getattr(module, "k_norm", None))
+        if isinstance(norm, torch.nn.Module)
+    }
 
 
 def _attention_kinds(module: torch.nn.Module, fam: Family, kinds: set[str]) -> tuple[str, ...]:
