@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from tests.helpers import train_steps
 from tests.patches.test_fused_parity import data, tiny_model, with_lora
 
 from turbotune.distributed.shard import decoder_blocks
@@ -23,18 +24,6 @@ from turbotune.ops.graphs import LayerGraphs
 from turbotune.patches import KINDS, apply_patches
 
 pytestmark = pytest.mark.gpu
-
-
-def _train(model, batches) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for ids, labels in batches:  # the loss lives on into the next forward, as in a Trainer loop
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 def test_mixtral_layers_are_captured_after_mm_loop_steps(monkeypatch) -> None:
@@ -52,7 +41,7 @@ def test_mixtral_layers_are_captured_after_mm_loop_steps(monkeypatch) -> None:
         models.append(model)
     eager, graphed = models
     batches = data(5, batch=2, seq=1024, vocab=4096, device="cuda")
-    want = _train(eager, batches)
+    want = train_steps(eager, batches)  # the loss lives on into the next forward
 
     host_reads = []
     counts_init = moe_plan.HostCounts.__init__
@@ -63,7 +52,7 @@ def test_mixtral_layers_are_captured_after_mm_loop_steps(monkeypatch) -> None:
 
     monkeypatch.setattr(moe_plan.HostCounts, "__init__", counting)
     graphs = LayerGraphs(decoder_blocks(graphed))
-    got = _train(graphed, batches)
+    got = train_steps(graphed, batches)
     assert host_reads, "the eager steps did not take the mm_loop: this test proves nothing"
     assert graphs.disabled is None, graphs.disabled
     assert graphs.captures == 1
