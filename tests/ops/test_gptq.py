@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.helpers import assert_compiles, compile_script
 
 from turbotune.ops import gptq
 from turbotune.ops._triton import interpreting
@@ -218,17 +219,7 @@ print("ok")
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter accepts code the compiler rejects: compile for an H100 ahead of time."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
+    assert_compiles(COMPILE_SCRIPT)
 
 
 # ---- fused kernel configs: shared memory (the H100 benchmark once asked for 1 MB at 4096 rows) ----
@@ -298,17 +289,8 @@ def _compiled_shared(jobs: list[dict]) -> list[int]:
     """``metadata.shared`` of each job compiled ahead of time (no GPU needed), in a subprocess
     without TRITON_INTERPRET (this process decorated the kernels for the interpreter)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", SHARED_SCRIPT], input=json.dumps(jobs), env=env,
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
+    done = compile_script(SHARED_SCRIPT, stdin=json.dumps(jobs), timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
