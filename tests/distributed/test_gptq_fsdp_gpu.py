@@ -40,13 +40,7 @@ import pytest
 import torch
 from tests.distributed.tiny import DEVICE_ENV, assert_close, full_trainable, train_one_process
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-        reason="needs two or more CUDA GPUs",
-    ),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu]  # tests/conftest.py skips below 2 GPUs
 WORKER = Path(__file__).with_name("gptq_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = [

@@ -16,13 +16,7 @@ import pytest
 import torch
 from tests.moe.test_expert_parallel import _free_port
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-        reason="needs two or more CUDA GPUs",
-    ),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu]  # tests/conftest.py skips below 2 GPUs
 _WORKER = Path(__file__).with_name("ep_gpu_worker.py")
 
 
