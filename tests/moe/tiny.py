@@ -52,6 +52,17 @@ _COMMON = dict(
     router_aux_loss_coef=0.02, tie_word_embeddings=False,
 )  # fmt: skip
 
+
+def _qwen3_next(*layer_types: str) -> Qwen3NextConfig:
+    """A tiny Qwen3-Next of two layers of ``layer_types``: shared expert, top-2 of 6."""
+    return Qwen3NextConfig(
+        num_hidden_layers=2, layer_types=list(layer_types), intermediate_size=40,
+        moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=6,
+        num_experts_per_tok=2, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4,
+    )  # fmt: skip
+
+
 FAMILIES = {
     # Mixtral: softmax over all experts, top-2, renormalized; fp32 routing weights.
     "mixtral": (
@@ -122,20 +133,7 @@ FAMILIES = {
     # a linear-attention layer keeps the plain layer), shared expert, top-2 of 6.
     "qwen3_next": (
         Qwen3NextForCausalLM,
-        lambda: Qwen3NextConfig(
-            num_hidden_layers=2,
-            layer_types=["full_attention", "full_attention"],
-            intermediate_size=40,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=24,
-            num_experts=6,
-            num_experts_per_tok=2,
-            head_dim=8,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-        ),
+        lambda: _qwen3_next("full_attention", "full_attention"),
     ),
     # MiniMax: one lightning-attention and one softmax-attention layer, alpha/beta residuals.
     "minimax": (
@@ -164,20 +162,7 @@ MORE_FAMILIES = {
     # layer fused, so FAMILIES' qwen3_next has gated attention only).
     "qwen3_next_hybrid": (
         Qwen3NextForCausalLM,
-        lambda: Qwen3NextConfig(
-            num_hidden_layers=2,
-            layer_types=["linear_attention", "full_attention"],
-            intermediate_size=40,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=24,
-            num_experts=6,
-            num_experts_per_tok=2,
-            head_dim=8,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-        ),
+        lambda: _qwen3_next("linear_attention", "full_attention"),
     ),
     # Ernie 4.5 MoE: score-corrected top-2 of 6, a shared expert, biases in every linear.
     "ernie4_5_moe": (

@@ -90,8 +90,13 @@ def fits(index: torch.Tensor, num_experts: int) -> bool:
     experts are few and the slots at most :data:`MAX_BLOCKS` blocks."""
     if not (ENABLED and 0 < num_experts <= MAX_EXPERTS and use_triton(index)):
         return False
-    block = TILE // max(2, triton.next_power_of_2(num_experts))
-    return 0 < index.numel() <= MAX_BLOCKS * block
+    return 0 < index.numel() <= MAX_BLOCKS * _tile(num_experts)[1]
+
+
+def _tile(num_experts: int) -> tuple[int, int]:
+    """``(E_PAD, BLOCK)``: the one-hot tile's experts (a power of two) and slots."""
+    e_pad = max(2, triton.next_power_of_2(num_experts))
+    return e_pad, TILE // e_pad
 
 
 def expert_plan_launch(
@@ -110,8 +115,7 @@ def expert_plan_launch(
     token_rows = torch.empty_like(order)
     counts = torch.empty(num_experts, dtype=torch.int64, device=device)
     ends = torch.empty(num_experts, dtype=torch.int32, device=device)
-    e_pad = max(2, triton.next_power_of_2(num_experts))
-    block = TILE // e_pad
+    e_pad, block = _tile(num_experts)
     blocks = triton.cdiv(slots, block)
     table = torch.empty(blocks, e_pad, dtype=torch.int32, device=device)
     _block_counts_kernel[(blocks,)](flat, table, slots, E_PAD=e_pad, BLOCK=block, num_warps=8)
